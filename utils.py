@@ -1,0 +1,174 @@
+"""Small helpers shared by the CamEye scripts: atomic writes, seeding, word maps and one-line CLI errors.
+
+Everything here is deliberately boring. The one rule it enforces is that a file that looks complete *is*
+complete: every write goes to a temporary file in the destination folder and is renamed into place only
+after it was flushed, so an interrupted run never leaves a truncated checkpoint, JSON or HDF5 file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIAL_TOKENS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3 in every word map
+
+
+class CamEyeError(Exception):
+    """An error caused by the user's input (a bad file, option or checkpoint), reported in one line."""
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` to stderr and exit with status 2, without a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn :class:`CamEyeError` (bad input) into a one-line message and exit status 2."""
+    try:
+        yield
+    except CamEyeError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+# --------------------------------------------------------------------------------------------------- writes
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary file lives in the same folder so the final ``os.replace`` is an atomic rename on the same
+    file system. On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` as JSON atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` atomically (used for checkpoints)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Read a JSON file, turning a missing or malformed file into a one-line :class:`CamEyeError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CamEyeError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CamEyeError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------- randomness
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices) so a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """All RNG states as tensors and plain lists, so they survive ``torch.load(weights_only=True)``."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states saved by :func:`get_rng_state`."""
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- word maps
+def validate_word_map(word_map: Any) -> dict[str, int]:
+    """Check that ``word_map`` maps words to the ids 0..V-1 with the special tokens at 0..3."""
+    if not isinstance(word_map, dict) or not word_map:
+        raise CamEyeError("word map must be a non-empty JSON object of word -> id")
+    ids = sorted(word_map.values()) if all(isinstance(v, int) for v in word_map.values()) else None
+    if ids != list(range(len(word_map))) or not all(isinstance(k, str) for k in word_map):
+        raise CamEyeError("word map ids must be the integers 0..V-1, one per word")
+    for i, tok in enumerate(SPECIAL_TOKENS):
+        if word_map.get(tok) != i:
+            raise CamEyeError(f"word map must map {tok} to {i}")
+    return word_map
+
+
+def decode_caption(ids: Sequence[int], rev_word_map: Sequence[str]) -> list[str]:
+    """Turn word ids into words, stopping at ``<end>`` and dropping ``<start>``/``<pad>``."""
+    words = []
+    for i in ids:
+        i = int(i)
+        if i == 2:  # <end>
+            break
+        if i in (0, 1):  # <pad>, <start>
+            continue
+        words.append(rev_word_map[i])
+    return words
+
+
+def reverse_word_map(word_map: dict[str, int]) -> list[str]:
+    """The list ``id -> word`` for a validated word map."""
+    rev = [""] * len(word_map)
+    for w, i in word_map.items():
+        rev[i] = w
+    return rev
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CamEyeError(f"unknown device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CamEyeError("--device cuda was asked for but CUDA is not available on this machine")
+    return device
