@@ -48,6 +48,7 @@ class ModelConfig:
     fine_tune_stages: int = 0  # how many of the encoder's last stages are trained (0 = frozen encoder)
     grid_size: int = 0  # 0 = the backbone's native grid; n > 0 = adaptive average pooling to n x n
     input_size: int = 0  # 0 = feed images at their stored size; n > 0 = resize to n x n first
+    image_size: int = 256  # size the training images were stored at (create_input_files --image-size)
     embed_dim: int = 512
     attention_dim: int = 512
     decoder_dim: int = 512
@@ -181,6 +182,8 @@ class Encoder(nn.Module):
             raise CamEyeError(f"{backbone} has {len(stages)} stages; cannot fine-tune {fine_tune_stages}")
         # A plain list, not a ModuleList: these modules are already registered inside self.net.
         self.trainable_stages: list[nn.Module] = stages[len(stages) - fine_tune_stages :] if fine_tune_stages else []
+        # channels_last runs the depthwise convolutions of EfficientNet about twice as fast on CPU.
+        self.net.to(memory_format=torch.channels_last)
         self.net.requires_grad_(False)
         for stage in self.trainable_stages:
             stage.requires_grad_(True)
@@ -200,7 +203,7 @@ class Encoder(nn.Module):
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images (N x 3 x H x W) -> feature map N x C x h x w."""
-        return self.pool(self._features(images))
+        return self.pool(self._features(images.contiguous(memory_format=torch.channels_last)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images -> annotation vectors N x (h*w) x C."""

@@ -59,6 +59,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; the result should look like open()'s
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -110,6 +113,9 @@ def get_rng_state() -> dict[str, Any]:
         "python_pos": random.getstate()[2],
         "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
         "numpy_pos": int(np_state[2]),
+        # Fix: NumPy's legacy generator caches the second of each pair of normal draws; without this the
+        # first np.random.randn() after a restore differed from the one the saved run would have drawn.
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -120,7 +126,10 @@ def get_rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore the states saved by :func:`get_rng_state`."""
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    has_gauss, cached_gauss = state.get("numpy_gauss", (0, 0.0))  # absent in states saved before the fix
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], int(has_gauss), float(cached_gauss))
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -131,7 +140,9 @@ def validate_word_map(word_map: Any) -> dict[str, int]:
     """Check that ``word_map`` maps words to the ids 0..V-1 with the special tokens at 0..3."""
     if not isinstance(word_map, dict) or not word_map:
         raise CamEyeError("word map must be a non-empty JSON object of word -> id")
-    ids = sorted(word_map.values()) if all(isinstance(v, int) for v in word_map.values()) else None
+    # Fix: bool is a subclass of int, so JSON true/false used to pass as the ids 1/0.
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in word_map.values())
+    ids = sorted(word_map.values()) if ints else None
     if ids != list(range(len(word_map))) or not all(isinstance(k, str) for k in word_map):
         raise CamEyeError("word map ids must be the integers 0..V-1, one per word")
     for i, tok in enumerate(SPECIAL_TOKENS):

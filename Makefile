@@ -1,0 +1,43 @@
+# CamEye: `make demo` runs the main job, `make test` the test suite. Both create .venv if missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo demo-synthetic test lint format bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+# The whole pipeline on the synthetic dataset: make data, prepare, train briefly, evaluate, caption.
+demo-synthetic: $(STAMP)
+	$(PY) synthetic.py --out data/synthetic --num-images 400 --seed 0
+	$(PY) create_input_files.py data/synthetic/dataset_synthetic.json --out data/synthetic/prepared \
+		--min-word-freq 1 --image-size 128
+	$(PY) train.py --data data/synthetic/prepared --out checkpoints/synthetic --epochs 6 --batch-size 16 \
+		--embed-dim 128 --attention-dim 128 --decoder-dim 256 --early-stop 3
+	$(PY) eval.py --checkpoint checkpoints/synthetic/best.pt --data data/synthetic/prepared --split test
+	$(PY) caption.py data/synthetic/images/000003.png --checkpoint checkpoints/synthetic/best.pt \
+		--out-dir outputs/synthetic --gif
+
+demo: demo-synthetic
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_beam.py
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache
