@@ -22,7 +22,12 @@ demo-synthetic: $(STAMP)
 	$(PY) caption.py data/synthetic/images/000003.png --checkpoint checkpoints/synthetic/best.pt \
 		--out-dir outputs/synthetic --gif
 
-demo: demo-synthetic
+# Real photos that ship inside scikit-image (an installed package), captioned by the shipped Flickr8k model.
+SKIMAGE_DATA = $(shell $(PY) -c "import os, skimage.data as d; print(os.path.dirname(d.__file__))" 2>/dev/null)
+DEMO_PHOTOS  = astronaut.png coffee.png chelsea.png motorcycle_left.png camera.png rocket.jpg
+demo: $(STAMP)
+	$(PY) caption.py $(addprefix $(SKIMAGE_DATA)/,$(DEMO_PHOTOS)) --out-dir outputs/demo
+	@echo "attention figures written to outputs/demo/"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -128,9 +128,14 @@ def read_coco_annotations(files: Sequence[Path], image_folder: Path) -> tuple[st
             raise CamEyeError(f"{path}: expected COCO captions with 'images' and 'annotations'")
         is_train = "train" in path.name
         caps: dict[int, list[str]] = {}
-        for ann in data["annotations"]:
-            caps.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]).strip())
-        images = sorted(data["images"], key=lambda im: int(im["id"]))
+        # Fix: a malformed entry (missing key, non-numeric id) used to crash with a traceback, not one line.
+        try:
+            for ann in data["annotations"]:
+                caps.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]).strip())
+            images = sorted(data["images"], key=lambda im: int(im["id"]))
+            _ = [im["file_name"] for im in images]  # checked here so the loop below cannot fail
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CamEyeError(f"{path}: malformed COCO entry ({type(exc).__name__}: {exc})") from None
         sub = "train2014" if "2014" in path.name and is_train else "val2014" if "2014" in path.name else ""
         sub = sub or ("train2017" if is_train else "val2017")
         for i, im in enumerate(images):
@@ -214,6 +219,10 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         arr = np.asarray(im, dtype=np.float64)
         peak = arr.max() if arr.size else 0.0
         scale = 1.0 if peak <= 255 else (257.0 if peak <= 65535 else peak / 255.0)
+        if im.mode.startswith("I;16"):
+            # Fix: an I;16 image is 16-bit whatever its content; guessing from the peak made a dark one
+            # (all values <= 255, e.g. 200/65535) come out bright (200/255) instead of nearly black.
+            scale = 257.0
         im = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), mode="L")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")

@@ -14,6 +14,7 @@ across the fork of DataLoader workers (``num_workers > 0``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,14 @@ class _LazyH5:
 
     path: Path
     _h5: h5py.File | None = None
+    _h5_pid: int | None = None
 
     @property
     def h5(self) -> h5py.File:
-        if self._h5 is None:
-            self._h5 = h5py.File(self.path, "r")
+        # Fix: DataLoader workers are forked, not unpickled, so __getstate__ alone did not stop a worker from
+        # reusing a handle the parent had already opened (e.g. after dataset.references() in the main process).
+        if self._h5 is None or self._h5_pid != os.getpid():
+            self._h5, self._h5_pid = h5py.File(self.path, "r"), os.getpid()
         return self._h5
 
     def __getstate__(self) -> dict[str, Any]:
@@ -128,12 +132,13 @@ class FeatureDataset(CaptionDataset):
             size = feats.size * feats.dtype.itemsize
             self.memory = torch.from_numpy(feats[:]) if size <= max_memory_bytes else None
         self._features: h5py.File | None = None
+        self._features_pid: int | None = None
 
     def load_image(self, i: int) -> torch.Tensor:
         if self.memory is not None:
             return self.memory[i].float()
-        if self._features is None:
-            self._features = h5py.File(self.features_path, "r")
+        if self._features is None or self._features_pid != os.getpid():  # same fix as _LazyH5.h5
+            self._features, self._features_pid = h5py.File(self.features_path, "r"), os.getpid()
         return torch.from_numpy(self._features["features"][i]).float()
 
     def __getstate__(self) -> dict[str, Any]:

@@ -1,0 +1,697 @@
+"""Tests for create_input_files.py: every input format, odd and broken images, caption alignment, atomic output,
+determinism and the word map. Sources are tiny files written into tmp_path; one test uses real Flickr8k photos
+when ../shared/data/flickr8k exists.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+import create_input_files as cif
+from create_input_files import Options, create_input_files, load_image
+from utils import SPECIAL_TOKENS, CamEyeError, decode_caption, reverse_word_map
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "create_input_files.py"
+FLICKR8K = ROOT.parent / "shared/data/flickr8k"
+SIZE = 16  # output side for the hand-made sources
+NUMBERS = "zero one two three four five six seven eight nine ten eleven".split()
+VARIANTS = "red big old new fun".split()
+OUTPUTS = {"train.hdf5", "val.hdf5", "test.hdf5", "word_map.json"}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def prepare(sources, out, images=None, **options):
+    """Run create_input_files in-process with small, fast defaults."""
+    defaults = dict(captions_per_image=3, min_word_freq=1, max_len=20, image_size=SIZE, workers=1, seed=0)
+    opt = Options(out=out, **{**defaults, **options})
+    return create_input_files([Path(s) for s in sources], images, opt)
+
+
+def read_split(path):
+    """Everything in one split file, strings decoded."""
+    with h5py.File(path, "r") as h5:
+        data = {key: h5[key][()] for key in h5}
+        data["attrs"] = dict(h5.attrs)
+    for key in ("references", "references_raw", "image_ids", "filenames", "objects"):
+        if key in data:
+            data[key] = [s.decode() if isinstance(s, bytes) else s for s in data[key]]
+    return data
+
+
+def read_word_map(out):
+    return json.loads((out / "word_map.json").read_text())
+
+
+def decode_rows(rows, word_map):
+    rev = reverse_word_map(word_map)
+    return [decode_caption(row, rev) for row in rows]
+
+
+def image_refs(split, i):
+    """The reference sentences (word lists) of image i of a split read by read_split."""
+    a, b = split["reference_offsets"][i : i + 2]
+    return [r.split() for r in split["references"][a:b]]
+
+
+def solid(path, colour, size=(8, 8), fmt=None, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path, fmt)
+    return path
+
+
+def sentence(raw, tokens=None):
+    return {"raw": raw, "tokens": tokens if tokens is not None else cif.tokenize(raw)}
+
+
+def write_karpathy(path, images, dataset="flickr8k"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"dataset": dataset, "images": images}))
+    return path
+
+
+def mean_colour(array, cols=slice(None), rows=slice(None)):
+    return array[:, rows, cols].reshape(3, -1).mean(axis=1)
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# ----------------------------------------------------------------------------------------- input formats
+def test_karpathy_coco_style_uses_filepath_cocoid_and_restval(tmp_path):
+    images = tmp_path / "coco_images"
+    # The same file name in both folders, with different colours: the output shows which one was read.
+    solid(images / "train2014" / "a.jpg", (200, 0, 0), fmt="JPEG")
+    solid(images / "val2014" / "a.jpg", (0, 0, 200), fmt="JPEG")
+    solid(images / "train2014" / "b.jpg", (0, 200, 0), fmt="JPEG")
+    solid(images / "val2014" / "c.jpg", (200, 200, 0), fmt="JPEG")
+    solid(images / "val2014" / "d.jpg", (0, 200, 200), fmt="JPEG")
+
+    def entry(folder, name, cocoid, split, words):
+        return {
+            "filepath": folder,
+            "filename": name,
+            "cocoid": cocoid,
+            "imgid": 999,  # cocoid wins over imgid
+            "split": split,
+            "sentences": [sentence(f"A {words}.", ["a", words]), sentence(f"The {words}!", ["the", words])],
+        }
+
+    source = write_karpathy(
+        tmp_path / "dataset_coco.json",
+        [
+            entry("train2014", "a.jpg", 11, "train", "apple"),
+            entry("val2014", "a.jpg", 22, "restval", "boat"),
+            entry("train2014", "b.jpg", 33, "train", "cat"),
+            entry("val2014", "c.jpg", 44, "val", "dog"),
+            entry("val2014", "d.jpg", 55, "test", "egg"),
+        ],
+        dataset="coco",
+    )
+    counts = prepare([source], tmp_path / "out", images=images)
+    assert counts == {"train": 3, "val": 1, "test": 1}
+    train, val, test = (read_split(tmp_path / "out" / f"{s}.hdf5") for s in ("train", "val", "test"))
+    assert train["image_ids"] == ["11", "22", "33"]  # restval goes to train, in file order
+    assert val["image_ids"] == ["44"] and test["image_ids"] == ["55"]
+    expected = {"11": (200, 0, 0), "22": (0, 0, 200), "33": (0, 200, 0), "44": (200, 200, 0), "55": (0, 200, 200)}
+    for split in (train, val, test):
+        assert split["images"].shape[1:] == (3, SIZE, SIZE)
+        for i, image_id in enumerate(split["image_ids"]):
+            np.testing.assert_allclose(mean_colour(split["images"][i]), expected[image_id], atol=8)
+    assert image_refs(train, 1) == [["a", "boat"], ["the", "boat"]]
+    assert train["references_raw"][2:4] == ["A boat.", "The boat!"]
+
+
+def test_karpathy_flickr_style_uses_imgid_and_the_json_folder(tmp_path):
+    solid(tmp_path / "src" / "x.png", (250, 0, 0))
+    solid(tmp_path / "src" / "y.png", (0, 250, 0))
+    solid(tmp_path / "src" / "z.png", (0, 0, 250))
+    entries = [
+        {"filename": "x.png", "imgid": 0, "split": "train", "sentences": [sentence("A red thing")]},
+        {"filename": "y.png", "imgid": 1, "split": "val", "sentences": [sentence("A green thing")]},
+        {"filename": "z.png", "imgid": 2, "split": "test", "sentences": [sentence("A blue thing")]},
+    ]
+    source = write_karpathy(tmp_path / "src" / "dataset_flickr8k.json", entries)
+    assert prepare([source], tmp_path / "out") == {"train": 1, "val": 1, "test": 1}  # images default: JSON's folder
+    for split, image_id, colour, word in (("train", "0", 0, "red"), ("val", "1", 1, "green"), ("test", "2", 2, "blue")):
+        data = read_split(tmp_path / "out" / f"{split}.hdf5")
+        assert data["image_ids"] == [image_id]
+        assert data["filenames"] == [entries[int(image_id)]["filename"]]
+        assert image_refs(data, 0) == [["a", word, "thing"]]
+        assert np.argmax(mean_colour(data["images"][0])) == colour
+
+
+def write_flickr8k(folder, captions, splits, images):
+    """A Flickr8k-format folder: captions are (token-file key, caption) pairs, splits name lists per split."""
+    (folder / "Flicker8k_Dataset").mkdir(parents=True)
+    lines = [f"{key}\t{caption}\n" for key, caption in captions]
+    (folder / "Flickr8k.token.txt").write_text("".join(lines), encoding="utf-8")
+    for split, list_name in (("train", "train"), ("val", "dev"), ("test", "test")):
+        (folder / f"Flickr_8k.{list_name}Images.txt").write_text("".join(f"{n}\n" for n in splits[split]))
+    for name, colour in images.items():
+        solid(folder / "Flicker8k_Dataset" / name, colour, fmt="JPEG")
+
+
+def test_flickr8k_original_distribution(tmp_path):
+    captions = [(f"a.jpg#{k}", f"A dog runs , number {k} .") for k in range(5)]
+    captions += [(f"a.jpg.1#{k}", f"bogus zebra line {k}") for k in range(5)]  # names no image, as in the real file
+    captions += [(f"b.jpg#{k}", f"Two cats sleep{'!' * k}") for k in range(5)]
+    captions += [("c.jpg#0", "A bird's nest"), ("c.jpg#1", "A nest")]
+    captions += [(f"d.jpg#{k}", f"A red car {k}") for k in range(5)]
+    captions += [("e.jpg#0", "a giraffe in no split")]
+    images = {"a.jpg": (200, 0, 0), "b.jpg": (0, 200, 0), "c.jpg": (0, 0, 200), "d.jpg": (200, 200, 0)}
+    images |= {"e.jpg": (0, 0, 0), "f.jpg": (90, 90, 90)}
+    splits = {"train": ["a.jpg", "b.jpg", "f.jpg"], "val": ["c.jpg"], "test": ["d.jpg"]}  # f has no captions
+    write_flickr8k(tmp_path / "f8k", captions, splits, images)
+
+    counts = prepare([tmp_path / "f8k"], tmp_path / "out", captions_per_image=5)
+    assert counts == {"train": 2, "val": 1, "test": 1}
+    train = read_split(tmp_path / "out" / "train.hdf5")
+    assert train["image_ids"] == ["a.jpg", "b.jpg"]
+    assert image_refs(train, 0) == [["a", "dog", "runs", "number", str(k)] for k in range(5)]
+    assert train["references_raw"][:5] == [f"A dog runs , number {k} ." for k in range(5)]
+    assert image_refs(train, 1) == [["two", "cats", "sleep"]] * 5
+    assert np.diff(train["reference_offsets"]).tolist() == [5, 5]  # the bogus line added nothing to a.jpg
+    word_map = read_word_map(tmp_path / "out")
+    assert "zebra" not in word_map and "bogus" not in word_map and "giraffe" not in word_map
+    val = read_split(tmp_path / "out" / "val.hdf5")
+    assert val["image_ids"] == ["c.jpg"] and image_refs(val, 0) == [["a", "birds", "nest"], ["a", "nest"]]
+    assert np.argmax(mean_colour(val["images"][0])) == 2
+    test = read_split(tmp_path / "out" / "test.hdf5")
+    assert test["image_ids"] == ["d.jpg"] and len(image_refs(test, 0)) == 5
+
+
+def test_flickr8k_bad_token_line_is_a_one_line_error(tmp_path):
+    write_flickr8k(tmp_path / "f8k", [("a.jpg#0", "fine")], {"train": ["a.jpg"], "val": [], "test": []}, {})
+    with open(tmp_path / "f8k" / "Flickr8k.token.txt", "a") as f:
+        f.write("no tab or hash here\n")
+    with pytest.raises(CamEyeError, match=r"Flickr8k.token.txt:2: expected"):
+        prepare([tmp_path / "f8k"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_coco_annotation_files_split_val_into_val_and_test(tmp_path):
+    images = tmp_path / "coco"
+    train_ids, val_ids = [30, 10, 20], [7, 3, 5, 1]
+    for folder, ids in (("train2014", train_ids), ("val2014", val_ids)):
+        for i in ids:
+            solid(images / folder / f"COCO_{folder}_{i:012d}.jpg", (i * 8, 100, 250 - i * 8), fmt="JPEG")
+
+    def annotations(folder, ids, extra=()):
+        data = {
+            "images": [{"id": i, "file_name": f"COCO_{folder}_{i:012d}.jpg"} for i in ids],
+            "annotations": [
+                {"id": 100 * i + k, "image_id": i, "caption": f"  Image {i}'s view, take {k}. "}
+                for i in ids
+                for k in range(2)
+            ]
+            + list(extra),
+        }
+        path = tmp_path / f"captions_{folder}.json"
+        path.write_text(json.dumps(data))
+        return path
+
+    orphan = {"id": 1, "image_id": 999, "caption": "an image that is not listed"}
+    sources = [annotations("train2014", train_ids), annotations("val2014", val_ids, [orphan])]
+    counts = prepare(sources, tmp_path / "out", images=images, captions_per_image=2)
+    assert counts == {"train": 3, "val": 2, "test": 2}
+    expect = {"train": [10, 20, 30], "val": [1, 3], "test": [5, 7]}  # val halves by image id
+    for split, ids in expect.items():
+        data = read_split(tmp_path / "out" / f"{split}.hdf5")
+        assert data["image_ids"] == [str(i) for i in ids]
+        for n, i in enumerate(ids):
+            assert image_refs(data, n) == [["image", f"{i}s", "view", "take", str(k)] for k in range(2)]
+            a = data["reference_offsets"][n]
+            assert data["references_raw"][a] == f"Image {i}'s view, take 0."  # stripped, not tokenised
+            np.testing.assert_allclose(mean_colour(data["images"][n]), (i * 8, 100, 250 - i * 8), atol=8)
+    assert "listed" not in read_word_map(tmp_path / "out")
+
+
+def test_coco_malformed_entry_is_a_one_line_error(tmp_path):
+    path = tmp_path / "captions_train2014.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": [{"image_id": 1}]}))
+    with pytest.raises(CamEyeError, match="malformed") as info:
+        prepare([path], tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ odd images
+def _two_halves(mode, top, bottom, size=(32, 32)):
+    """An image whose top half is ``top`` and bottom half ``bottom``."""
+    image = Image.new(mode, size, bottom)
+    image.paste(top, (0, 0, size[0], size[1] // 2))
+    return image
+
+
+def _left_right(mode, left, right, size=(32, 32)):
+    image = Image.new(mode, size, right)
+    image.paste(left, (0, 0, size[0] // 2, size[1]))
+    return image
+
+
+def _exif_jpeg(path, orientation):
+    image = _two_halves("RGB", (230, 0, 0), (0, 0, 230), size=(48, 24))  # wide, top half red
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def _palette(transparent):
+    image = _left_right("P", 1, 0)
+    image.putpalette([0, 255, 0, 0, 0, 255] + [0] * 762)  # index 0 green, index 1 blue
+    return image, ({"transparency": 0} if transparent else {})
+
+
+LEFT, RIGHT = (slice(0, SIZE // 4)), slice(SIZE - SIZE // 4, SIZE)  # away from the resampled boundary
+TOP, BOTTOM = LEFT, RIGHT
+
+
+def _make(kind, path):
+    """Write an odd image of ``kind``; return (file, {region: expected RGB})."""
+    if kind == "grayscale L":
+        Image.new("L", (30, 20), 100).save(path := path.with_suffix(".png"))
+        return path, {"all": (100, 100, 100)}
+    if kind == "RGBA (transparent -> white)":
+        _left_right("RGBA", (255, 0, 0, 255), (0, 0, 0, 0)).save(path := path.with_suffix(".png"))
+        return path, {"left": (255, 0, 0), "right": (255, 255, 255)}
+    if kind == "LA (transparent -> white)":
+        _left_right("LA", (40, 255), (40, 0)).save(path := path.with_suffix(".png"))
+        return path, {"left": (40, 40, 40), "right": (255, 255, 255)}
+    if kind == "CMYK JPEG":
+        Image.new("CMYK", (24, 24), (0, 255, 255, 0)).save(path := path.with_suffix(".jpg"), "JPEG", quality=95)
+        return path, {"all": (255, 0, 0)}
+    if kind in ("palette P", "palette P with transparency"):
+        image, extra = _palette(kind.endswith("transparency"))
+        image.save(path := path.with_suffix(".png"), **extra)
+        return path, {"left": (0, 0, 255), "right": (255, 255, 255) if extra else (0, 255, 0)}
+    if kind.startswith("16-bit"):
+        value = {"16-bit mid grey": 32768, "16-bit dark": 200, "16-bit white": 65535}[kind]
+        image = Image.fromarray(np.full((20, 20), value, np.uint16))
+        assert image.mode == "I;16"
+        image.save(path := path.with_suffix(".png"))
+        with Image.open(path) as check:
+            assert check.mode.startswith("I"), check.mode  # really read back as a 16-bit image
+        grey = value / 257
+        return path, {"all": (grey, grey, grey)}
+    if kind == "EXIF orientation 6":  # rotate 90 degrees clockwise: the top (red) goes right
+        _exif_jpeg(path := path.with_suffix(".jpg"), 6)
+        return path, {"left": (0, 0, 230), "right": (230, 0, 0)}
+    if kind == "EXIF orientation 8":  # rotate 90 degrees counter-clockwise: the top (red) goes left
+        _exif_jpeg(path := path.with_suffix(".jpg"), 8)
+        return path, {"left": (230, 0, 0), "right": (0, 0, 230)}
+    if kind == "EXIF orientation 1":  # control: no rotation, the top stays red
+        _exif_jpeg(path := path.with_suffix(".jpg"), 1)
+        return path, {"top": (230, 0, 0), "bottom": (0, 0, 230)}
+    if kind == "1-bit":
+        _left_right("1", 1, 0).save(path := path.with_suffix(".png"))
+        return path, {"left": (255, 255, 255), "right": (0, 0, 0)}
+    raise AssertionError(kind)
+
+
+ODD_KINDS = [
+    "grayscale L",
+    "RGBA (transparent -> white)",
+    "LA (transparent -> white)",
+    "CMYK JPEG",
+    "palette P",
+    "palette P with transparency",
+    "16-bit mid grey",
+    "16-bit dark",
+    "16-bit white",
+    "EXIF orientation 6",
+    "EXIF orientation 8",
+    "EXIF orientation 1",
+    "1-bit",
+]
+REGIONS = {
+    "all": (slice(None), slice(None)),
+    "left": (slice(None), LEFT),
+    "right": (slice(None), RIGHT),
+    "top": (TOP, slice(None)),
+    "bottom": (BOTTOM, slice(None)),
+}
+
+
+def check_regions(array, expected, kind):
+    assert array.shape == (3, SIZE, SIZE) and array.dtype == np.uint8, kind
+    for region, colour in expected.items():
+        rows, cols = REGIONS[region]
+        got = mean_colour(array, cols=cols, rows=rows)
+        np.testing.assert_allclose(got, colour, atol=8, err_msg=f"{kind}: {region} is {got}, expected {colour}")
+
+
+@pytest.mark.parametrize("kind", ODD_KINDS)
+def test_odd_image_kinds_come_out_as_rgb(tmp_path, kind):
+    path, expected = _make(kind, tmp_path / "odd")
+    check_regions(load_image(path, SIZE), expected, kind)
+
+
+def test_16_bit_mid_grey_is_scaled_not_clipped(tmp_path):
+    path, _ = _make("16-bit mid grey", tmp_path / "grey")
+    assert abs(int(load_image(path, SIZE)[0, 0, 0]) - 128) <= 1
+
+
+def test_odd_images_are_all_kept_by_create_input_files(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    entries, expect = [], []
+    for n, kind in enumerate(ODD_KINDS):
+        path, expected = _make(kind, tmp_path / "src" / f"odd{n}")
+        expect.append(expected)
+        entries.append({"filename": path.name, "imgid": n, "split": "train", "sentences": [sentence(kind)]})
+    source = write_karpathy(tmp_path / "src" / "dataset_odd.json", entries)
+    counts = prepare([source], tmp_path / "out", captions_per_image=1, workers=2)
+    assert counts["train"] == len(ODD_KINDS)
+    assert "skipped 0 unreadable" in capsys.readouterr().out
+    train = read_split(tmp_path / "out" / "train.hdf5")
+    for n, kind in enumerate(ODD_KINDS):
+        check_regions(train["images"][n], expect[n], kind)
+
+
+# ------------------------------------------------------------------------------------------ bad images
+BAD_REASONS = {
+    "missing": "file not found",
+    "empty": "empty file",
+    "text": "not an image",
+    "truncated JPEG": "unreadable image",
+    "truncated PNG": "unreadable image",
+}
+BAD_SUFFIX = {"missing": ".png", "empty": ".jpg", "text": ".jpg", "truncated JPEG": ".jpg", "truncated PNG": ".png"}
+
+
+def _bad(kind, stem):
+    """Write a bad image of ``kind`` at ``stem`` + the kind's suffix (nothing for 'missing'); return the path."""
+    path = stem.with_suffix(BAD_SUFFIX[kind])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("this is not an image\n" * 10)
+    elif kind.startswith("truncated"):
+        noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(path, kind.split()[1])
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("kind", list(BAD_REASONS))
+def test_bad_image_gives_a_reason_not_an_exception(tmp_path, kind):
+    path = _bad(kind, tmp_path / "bad")
+    array, reason = cif._load_job((str(path), SIZE))
+    assert array is None
+    assert reason.startswith(BAD_REASONS[kind]), reason
+    assert "\n" not in reason
+
+
+def colour_of(index):
+    return (10 + 20 * index, 240 - 20 * index, (70 * index) % 256)
+
+
+def write_indexed_source(folder, bad):
+    """12 images whose colour and captions encode their index; ``bad`` maps index -> bad kind.
+
+    Images 0-7 are train, 8-9 val, 10-11 test; image i has (i % 4) + 1 captions 'image number <i> <variant>'.
+    """
+    entries = []
+    for i in range(12):
+        if i in bad:
+            path = _bad(bad[i], folder / f"{i:02d}")
+        else:
+            path = solid(folder / f"{i:02d}.png", colour_of(i))
+        split = "train" if i < 8 else "val" if i < 10 else "test"
+        raws = [f"Image number {NUMBERS[i]}, {VARIANTS[k]}." for k in range(i % 4 + 1)]
+        entries.append({"filename": path.name, "imgid": i, "split": split, "sentences": [sentence(r) for r in raws]})
+    return write_karpathy(folder / "dataset_indexed.json", entries)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bad_images_are_skipped_and_captions_stay_aligned(tmp_path, capsys, workers):
+    bad = {2: "missing", 4: "empty", 5: "truncated JPEG", 7: "text", 9: "truncated PNG"}
+    source = write_indexed_source(tmp_path / "src", bad)
+    c = 3
+    counts = prepare([source], tmp_path / "out", captions_per_image=c, workers=workers)
+    assert counts == {"train": 4, "val": 1, "test": 2}
+
+    out = capsys.readouterr().out
+    for i, kind in bad.items():
+        name = f"{i:02d}{BAD_SUFFIX[kind]}"
+        lines = [line for line in out.splitlines() if line.startswith("skipped") and name in line]
+        assert len(lines) == 1 and BAD_REASONS[kind] in lines[0], (name, out)
+    assert "skipped 5 unreadable file(s)" in out
+
+    word_map = read_word_map(tmp_path / "out")
+    kept = {"train": [0, 1, 3, 6], "val": [8], "test": [10, 11]}
+    for split, indices in kept.items():
+        data = read_split(tmp_path / "out" / f"{split}.hdf5")
+        assert data["image_ids"] == [str(i) for i in indices]
+        assert data["filenames"] == [f"{i:02d}.png" for i in indices]
+        assert data["captions"].shape == (len(indices) * c, 20 + 2)
+        rows = decode_rows(data["captions"], word_map)
+        for n, i in enumerate(indices):
+            own = [["image", "number", NUMBERS[i], v] for v in VARIANTS[: i % 4 + 1]]
+            encodable = [[w if w in word_map else "<unk>" for w in r] for r in own]  # val/test-only words: <unk>
+            if split == "train":
+                assert encodable == own
+            mine = rows[n * c : (n + 1) * c]
+            assert all(r in encodable for r in mine), (split, i, mine)
+            assert len({tuple(r) for r in mine}) == min(c, len(own))  # distinct when enough, topped up otherwise
+            assert data["caplens"][n * c : (n + 1) * c].tolist() == [len(r) + 2 for r in mine]
+            assert image_refs(data, n) == own
+            np.testing.assert_allclose(mean_colour(data["images"][n]), colour_of(i), atol=1)
+
+
+def test_images_without_captions_are_skipped(tmp_path):
+    solid(tmp_path / "src" / "a.png", (255, 0, 0))
+    solid(tmp_path / "src" / "b.png", (0, 255, 0))
+    solid(tmp_path / "src" / "c.png", (0, 0, 255))
+    entries = [
+        {"filename": "a.png", "imgid": 0, "split": "train", "sentences": [sentence("a red one")]},
+        {"filename": "b.png", "imgid": 1, "split": "train", "sentences": []},
+        {"filename": "c.png", "imgid": 2, "split": "train", "sentences": [sentence("!!!", [])]},
+    ]
+    source = write_karpathy(tmp_path / "src" / "dataset_x.json", entries)
+    assert prepare([source], tmp_path / "out")["train"] == 1
+    train = read_split(tmp_path / "out" / "train.hdf5")
+    assert train["image_ids"] == ["0"] and image_refs(train, 0) == [["a", "red", "one"]]
+
+
+# ------------------------------------------------------------------------------------------- failures
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"images": [ {"filename": "a.png",', '{"dataset": "mystery", "items": []}'],
+    ids=["malformed JSON", "unknown format"],
+)
+def test_cli_bad_source_fails_with_one_line_and_writes_nothing(tmp_path, content):
+    source = tmp_path / "dataset_bad.json"
+    source.write_text(content)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("an existing output folder")
+    result = run_cli(source, "--out", tmp_path / "out", "--workers", 1)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert str(source) in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert listing(tmp_path / "out") == ["keep.txt"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not found"),
+        (b"[1, 2]", "unknown format"),
+        (b'{"images": [{"filename": "a.png", "split": "train"}]}', "malformed"),
+        (b'{"images": [{"filename": "a.png", "split": "train", "sentences": ["a b"]}]}', "malformed"),
+        (b"\xff\xfe\x00garbage", "not valid JSON"),
+    ],
+    ids=["missing source", "JSON list", "entry without sentences", "sentence without tokens", "binary file"],
+)
+def test_bad_sources_raise_one_line_errors_before_writing(tmp_path, content, message):
+    source = tmp_path / "dataset_x.json"
+    if content is not None:
+        source.write_bytes(content)
+    with pytest.raises(CamEyeError, match=message) as info:
+        prepare([source], tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_training_images_is_an_error(tmp_path):
+    solid(tmp_path / "a.png", (0, 0, 0))
+    source = write_karpathy(tmp_path / "d.json", [{"filename": "a.png", "split": "val", "sentences": [sentence("a")]}])
+    with pytest.raises(CamEyeError, match="no training images"):
+        prepare([source], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_failure_midway_leaves_no_outputs_and_no_temp_files(tmp_path, monkeypatch, synthetic_prepared):
+    real = cif.write_split
+
+    def failing(h5_path, split, *args, **kwargs):
+        if split == "test":
+            raise RuntimeError("disk full (simulated)")
+        return real(h5_path, split, *args, **kwargs)
+
+    monkeypatch.setattr(cif, "write_split", failing)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated"):
+        prepare([synthetic_prepared.json], out)
+    assert listing(out) == []  # neither outputs nor temporary files
+
+    # Over an existing, complete output: a failed run leaves it byte for byte as it was.
+    monkeypatch.setattr(cif, "write_split", real)
+    prepare([synthetic_prepared.json], out)
+    before = {name: (out / name).read_bytes() for name in listing(out)}
+    assert set(before) == OUTPUTS
+    monkeypatch.setattr(cif, "write_split", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        prepare([synthetic_prepared.json], out, captions_per_image=2)
+    assert {name: (out / name).read_bytes() for name in listing(out)} == before
+
+
+def test_rerun_replaces_existing_output_cleanly(tmp_path, synthetic_prepared):
+    out = tmp_path / "out"
+    prepare([synthetic_prepared.json], out, captions_per_image=5, min_word_freq=1)
+    first_map = read_word_map(out)
+    (out / "notes.txt").write_text("a user's file")
+    prepare([synthetic_prepared.json], out, captions_per_image=2, min_word_freq=1000)
+    assert listing(out) == sorted(OUTPUTS | {"notes.txt"})  # no temp files; unrelated files untouched
+    assert read_word_map(out) == dict(zip(SPECIAL_TOKENS, range(4))) != first_map
+    train = read_split(out / "train.hdf5")
+    assert train["attrs"]["captions_per_image"] == 2
+    assert train["captions"].shape[0] == 2 * train["images"].shape[0]
+    assert set(np.unique(train["captions"])) <= {0, 1, 2, 3}
+
+
+# ------------------------------------------------------------------------------------------ determinism
+def test_same_inputs_give_identical_outputs_with_1_or_2_workers(tmp_path, synthetic_prepared):
+    first = synthetic_prepared.out
+    opts = dict(captions_per_image=5, min_word_freq=1, image_size=64, max_len=50, seed=0)
+    prepare([synthetic_prepared.json], tmp_path / "again", workers=1, **opts)
+    prepare([synthetic_prepared.json], tmp_path / "two", workers=2, **opts)
+    for other in (tmp_path / "again", tmp_path / "two"):
+        assert (other / "word_map.json").read_bytes() == (first / "word_map.json").read_bytes()
+        for split in ("train", "val", "test"):
+            a, b = read_split(first / f"{split}.hdf5"), read_split(other / f"{split}.hdf5")
+            assert a.keys() == b.keys()
+            for key in a:
+                if key == "attrs":
+                    assert a[key] == b[key]
+                elif isinstance(a[key], list):
+                    assert a[key] == b[key], key
+                else:
+                    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_seed_changes_which_captions_are_chosen(tmp_path, synthetic_prepared):
+    prepare([synthetic_prepared.json], tmp_path / "s0", captions_per_image=2, seed=0)
+    prepare([synthetic_prepared.json], tmp_path / "s1", captions_per_image=2, seed=1)
+    a, b = (read_split(tmp_path / s / "train.hdf5")["captions"] for s in ("s0", "s1"))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------- word map
+def test_word_map_counts_training_captions_only_and_respects_min_freq(tmp_path):
+    for name in "abc":
+        solid(tmp_path / f"{name}.png", (0, 0, 0))
+    entries = [
+        {
+            "filename": "a.png",
+            "split": "train",
+            "sentences": [sentence("dog dog cat"), sentence("dog cat bird"), sentence("dog horse horse horse")],
+        },
+        {"filename": "b.png", "split": "val", "sentences": [sentence("zebra zebra zebra zebra zebra dog")]},
+        {"filename": "c.png", "split": "restval", "sentences": [sentence("cat")]},
+    ]
+    source = write_karpathy(tmp_path / "d.json", entries)
+    prepare([source], tmp_path / "out", min_word_freq=3, captions_per_image=3)
+    word_map = read_word_map(tmp_path / "out")
+    # dog 4, cat 3 (one from restval), horse 3, bird 1; zebra is only in val. Ties are alphabetical.
+    assert word_map == {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4, "cat": 5, "horse": 6}
+    val = read_split(tmp_path / "out" / "val.hdf5")
+    assert val["captions"][0].tolist()[:9] == [1, 3, 3, 3, 3, 3, 4, 2, 0]  # zebra -> <unk>
+    assert image_refs(val, 0) == [["zebra"] * 5 + ["dog"]]  # references keep the real words
+
+
+def test_captions_per_image_sampled_topped_up_and_max_len(tmp_path):
+    for name in "abc":
+        solid(tmp_path / f"{name}.png", (0, 0, 0))
+    many = [sentence(f"w{k} x") for k in range(6)]
+    entries = [
+        {"filename": "a.png", "split": "train", "sentences": many},
+        {"filename": "b.png", "split": "train", "sentences": [sentence("only one"), sentence("far too long a text")]},
+        {"filename": "c.png", "split": "train", "sentences": [sentence("every caption here is long")]},
+    ]
+    source = write_karpathy(tmp_path / "d.json", entries)
+    max_len, c = 3, 4
+    prepare([source], tmp_path / "out", captions_per_image=c, max_len=max_len)
+    word_map = read_word_map(tmp_path / "out")
+    assert "far" not in word_map and "too" not in word_map  # words of too-long captions are not counted
+    train = read_split(tmp_path / "out" / "train.hdf5")
+    assert train["attrs"]["max_len"] == max_len and train["attrs"]["captions_per_image"] == c
+    assert train["captions"].shape == (3 * c, max_len + 2)
+    rows = decode_rows(train["captions"], word_map)
+    assert len({tuple(r) for r in rows[:c]}) == c and all(r in [[f"w{k}", "x"] for k in range(6)] for r in rows[:c])
+    assert rows[c : 2 * c] == [["only", "one"]] * c  # topped up by repetition, the long caption never used
+    assert all(len(r) == max_len for r in rows[2 * c :])  # the only caption is truncated to max_len
+    assert train["caplens"].tolist() == [len(r) + 2 for r in rows]
+    assert (train["caplens"] <= max_len + 2).all()
+    for row, length in zip(train["captions"], train["caplens"]):
+        assert row[0] == 1 and row[length - 1] == 2 and (row[length:] == 0).all()
+
+
+def test_word_map_from_synthetic_run(synthetic_prepared):
+    word_map = read_word_map(synthetic_prepared.out)
+    assert [word_map[t] for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
+    assert sorted(word_map.values()) == list(range(len(word_map)))
+    train = read_split(synthetic_prepared.out / "train.hdf5")
+    assert sum(synthetic_prepared.counts.values()) == 60
+    assert train["images"].shape[1:] == (3, 64, 64)
+    assert 3 not in train["captions"]  # min freq 1: every training word is known
+    assert "objects" in train  # the synthetic set's boxes are carried through
+
+
+# ------------------------------------------------------------------------------------------ real data
+def test_flickr8k_real_subset(tmp_path):
+    if not (FLICKR8K / "Flickr8k.token.txt").is_file():
+        pytest.skip(f"Flickr8k not found at {FLICKR8K}: this test needs the real dataset (see its README.md)")
+    folder = tmp_path / "f8k"
+    (folder / "Flicker8k_Dataset").mkdir(parents=True)
+    chosen = {}
+    for list_name in ("train", "dev", "test"):
+        names = (FLICKR8K / f"Flickr_8k.{list_name}Images.txt").read_text().split()[:10]
+        chosen[list_name] = names
+        (folder / f"Flickr_8k.{list_name}Images.txt").write_text("\n".join(names) + "\n")
+        for name in names:
+            (folder / "Flicker8k_Dataset" / name).symlink_to(FLICKR8K / "Flicker8k_Dataset" / name)
+    wanted = {n for names in chosen.values() for n in names} | {"2258277193_586949ec62.jpg.1"}  # + the bogus key
+    with open(FLICKR8K / "Flickr8k.token.txt", encoding="utf-8") as f:
+        lines = [line for line in f if line.split("#", 1)[0] in wanted]
+    (folder / "Flickr8k.token.txt").write_text("".join(lines), encoding="utf-8")
+
+    counts = prepare([folder], tmp_path / "out", captions_per_image=5, image_size=32, workers=2)
+    assert counts == {"train": 10, "val": 10, "test": 10}
+    for split, list_name in (("train", "train"), ("val", "dev"), ("test", "test")):
+        data = read_split(tmp_path / "out" / f"{split}.hdf5")
+        assert data["image_ids"] == chosen[list_name]
+        assert np.diff(data["reference_offsets"]).tolist() == [5] * 10
+        assert data["captions"].shape[0] == 50
+        images = data["images"].astype(np.float64)
+        assert images.shape == (10, 3, 32, 32)
+        stds = images.reshape(10, -1).std(axis=1)
+        assert (stds > 10).all(), stds  # photos, not constant or blank images
+        assert len({img.tobytes() for img in data["images"]}) == 10

@@ -1,0 +1,227 @@
+"""Tests for utils.py: atomic writes, JSON helpers, word maps, RNG state round trips and one-line CLI errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from utils import (
+    SPECIAL_TOKENS,
+    CamEyeError,
+    atomic_path,
+    cli_errors,
+    decode_caption,
+    fail,
+    get_rng_state,
+    read_json,
+    reverse_word_map,
+    save_torch,
+    seed_everything,
+    select_device,
+    set_rng_state,
+    validate_word_map,
+    write_json,
+)
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ writes
+def test_atomic_path_replaces_the_file_on_success(tmp_path):
+    target = tmp_path / "sub" / "file.bin"  # parent folders are created
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_bytes(b"new")
+        assert not target.exists()  # nothing visible until the block completes
+    assert target.read_bytes() == b"new"
+    assert listing(target.parent) == ["file.bin"]
+
+
+def test_atomic_path_leaves_the_old_file_and_no_temp_file_when_the_block_raises(tmp_path):
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half written")
+            raise RuntimeError("boom")
+    assert target.read_bytes() == b"old"
+    assert listing(tmp_path) == ["file.bin"]
+
+
+def test_atomic_path_cleans_up_when_nothing_existed(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "new.json"):
+            raise KeyboardInterrupt
+    assert listing(tmp_path) == []
+
+
+def test_write_json_read_json_round_trip(tmp_path):
+    obj = {"<pad>": 0, "words": ["a", "é", "日本"], "nested": {"x": 1.5, "y": None, "z": True}}
+    write_json(obj, tmp_path / "a.json")
+    assert read_json(tmp_path / "a.json") == obj
+    assert listing(tmp_path) == ["a.json"]
+    write_json([1, 2], tmp_path / "a.json")  # overwrites
+    assert read_json(tmp_path / "a.json") == [1, 2]
+
+
+@pytest.mark.parametrize("content", [b'{"a": 1,', b"", b"\xff\xfe\x00\x01", b"{'single': 'quotes'}"])
+def test_read_json_malformed_is_a_one_line_cameye_error(tmp_path, content):
+    path = tmp_path / "bad.json"
+    path.write_bytes(content)
+    with pytest.raises(CamEyeError, match="word map .* is not valid JSON") as info:
+        read_json(path, "word map")
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_read_json_missing_file(tmp_path):
+    with pytest.raises(CamEyeError, match="config not found: .*nope.json"):
+        read_json(tmp_path / "nope.json", "config")
+
+
+def test_save_torch_is_atomic(tmp_path):
+    save_torch({"w": torch.arange(3)}, tmp_path / "ckpt.pt")
+    assert torch.equal(torch.load(tmp_path / "ckpt.pt", weights_only=True)["w"], torch.arange(3))
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises, the old checkpoint survives
+        save_torch({"bad": lambda: None}, tmp_path / "ckpt.pt")
+    assert torch.equal(torch.load(tmp_path / "ckpt.pt", weights_only=True)["w"], torch.arange(3))
+    assert listing(tmp_path) == ["ckpt.pt"]
+
+
+# ------------------------------------------------------------------------------------------- word maps
+def good_map():
+    return {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4, "cat": 5}
+
+
+def test_validate_word_map_accepts_a_good_map():
+    assert validate_word_map(good_map()) == good_map()
+    assert validate_word_map(dict(zip(SPECIAL_TOKENS, range(4))))
+
+
+@pytest.mark.parametrize(
+    "word_map, message",
+    [
+        ([], "non-empty JSON object"),
+        ({}, "non-empty JSON object"),
+        ({**good_map(), "cat": 4}, "0..V-1"),  # duplicate id
+        ({**good_map(), "cat": 7}, "0..V-1"),  # gap
+        ({**good_map(), "cat": "5"}, "0..V-1"),  # string id
+        ({**good_map(), "cat": 5.0}, "0..V-1"),  # float id
+        ({**good_map(), "<pad>": False, "<start>": True}, "0..V-1"),  # JSON booleans are not ids
+        ({**good_map(), 6: 6}, "0..V-1"),  # non-string word
+        ({"<start>": 0, "<pad>": 1, "<end>": 2, "<unk>": 3}, "map <pad> to 0"),
+        ({"<pad>": 0, "<start>": 1, "<end>": 2, "dog": 3}, "map <unk> to 3"),
+    ],
+    ids=[
+        "list",
+        "empty",
+        "duplicate id",
+        "gap",
+        "string id",
+        "float id",
+        "bool ids",
+        "int key",
+        "swapped specials",
+        "missing unk",
+    ],
+)
+def test_validate_word_map_rejects_bad_maps(word_map, message):
+    with pytest.raises(CamEyeError, match=message):
+        validate_word_map(word_map)
+
+
+def test_decode_and_reverse_word_map():
+    rev = reverse_word_map(good_map())
+    assert rev == ["<pad>", "<start>", "<end>", "<unk>", "dog", "cat"]
+    assert decode_caption([1, 4, 3, 5, 2, 4, 0], rev) == ["dog", "<unk>", "cat"]
+    assert decode_caption(torch.tensor([0, 1, 5, 0]), rev) == ["cat"]
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+@pytest.fixture(autouse=True)
+def keep_global_rng_state():
+    """These tests reseed the global generators; put them back so other tests are unaffected."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield
+    random.setstate(saved[0])
+    np.random.set_state(saved[1])
+    torch.set_rng_state(saved[2])
+
+
+def draw():
+    return (
+        [random.random() for _ in range(3)] + [random.gauss(0, 1) for _ in range(3)],
+        np.random.rand(3).tolist() + np.random.randn(3).tolist(),
+        torch.rand(3).tolist() + torch.randn(3).tolist(),
+    )
+
+
+def advance_with_cached_gaussians():
+    # An odd number of normal draws leaves a cached second value in Python's and NumPy's generators.
+    random.gauss(0, 1)
+    np.random.randn(1)
+    torch.randn(1)
+
+
+def test_rng_state_round_trip():
+    seed_everything(123)
+    advance_with_cached_gaussians()
+    state = get_rng_state()
+    expected = draw()
+    advance_with_cached_gaussians()
+    draw()
+    set_rng_state(state)
+    assert draw() == expected
+
+
+def test_rng_state_survives_torch_save_and_weights_only_load(tmp_path):
+    seed_everything(7)
+    advance_with_cached_gaussians()
+    save_torch({"rng": get_rng_state()}, tmp_path / "state.pt")
+    expected = draw()
+    seed_everything(99)
+    set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    assert draw() == expected
+
+
+def test_seed_everything_repeats():
+    seed_everything(5)
+    first = draw()
+    seed_everything(5)
+    assert draw() == first
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_errors_turns_cameye_error_into_one_line_and_status_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        with cli_errors():
+            raise CamEyeError("the word map is broken")
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "error: the word map is broken\n"
+    with pytest.raises(SystemExit) as info:
+        fail("plain failure")
+    assert info.value.code == 2 and capsys.readouterr().err == "error: plain failure\n"
+    with pytest.raises(ValueError):  # other errors are bugs: they keep their traceback
+        with cli_errors():
+            raise ValueError("a bug")
+
+
+def test_select_device():
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(CamEyeError, match="unknown device"):
+        select_device("nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(CamEyeError, match="CUDA is not available"):
+            select_device("cuda")
+
+
+def test_word_map_json_round_trip_is_valid(tmp_path):
+    write_json(good_map(), tmp_path / "word_map.json")
+    assert validate_word_map(read_json(tmp_path / "word_map.json")) == good_map()
+    assert json.loads((tmp_path / "word_map.json").read_text()) == good_map()
