@@ -126,6 +126,14 @@ def save_attention_gif(image: np.ndarray, words: Sequence[str], grids: np.ndarra
         text = " ".join(words[: i + 1])
         draw.rectangle((0, frame.height - 16, frame.width, frame.height), fill=(0, 0, 0))
         draw.text((4, frame.height - 14), text, fill=(255, 255, 255))
+        # Fix: Pillow's GIF writer silently merges a frame identical to the previous one into it, so a GIF
+        # lost frames (and the returned count was wrong) whenever two steps looked alike, e.g. a repeated
+        # word once the growing caption is clipped at the image's edge. A "word i/n" counter in the top
+        # right corner keeps every frame distinct.
+        counter = f"{i + 1}/{len(words)}"
+        x = frame.width - 3 - draw.textlength(counter)
+        draw.rectangle((x - 2, 0, frame.width, 13), fill=(0, 0, 0))
+        draw.text((x, 1), counter, fill=(255, 255, 255))
         frames.append(frame)
     with atomic_path(path) as tmp:
         iio.imwrite(tmp, np.stack([np.asarray(f) for f in frames]), extension=".gif", duration=700, loop=0)

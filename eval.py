@@ -82,6 +82,29 @@ def object_word_records(tokens: Sequence[str], alphas: torch.Tensor, objects: di
             yield alphas[s].reshape(grid, grid).numpy(), match[0]["box"], size
 
 
+def file_names(dataset: CaptionDataset) -> list[str]:
+    """Each image's file name as create_input_files.py stored it (the image id in files made without names)."""
+    # Fix: "file_name" in predictions_<split>.json and references_<split>.json used to be the image *id*
+    # ("42" for COCO, Karpathy and synthetic data), not the file name; only Flickr8k, whose ids are file
+    # names, came out right.
+    if "filenames" not in dataset.h5:
+        return list(dataset.image_ids)
+    return [s.decode() if isinstance(s, bytes) else s for s in dataset.h5["filenames"][:]]
+
+
+def json_safe(value):
+    """``value`` with NaN and infinite floats replaced by None (JSON null), in nested dicts and lists."""
+    # Fix: attention correctness is NaN when the model names no object, and json.dump wrote the bare token
+    # NaN, which is not JSON: strict readers (jq, JavaScript, most non-Python tools) rejected the file.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def coco_id(image_id: str, index: int) -> int:
     """COCO tools want integer ids: COCO's own ids stay, others (Flickr file names) become the row index."""
     return int(image_id) if image_id.isdigit() else index
@@ -130,21 +153,20 @@ def evaluate(
         records = [r for h, p, o in zip(hyps, preds, objects) for r in object_word_records(h, p.alphas, o)]
         results["attention_correctness"] = mean_attention_correctness(records)
     out.mkdir(parents=True, exist_ok=True)
+    names = file_names(dataset)
     write_json(
-        [
-            {"image_id": cid, "caption": predictions[cid], "file_name": dataset.image_ids[i]}
-            for cid, i in zip(ids, indices)
-        ],
+        [{"image_id": cid, "caption": predictions[cid], "file_name": names[i]} for cid, i in zip(ids, indices)],
         out / f"predictions_{split}.json",
     )
     write_json(references_as_coco(raw_refs, dataset, ids, indices), out / f"references_{split}.json")
-    write_json(results, out / f"metrics_{split}.json")
+    write_json(json_safe(results), out / f"metrics_{split}.json")  # NaN -> null: see json_safe
     return results
 
 
 def references_as_coco(raw_refs: dict, dataset: CaptionDataset, ids: list[int], indices: list[int]) -> dict:
     """The references in COCO's caption-annotation format (readable by pycocotools' COCO class)."""
-    images = [{"id": cid, "file_name": dataset.image_ids[i]} for cid, i in zip(ids, indices)]
+    names = file_names(dataset)  # fix: was dataset.image_ids[i] (see file_names)
+    images = [{"id": cid, "file_name": names[i]} for cid, i in zip(ids, indices)]
     anns = [
         {"image_id": cid, "id": n, "caption": c}
         for n, (cid, c) in enumerate((cid, c) for cid in ids for c in raw_refs[cid])

@@ -1,0 +1,527 @@
+"""Tests for eval.py: the files it writes, its COCO metrics against COCOEvalCap run directly on those files,
+its nltk BLEU against hand arithmetic, attention correctness, and the command line's one-line errors.
+
+A tiny model is trained once per session on a 60-image synthetic set (tests/_tiny_model.py) and evaluated
+once per module on the 6-image test split. The COCO comparison starts Java: METEOR alone needs ~10-20 s to
+load its paraphrase tables, so the JVM for the direct COCOEvalCap run is started before eval.evaluate and
+loads while evaluate works. Without Java those tests are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from _tiny_model import SPECIAL_TOKENS, one_torch_thread, tiny_model
+from nltk.translate.bleu_score import corpus_bleu
+
+import eval as cameye_eval
+from create_input_files import Options, create_input_files
+from metrics import attention_in_box, java_available
+from models import Decoded, DecoderWithAttention, Preprocess, load_captioner
+
+REPO = Path(cameye_eval.__file__).resolve().parent
+needs_java = pytest.mark.skipif(
+    not java_available(), reason="no `java` on PATH: pycocoevalcap's PTB tokenizer and METEOR need Java"
+)
+# eval.py's metric names -> COCOEvalCap's
+COCO_NAMES = {
+    "BLEU-1": "Bleu_1",
+    "BLEU-2": "Bleu_2",
+    "BLEU-3": "Bleu_3",
+    "BLEU-4": "Bleu_4",
+    "METEOR": "METEOR",
+    "ROUGE-L": "ROUGE_L",
+    "CIDEr": "CIDEr",
+}
+
+
+def strict_json(path: Path):
+    """Parse ``path`` as standard JSON: NaN and Infinity, which Python's json accepts, are errors."""
+
+    def reject(token: str):
+        raise ValueError(f"{path.name} holds {token}, which is not JSON")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject)
+
+
+def read_split(path: Path) -> SimpleNamespace:
+    """The test split read with h5py alone: ids, file names, raw and tokenised references per image."""
+    with h5py.File(path, "r") as f:
+        text = {k: [s.decode() for s in f[k][:]] for k in ("image_ids", "filenames", "references_raw", "references")}
+        offsets = f["reference_offsets"][:].tolist()
+        images = f["images"][:]
+    spans = list(zip(offsets[:-1], offsets[1:]))
+    return SimpleNamespace(
+        ids=[int(i) for i in text["image_ids"]],  # the synthetic ids are numbers, which eval keeps as COCO ids
+        names=text["filenames"],
+        raw=[text["references_raw"][a:b] for a, b in spans],
+        tokens=[[r.split() for r in text["references"][a:b]] for a, b in spans],
+        images=images,
+    )
+
+
+def stop_meteor(meteor) -> None:
+    """End a pycocoevalcap Meteor's JVM now (its __del__ would do it whenever the collector runs)."""
+    process = meteor.meteor_p
+    for stream in (process.stdin, process.stdout, process.stderr):
+        stream.close()
+    process.kill()
+    process.wait()
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    return tiny_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def split(model: SimpleNamespace) -> SimpleNamespace:
+    return read_split(model.data / "test.hdf5")
+
+
+@pytest.fixture(scope="module")
+def evaluated(model: SimpleNamespace, cli_procs: dict, tmp_path_factory: pytest.TempPathFactory):
+    """eval.evaluate on the synthetic test split (beam 3, two batches), with a METEOR JVM warming up beside it
+    (and the command-line runs of ``cli_procs``)."""
+    meteor = None
+    if java_available():
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        meteor = Meteor()  # starts its JVM now; test_coco_metrics_equal_cocoevalcap_on_the_written_files uses it
+    out = tmp_path_factory.mktemp("eval_out")
+    try:
+        results = cameye_eval.evaluate(
+            model.checkpoint,
+            model.data,
+            "test",
+            out,
+            beam_size=3,
+            max_len=20,
+            batch_size=4,  # 6 test images: two batches, so results are gathered across batches
+            device="cpu",
+            workers=0,
+            coco=True,
+        )
+        yield SimpleNamespace(out=out, results=results, meteor=meteor)
+    finally:
+        if meteor is not None:
+            stop_meteor(meteor)
+
+
+# ------------------------------------------------------------------------------------- the written files
+def test_evaluate_writes_predictions_references_and_metrics(
+    evaluated: SimpleNamespace, split: SimpleNamespace, model: SimpleNamespace
+) -> None:
+    out = evaluated.out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics_test.json",
+        "predictions_test.json",
+        "references_test.json",
+    ]
+
+    # predictions: COCO results format, a list of {image_id: int, caption: str}, one per test image.
+    predictions = strict_json(out / "predictions_test.json")
+    assert isinstance(predictions, list)
+    for p in predictions:
+        assert isinstance(p["image_id"], int) and not isinstance(p["image_id"], bool)
+        assert isinstance(p["caption"], str)
+    counts = Counter(p["image_id"] for p in predictions)
+    assert counts == Counter(split.ids), "every test image must appear exactly once in the predictions"
+    assert len(predictions) == len(split.ids) == 6
+    vocabulary = set(model.word_map) - SPECIAL_TOKENS
+    for p in predictions:
+        assert set(p["caption"].split()) <= vocabulary, p["caption"]
+    # file_name is the image's file, not its id (eval.py used to write the id here)
+    assert {p["image_id"]: p["file_name"] for p in predictions} == dict(zip(split.ids, split.names))
+
+    # references: COCO caption annotations, every reference of every image, exactly as stored
+    references = strict_json(out / "references_test.json")
+    assert references["type"] == "captions"
+    assert references["images"] == [{"id": i, "file_name": n} for i, n in zip(split.ids, split.names)]
+    anns = references["annotations"]
+    assert len({a["id"] for a in anns}) == len(anns), "annotation ids must be unique"
+    for image_id, raw in zip(split.ids, split.raw):
+        assert len(raw) == 5
+        assert [a["caption"] for a in anns if a["image_id"] == image_id] == raw
+    assert len(anns) == 5 * len(split.ids)
+
+    # metrics: standard JSON (no NaN) with what was evaluated and how
+    metrics = strict_json(out / "metrics_test.json")
+    assert metrics["split"] == "test" and metrics["images"] == 6 and metrics["beam_size"] == 3
+    assert metrics["checkpoint"] == str(model.checkpoint)
+    assert set(metrics["nltk_corpus_bleu"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"}
+    assert all(0.0 <= v <= 1.0 for v in metrics["nltk_corpus_bleu"].values())
+    if java_available():
+        assert set(metrics["coco_caption_metrics"]) == set(COCO_NAMES)
+    else:
+        assert metrics["coco_caption_metrics_skipped"] == "no Java on this machine"
+    assert metrics == json.loads(json.dumps(evaluated.results)), "the file must hold the returned results"
+
+
+def test_predictions_belong_to_their_images(
+    evaluated: SimpleNamespace, split: SimpleNamespace, model: SimpleNamespace
+) -> None:
+    """Decode each test image alone, straight from the HDF5 pixels: same caption under the same image id."""
+    encoder, decoder, word_map, cfg = load_captioner(model.checkpoint, "cpu")
+    rev = {i: w for w, i in word_map.items()}
+    preprocess = Preprocess(cfg.backbone, cfg.input_size)
+    written = {p["image_id"]: p["caption"] for p in strict_json(evaluated.out / "predictions_test.json")}
+    with torch.no_grad():
+        for image_id, image in zip(split.ids, split.images):
+            feats = encoder(preprocess(torch.from_numpy(image)).unsqueeze(0))
+            (decoded,) = decoder.beam_search(feats, beam_size=3, max_len=20)
+            assert written[image_id] == " ".join(rev[t] for t in decoded.tokens), f"image {image_id}"
+
+
+def test_nltk_bleu_equals_corpus_bleu_on_the_written_predictions(
+    evaluated: SimpleNamespace, split: SimpleNamespace
+) -> None:
+    """eval's nltk numbers are nltk's corpus_bleu of the predictions file against the HDF5's tokenised references."""
+    written = {p["image_id"]: p["caption"].split() for p in strict_json(evaluated.out / "predictions_test.json")}
+    hyps = [written[i] for i in split.ids]
+    weights = [(1.0,), (0.5, 0.5), (1 / 3, 1 / 3, 1 / 3), (0.25, 0.25, 0.25, 0.25)]
+    expected = corpus_bleu(split.tokens, hyps, weights=weights)
+    got = evaluated.results["nltk_corpus_bleu"]
+    for n, value in enumerate(expected, 1):
+        assert math.isclose(got[f"BLEU-{n}"], value, rel_tol=1e-12, abs_tol=0.0), f"BLEU-{n}"
+
+
+class _NoSpice:
+    """Stands in for SPICE in COCOEvalCap.evaluate's scorer list (SPICE downloads Stanford CoreNLP)."""
+
+    def method(self) -> str:
+        return "SPICE"
+
+    def compute_score(self, gts, res):
+        return 0.0, [0.0] * len(gts)
+
+
+@needs_java
+def test_coco_metrics_equal_cocoevalcap_on_the_written_files(
+    evaluated: SimpleNamespace, split: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr from eval.py equal the official COCOEvalCap, run on eval's
+    predictions file against references built independently from the HDF5 file (all 5 per image)."""
+    from pycocoevalcap import eval as coco_eval
+    from pycocotools.coco import COCO
+
+    annotations = [{"image_id": i, "caption": c} for i, raw in zip(split.ids, split.raw) for c in raw]
+    for n, ann in enumerate(annotations, 1):
+        ann["id"] = n
+    gts = COCO()
+    gts.dataset = {
+        "info": {},
+        "licenses": [],
+        "type": "captions",
+        "images": [{"id": i} for i in split.ids],
+        "annotations": annotations,
+    }
+    gts.createIndex()
+    assert all(len(gts.imgToAnns[i]) == 5 for i in split.ids), "every image has its 5 references"
+    res = gts.loadRes(str(evaluated.out / "predictions_test.json"))
+
+    monkeypatch.setattr(coco_eval, "Spice", _NoSpice)
+    monkeypatch.setattr(coco_eval, "Meteor", lambda: evaluated.meteor)  # the JVM started by the fixture
+    official = coco_eval.COCOEvalCap(gts, res)
+    official.evaluate()
+    assert sorted(official.params["image_id"]) == sorted(split.ids)
+
+    ours = strict_json(evaluated.out / "metrics_test.json")["coco_caption_metrics"]
+    assert set(ours) == set(COCO_NAMES)
+    for name, coco_name in COCO_NAMES.items():
+        assert math.isclose(ours[name], official.eval[coco_name], rel_tol=1e-9, abs_tol=0.0), (
+            f"{name}: eval.py {ours[name]!r} vs COCOEvalCap {official.eval[coco_name]!r}"
+        )
+
+
+def test_attention_correctness_on_synthetic_data(evaluated: SimpleNamespace) -> None:
+    a = strict_json(evaluated.out / "metrics_test.json")["attention_correctness"]
+    assert set(a) == {"attention_correctness", "uniform_baseline", "n_words"}
+    assert isinstance(a["n_words"], int) and a["n_words"] >= 0
+    # The tiny model is trained to name objects (see _tiny_model.py); without object words there is nothing
+    # to check here, and the NaN case is covered by test_metrics_file_is_standard_json_without_object_words.
+    assert a["n_words"] > 0, "the tiny model named no object in the test split"
+    assert 0.0 <= a["attention_correctness"] <= 1.0
+    assert 0.0 < a["uniform_baseline"] <= 1.0
+
+
+# --------------------------------------------------------------------------- hand-checked BLEU and boxes
+# Three test images with hand-written references, the caption the (faked) decoder "generates" for each, the
+# objects in the image (64 x 64) and the attention grid cell (of 2 x 2) every step looks at (None: uniform).
+HAND_IMAGES = [
+    {
+        "refs": ["a red circle above a blue square", "a red circle"],
+        "hyp": "a red circle above a square",
+        "objects": [{"shape": "circle", "colour": "red", "size": "small", "box": [0, 0, 32, 32]}],
+        "cell": 0,  # top left: exactly the circle's box
+    },
+    {
+        "refs": ["a green star to the left of a white triangle", "there is a green star"],
+        "hyp": "a green star to the right of a triangle",
+        "objects": [{"shape": "star", "colour": "green", "size": "large", "box": [0, 0, 64, 32]}],
+        "cell": None,  # uniform attention: half of it on the star's box (the top half)
+    },
+    {
+        "refs": ["a blue circle above", "blue circle"],
+        "hyp": "a blue circle",
+        "objects": [{"shape": "circle", "colour": "blue", "size": "small", "box": [32, 32, 64, 64]}],
+        "cell": 0,  # top left, while the circle is bottom right
+    },
+]
+
+
+def _hand_json(folder: Path, images: Path, entries: list[dict]) -> Path:
+    """A Karpathy-format JSON: one training image plus ``entries`` as the test split (ids 10, 11, ...)."""
+    records = [
+        {
+            "filepath": str(images),
+            "filename": "000000.png",
+            "imgid": 0,
+            "split": "train",
+            "sentences": [{"tokens": ["a", "red", "circle"], "raw": "A red circle."}],
+            "objects": [],
+            "width": 64,
+            "height": 64,
+        }
+    ]
+    for k, entry in enumerate(entries):
+        records.append(
+            {
+                "filepath": str(images),
+                "filename": f"{k + 1:06d}.png",
+                "imgid": 10 + k,
+                "split": "test",
+                "sentences": [{"tokens": r.split(), "raw": r[0].upper() + r[1:] + "."} for r in entry["refs"]],
+                "objects": entry["objects"],
+                "width": 64,
+                "height": 64,
+            }
+        )
+    path = folder / "dataset_hand.json"
+    path.write_text(json.dumps({"dataset": "hand", "images": records}), encoding="utf-8")
+    return path
+
+
+def _evaluate_with_fake_decoder(model, folder: Path, entries: list[dict], monkeypatch) -> dict:
+    """Prepare ``entries`` and run eval.evaluate with beam search replaced by the entries' "hyp" captions."""
+    source = _hand_json(folder, model.images, entries)
+    create_input_files([source], None, Options(out=folder / "prepared", min_word_freq=1, image_size=64, workers=1))
+    queue = list(entries)
+
+    def fake_beam_search(self, encoder_out, beam_size=3, max_len=50, length_penalty=1.0, allow_unk=False):
+        decoded = []
+        for _ in range(encoder_out.shape[0]):
+            entry = queue.pop(0)
+            words = entry["hyp"].split()
+            alphas = torch.full((len(words), 4), 0.25)
+            if entry["cell"] is not None:
+                alphas = torch.zeros(len(words), 4)
+                alphas[:, entry["cell"]] = 1.0
+            decoded.append(Decoded([model.word_map[w] for w in words], 0.0, alphas))
+        return decoded
+
+    monkeypatch.setattr(DecoderWithAttention, "beam_search", fake_beam_search)
+    results = cameye_eval.evaluate(
+        model.checkpoint, folder / "prepared", "test", folder / "out", batch_size=2, device="cpu", workers=0, coco=False
+    )
+    assert not queue, "every test image was decoded once"
+    written = {p["image_id"]: p["caption"] for p in strict_json(folder / "out" / "predictions_test.json")}
+    assert written == {10 + k: e["hyp"] for k, e in enumerate(entries)}
+    return results
+
+
+def test_nltk_bleu_and_attention_correctness_match_hand_arithmetic(
+    model: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = _evaluate_with_fake_decoder(model, tmp_path, HAND_IMAGES, monkeypatch)
+
+    # Clipped n-gram matches / hypothesis n-grams, per image (counts clip at the most any one reference has):
+    #  A "a red circle above a square" (c=6) vs "a red circle above a blue square" (7), "a red circle" (3):
+    #    1-grams a a red circle above square: 6/6 ("a" twice, twice in the first reference)
+    #    2-grams a-red red-circle circle-above above-a | a-square: 4/5
+    #    3-grams a-red-circle red-circle-above circle-above-a | above-a-square: 3/4
+    #    4-grams a-red-circle-above red-circle-above-a | circle-above-a-square: 2/3
+    #    closest reference length: 7 (|7-6| = 1 < |3-6| = 3)
+    #  B "a green star to the right of a triangle" (c=9) vs "a green star to the left of a white triangle" (10),
+    #    "there is a green star" (5):
+    #    1-grams: all but "right": 8/9 ("a" twice, twice in the first reference)
+    #    2-grams a-green green-star star-to to-the of-a | the-right right-of a-triangle: 5/8
+    #    3-grams a-green-star green-star-to star-to-the | 4 with right or a-triangle: 3/7
+    #    4-grams a-green-star-to green-star-to-the | 4 others: 2/6
+    #    closest reference length: 10
+    #  C "a blue circle" (c=3) vs "a blue circle above" (4), "blue circle" (2):
+    #    1-grams 3/3, 2-grams 2/2, 3-grams 1/1; no 4-gram, which nltk counts as 0/1 (its denominator is
+    #    max(1, number of hypothesis n-grams))
+    #    closest reference length: 4 and 2 are both 1 away; the tie goes to the shorter, 2
+    # Corpus BLEU adds numerators and denominators over the images before dividing:
+    p1 = (6 + 8 + 3) / (6 + 9 + 3)  # 17/18
+    p2 = (4 + 5 + 2) / (5 + 8 + 2)  # 11/15
+    p3 = (3 + 3 + 1) / (4 + 7 + 1)  # 7/12
+    p4 = (2 + 2 + 0) / (3 + 6 + 1)  # 4/10
+    c, r = 6 + 9 + 3, 7 + 10 + 2  # 18 < 19: brevity penalty exp(1 - r/c)
+    bp = math.exp(1 - r / c)
+    expected = {
+        "BLEU-1": bp * p1,
+        "BLEU-2": bp * (p1 * p2) ** (1 / 2),
+        "BLEU-3": bp * (p1 * p2 * p3) ** (1 / 3),
+        "BLEU-4": bp * (p1 * p2 * p3 * p4) ** (1 / 4),
+    }
+    got = results["nltk_corpus_bleu"]
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert math.isclose(got[name], value, rel_tol=1e-12), f"{name}: {got[name]!r} vs hand {value!r}"
+
+    # Attention correctness: the object words are "red circle" (A), "green star" (B), "blue circle" (C);
+    # A's "square" names no object of A, and no size word matches. Share of attention inside the box:
+    #   A: all on the top-left cell = the circle's box: 1, 1;  B: uniform, box = top half: 1/2, 1/2;
+    #   C: all on the top-left cell, box = bottom-right cell: 0, 0.  Mean (1+1+.5+.5+0+0)/6 = 1/2.
+    # Uniform baseline = box area / image area: A 1/4, 1/4; B 1/2, 1/2; C 1/4, 1/4. Mean 2/6 = 1/3.
+    a = results["attention_correctness"]
+    assert a["n_words"] == 6
+    assert a["attention_correctness"] == pytest.approx(0.5, abs=1e-12)
+    assert a["uniform_baseline"] == pytest.approx(1 / 3, abs=1e-12)
+
+
+def test_metrics_file_is_standard_json_without_object_words(
+    model: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No object word -> attention correctness is NaN in memory, null in the file (NaN is not JSON)."""
+    entries = [dict(HAND_IMAGES[0], hyp="a purple star"), dict(HAND_IMAGES[1], hyp="a picture of a square")]
+    results = _evaluate_with_fake_decoder(model, tmp_path, entries, monkeypatch)
+    a = results["attention_correctness"]
+    assert a["n_words"] == 0 and math.isnan(a["attention_correctness"]) and math.isnan(a["uniform_baseline"])
+    written = strict_json(tmp_path / "out" / "metrics_test.json")["attention_correctness"]
+    assert written == {"attention_correctness": None, "uniform_baseline": None, "n_words": 0}
+    assert "nan" in cameye_eval.format_results(results)
+
+
+# ------------------------------------------------------------------------------------ object_word_records
+def _one_hot(grid: int, cells: list[tuple[int, int]]) -> torch.Tensor:
+    """One attention row per step, all mass on that step's (row, col) cell of a grid x grid map."""
+    alphas = torch.zeros(len(cells), grid * grid)
+    for t, (row, col) in enumerate(cells):
+        alphas[t, row * grid + col] = 1.0
+    return alphas
+
+
+def test_object_word_records_links_each_object_word_to_its_box() -> None:
+    circle = {"shape": "circle", "colour": "red", "size": "small", "box": [16, 16, 48, 48]}
+    star = {"shape": "star", "colour": "green", "size": "large", "box": [48, 0, 96, 64]}
+    objects = {"objects": [circle, star], "width": 96, "height": 64}
+    # a 4 x 4 grid over 96 x 64 px: cells are 24 px wide, 16 px high; (1, 1) is x 24-48, y 16-32: inside the
+    # circle's box. Every step looks at a different cell, so each record's grid shows which step it is.
+    tokens = ["a", "small", "red", "circle", "and", "a", "blue", "square"]
+    alphas = _one_hot(4, [(0, 0), (1, 1), (2, 1), (1, 0), (3, 3), (3, 2), (0, 3), (0, 2)])
+    records = list(cameye_eval.object_word_records(tokens, alphas, objects))
+
+    # "small", "red", "circle" name the circle (steps 1-3); the hallucinated "blue square" gives nothing
+    assert len(records) == 3
+    for (grid, box, size), step in zip(records, (1, 2, 3)):
+        np.testing.assert_array_equal(grid, alphas[step].reshape(4, 4).numpy())
+        assert box == circle["box"] and size == (96, 64)
+    assert attention_in_box(*records[0]) == 1.0  # all mass in cell (1, 1), inside the box
+
+    # Two real objects: each phrase gets its own object's box; a size word that is not the object's
+    # ("small" star) is not linked, but colour and shape are.
+    tokens = ["a", "large", "red", "circle", "and", "a", "small", "green", "star"]
+    records = list(cameye_eval.object_word_records(tokens, _one_hot(4, [(0, 0)] * 9), objects))
+    assert [r[1] for r in records] == [circle["box"]] * 2 + [star["box"]] * 2
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [["a", "blue", "square"], ["a", "green", "circle"], ["circle"], ["a", "small", "circle"], []],
+    ids=["hallucinated", "wrong colour", "bare shape first", "no colour", "empty"],
+)
+def test_object_word_records_ignores_words_naming_no_object(tokens: list[str]) -> None:
+    objects = {
+        "objects": [{"shape": "circle", "colour": "red", "size": "small", "box": [0, 0, 32, 32]}],
+        "width": 64,
+        "height": 64,
+    }
+    alphas = torch.full((len(tokens), 4), 0.25)
+    assert list(cameye_eval.object_word_records(tokens, alphas, objects)) == []
+
+
+# ------------------------------------------------------------------------------------------- command line
+@pytest.fixture(scope="module")
+def cli_procs(model: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory):
+    """``python eval.py`` with --help and two bad inputs, started side by side before eval.evaluate runs (the
+    ``evaluated`` fixture asks for them first), since each subprocess spends seconds importing torch."""
+    tmp = tmp_path_factory.mktemp("eval_cli")
+    common = ["--out", str(tmp / "out"), "--workers", "0"]
+    commands = {
+        "help": ["--help"],
+        "missing checkpoint": ["--checkpoint", str(tmp / "missing.pt"), "--data", str(model.data), *common],
+        "missing data": ["--checkpoint", str(model.checkpoint), "--data", str(tmp / "no_such_folder"), *common],
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(REPO / "eval.py"), *args],
+            cwd=tmp,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in commands.items()
+    }
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:  # a test failed before collecting it
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def cli_runs(cli_procs: dict) -> dict:
+    runs = {}
+    for name, proc in cli_procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        runs[name] = SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
+    return runs
+
+
+def test_cli_help_exits_zero(cli_runs: dict) -> None:
+    run = cli_runs["help"]
+    assert run.returncode == 0, run.stderr
+    assert "usage:" in run.stdout and "--checkpoint" in run.stdout and "--data" in run.stdout
+    assert run.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing checkpoint", "error: checkpoint not found: "),
+        ("missing data", "error: "),
+    ],
+)
+def test_cli_bad_input_is_one_error_line_and_exit_2(cli_runs: dict, case: str, message: str) -> None:
+    run = cli_runs[case]
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+    lines = [line for line in run.stderr.splitlines() if not line.startswith("note: no Java")]
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith(message)
+    culprit = "missing.pt" if case == "missing checkpoint" else "no_such_folder/test.hdf5"
+    assert culprit in lines[0] and "not found" in lines[0], "the message names what is missing"
+    assert run.stdout == ""
