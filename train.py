@@ -293,10 +293,15 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig) -> list[dict]:
     decoder.to(device)
     use_cache = tcfg.cache_features and mcfg.fine_tune_stages == 0
     if use_cache:
+        # Test fix: encoding draws from the global RNG (the DataLoader's base seed), so a run that had to build
+        # the cache trained with other dropout masks than the same run with the cache already there. Keep the
+        # RNG where it was, so the seed alone decides the run.
+        rng = get_rng_state()
         for split in ("train", "val"):
             path = features_path(mcfg, data, split)
             if rank == 0 and not path.exists():
                 cache_features(encoder, mcfg, data / f"{split}.hdf5", path, device, workers=tcfg.workers)
+        set_rng_state(rng)
         if world > 1:
             dist.barrier()
     decoder_opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=tcfg.decoder_lr)
@@ -500,6 +505,21 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--dropout and --label-smoothing must be in [0, 1)")
     if args.alpha_c < 0 or args.fine_tune_stages < 0 or args.workers < 0:
         p.error("--alpha-c, --fine-tune-stages and --workers cannot be negative")
+    # Test fix: the values below got past this check and then failed inside train() with a traceback
+    # (--val-images -1, --grid-size -1, --input-size -1, --lr-decay 2, --seed -1), trained nothing
+    # (--early-stop 0 stops before the first epoch; --lr-decay 0 sets the rates to 0) or trained on NaN losses
+    # (--alpha-c nan).
+    for name in ("val_images", "grid_size", "input_size", "lr_patience"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} cannot be negative")
+    if args.early_stop < 1:
+        p.error("--early-stop must be at least 1")
+    if not 0 < args.lr_decay < 1:
+        p.error("--lr-decay must be in (0, 1)")
+    if not math.isfinite(args.alpha_c):
+        p.error("--alpha-c must be a finite number")
+    if not 0 <= args.seed < 2**32:
+        p.error("--seed must be in [0, 2**32)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

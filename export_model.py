@@ -1,0 +1,64 @@
+"""Turn a training checkpoint into a small inference checkpoint (what ships in checkpoints/).
+
+    python export_model.py runs/flickr8k/best.pt checkpoints/flickr8k/cameye-flickr8k.pt --half
+
+Keeps the model config, word map, decoder weights and only the encoder weights that training changed (none
+for a frozen encoder: those are rebuilt from the backbone's pretrained weights named in the config). Drops
+optimiser, scheduler and RNG states. ``--half`` stores weights as float16 (they are cast back to float32
+on load), halving the file; check the metrics still hold with eval.py before shipping it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from models import ModelConfig, build_captioner, load_checkpoint_file
+from utils import cli_errors, save_torch
+
+
+def export_checkpoint(src: Path, dst: Path, half: bool = False) -> dict:
+    """Write the inference checkpoint of ``src`` to ``dst`` (atomically) and return it."""
+    ckpt = load_checkpoint_file(src)
+    cfg = ModelConfig.from_dict(ckpt["config"])
+    encoder, _ = build_captioner(ModelConfig.from_dict({**ckpt["config"], "encoder_weights": "none"}))
+    encoder.load_state_dict(ckpt["encoder"])
+    dtype = torch.float16 if half else torch.float32
+
+    def cast(state: dict) -> dict:
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+    partial = cfg.encoder_weights in ("package", "torchvision")  # weights the loader can rebuild by name
+    out = {
+        "format": ckpt["format"],
+        "version": ckpt["version"],
+        "config": ckpt["config"],
+        "word_map": ckpt["word_map"],
+        "decoder": cast(ckpt["decoder"]),
+        "encoder": cast(encoder.trainable_state_dict() if partial else ckpt["encoder"]),
+        "encoder_partial": partial,
+        "epoch": ckpt["epoch"],
+        "history": ckpt["history"],
+        "train_config": ckpt.get("train_config", {}),
+    }
+    save_torch(out, dst)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("src", type=Path, help="training checkpoint (best.pt / last.pt)")
+    p.add_argument("dst", type=Path, help="inference checkpoint to write")
+    p.add_argument("--half", action="store_true", help="store weights as float16")
+    args = p.parse_args(argv)
+    with cli_errors():
+        export_checkpoint(args.src, args.dst, args.half)
+        print(f"wrote {args.dst} ({args.dst.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

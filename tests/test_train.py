@@ -1,0 +1,398 @@
+"""Tests for train.py: checkpoints (safe loading, round trip, rejection of foreign or altered files), exact
+resume, the command line, and an end-to-end check that training really learns to caption.
+
+The fast tests share one tiny synthetic set (40 images at 64 px, a 32-wide decoder); the end-to-end test
+(marked ``slow``, but part of the normal run) trains on 400 synthetic images (300 train, 80 val) for 8 epochs
+and takes about 45 s on one CPU core.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import train
+from create_input_files import Options, create_input_files
+from datasets import CaptionDataset, FeatureDataset, collate_eval
+from eval import decode_loader
+from metrics import nltk_bleu
+from models import CHECKPOINT_FORMAT, ModelConfig, Preprocess, build_captioner, load_captioner, load_checkpoint_file
+from synthetic import generate_dataset
+from utils import CamEyeError, read_json, reverse_word_map
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DIMS = dict(embed_dim=32, attention_dim=32, decoder_dim=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Run this module's small models on one thread.
+
+    The ops here are tiny, and two threads on a 2-core machine that runs anything else wait for each other:
+    the resume test took 79 s with two threads and 6.5 s with one while another training job was running.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _prepare(root: Path, num_images: int, generate_size: int, image_size: int, splits=(0.8, 0.1, 0.1)) -> Path:
+    json_path = generate_dataset(root / "source", num_images, generate_size, seed=0, split_fractions=splits)
+    out = root / "prepared"
+    create_input_files([json_path], None, Options(out=out, min_word_freq=1, image_size=image_size, workers=1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 synthetic images at 64 px (32 train, 4 val, 4 test), prepared with min_word_freq 1. Read only."""
+    return _prepare(tmp_path_factory.mktemp("tiny_train_data"), 40, 64, 64)
+
+
+def _configs(data: Path, out: Path, epochs: int, **train_kw) -> tuple[ModelConfig, train.TrainConfig]:
+    mcfg = ModelConfig(vocab_size=0, input_size=64, **TINY_DIMS)
+    kw = dict(batch_size=4, val_images=4, tensorboard=False, workers=0, max_decode_len=20, cache_features=True)
+    kw.update(train_kw)
+    return mcfg, train.TrainConfig(data=str(data), out=str(out), epochs=epochs, **kw)
+
+
+def _one_line(exc_info: pytest.ExceptionInfo) -> str:
+    message = str(exc_info.value)
+    assert message and "\n" not in message, f"not a one-line message: {message!r}"
+    return message
+
+
+# -------------------------------------------------------------------------------------- checkpoint round trip
+@pytest.fixture(scope="module")
+def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """train.py (its main(), as from the command line) for one epoch; the in-memory models are captured."""
+    data = tmp_path_factory.mktemp("roundtrip") / "data"
+    shutil.copytree(tiny_data, data)
+    out = data.parent / "run"
+    built = []
+    original = train.build_captioner
+
+    def capture(cfg):
+        pair = original(cfg)
+        built.append(pair)
+        return pair
+
+    train.build_captioner = capture
+    try:
+        argv = ["--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "4", "--val-images", "4"]
+        argv += ["--embed-dim", "32", "--attention-dim", "32", "--decoder-dim", "32", "--input-size", "64"]
+        argv += ["--workers", "0", "--no-tensorboard", "--max-decode-len", "20"]
+        train.main(argv)
+    finally:
+        train.build_captioner = original
+    assert len(built) == 1
+    encoder, decoder = built[0]
+    return data, out, encoder, decoder
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_everything(trained_run) -> None:
+    data, out, _, _ = trained_run
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["epoch"] == 0
+    assert ckpt["word_map"] == read_json(data / "word_map.json")
+    assert ckpt["config"]["vocab_size"] == len(ckpt["word_map"])
+    assert ckpt["config"]["decoder_dim"] == 32 and ckpt["config"]["input_size"] == 64
+    assert len(ckpt["history"]) == 1 and "val_BLEU-4" in ckpt["history"][0]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 0
+    assert not (out / "tensorboard").exists()
+
+
+def test_load_captioner_decodes_exactly_like_the_in_memory_model(trained_run) -> None:
+    data, out, mem_encoder, mem_decoder = trained_run
+    encoder, decoder, word_map, cfg = load_captioner(out / "last.pt")
+    assert word_map == read_json(data / "word_map.json") and cfg.decoder_dim == 32
+    assert not encoder.training and not decoder.training
+    for name, tensor in mem_decoder.state_dict().items():
+        assert torch.equal(tensor, decoder.state_dict()[name]), name
+    dataset = CaptionDataset(data / "val.hdf5", "eval", Preprocess(cfg.backbone, cfg.input_size))
+    loader = DataLoader(dataset, batch_size=4, collate_fn=collate_eval)
+    device = torch.device("cpu")
+    for beam in (1, 3):
+        mine, _, _ = decode_loader(mem_encoder, mem_decoder, loader, device, beam, 20)
+        loaded, _, _ = decode_loader(encoder, decoder, loader, device, beam, 20)
+        assert len(mine) == len(dataset) == 4
+        for a, b in zip(mine, loaded):
+            assert a.tokens == b.tokens and a.score == b.score
+            assert torch.equal(a.alphas, b.alphas)
+
+
+def _checkpoint(trained_run) -> dict:
+    return torch.load(trained_run[1] / "last.pt", map_location="cpu", weights_only=True)
+
+
+def test_load_checkpoint_file_rejects_foreign_files(trained_run, tmp_path) -> None:
+    data = trained_run[0]
+    text = tmp_path / "notes.pt"
+    text.write_text("this is not a checkpoint\n")
+    random_torch = tmp_path / "random.pt"
+    torch.save({"weights": torch.randn(3, 3), "epoch": 3}, random_torch)
+    renamed_json = tmp_path / "word_map.pt"
+    shutil.copy(data / "word_map.json", renamed_json)
+    bare_state_dict = tmp_path / "decoder_only.pt"
+    torch.save(_checkpoint(trained_run)["decoder"], bare_state_dict)
+    for path in (text, random_torch, renamed_json, bare_state_dict, tmp_path / "missing.pt"):
+        with pytest.raises(CamEyeError) as info:
+            load_checkpoint_file(path)
+        assert str(path) in _one_line(info)
+        with pytest.raises(CamEyeError):
+            load_captioner(path)
+
+
+def _altered_word_maps(word_map: dict[str, int]):
+    words = [w for w in word_map if not w.startswith("<")]
+    yield "a word removed", {w: i for w, i in word_map.items() if i != len(word_map) - 1}
+    yield "a word added", {**word_map, "zebra": len(word_map)}
+    yield "a duplicate id", {**word_map, words[0]: word_map[words[1]]}
+    yield "<end> renamed", {("<stop>" if w == "<end>" else w): i for w, i in word_map.items()}
+    yield "special ids swapped", {**word_map, "<start>": 2, "<end>": 1}
+    yield "not a dict", list(word_map)
+
+
+def test_load_checkpoint_file_rejects_an_altered_word_map(trained_run, tmp_path) -> None:
+    ckpt = _checkpoint(trained_run)
+    for what, word_map in _altered_word_maps(ckpt["word_map"]):
+        path = tmp_path / "altered.pt"
+        torch.save({**ckpt, "word_map": word_map}, path)
+        for load in (load_checkpoint_file, load_captioner):
+            try:
+                load(path)
+            except CamEyeError as exc:
+                assert str(exc) and "\n" not in str(exc), f"{what}: not one line: {exc!r}"
+            else:
+                pytest.fail(f"{load.__name__} accepted a checkpoint with {what}")
+    # The unaltered checkpoint, saved the same way, loads: the rejections above are about the word map.
+    torch.save(ckpt, tmp_path / "same.pt")
+    assert load_checkpoint_file(tmp_path / "same.pt")["word_map"] == ckpt["word_map"]
+
+
+def test_load_captioner_rejects_weights_that_do_not_fit_the_config(trained_run, tmp_path) -> None:
+    ckpt = _checkpoint(trained_run)
+    for key, value in (("decoder_dim", 48), ("backbone", "resnet50")):
+        path = tmp_path / f"bad_{key}.pt"
+        torch.save({**ckpt, "config": {**ckpt["config"], key: value, "encoder_weights": "none"}}, path)
+        with pytest.raises(CamEyeError) as info:
+            load_captioner(path)
+        _one_line(info)
+    missing = {k: v for k, v in ckpt.items() if k != "decoder"}
+    torch.save(missing, tmp_path / "no_decoder.pt")
+    with pytest.raises(CamEyeError, match="decoder"):
+        load_checkpoint_file(tmp_path / "no_decoder.pt")
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+def test_resume_continues_exactly_as_if_never_stopped(tiny_data: Path, tmp_path: Path) -> None:
+    """Run A: 2 epochs. Run B: 1 epoch, stop, resume to 2. Same data folder, so B finds A's feature cache
+    already built (A had to build it): the cache must not change the run either."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    history_a = train.train(*_configs(data, tmp_path / "A", 2))
+    cached = sorted(p.name for p in (data / "features").iterdir())
+    assert len(cached) == 2  # train and val features, built by run A
+    history_b1 = train.train(*_configs(data, tmp_path / "B", 1))
+    assert len(history_b1) == 1
+    history_b = train.train(*_configs(data, tmp_path / "B", 2, resume=True))
+    assert sorted(p.name for p in (data / "features").iterdir()) == cached
+    assert [h["epoch"] for h in history_a] == [h["epoch"] for h in history_b] == [0, 1]
+    for a, b in zip(history_a, history_b):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["train_ce"] == pytest.approx(b["train_ce"], abs=1e-6)
+        assert a["val_BLEU-4"] == pytest.approx(b["val_BLEU-4"], abs=1e-9)
+    assert history_a[1]["train_loss"] < history_a[0]["train_loss"]  # it did train
+    last_a = torch.load(tmp_path / "A" / "last.pt", weights_only=True)
+    last_b = torch.load(tmp_path / "B" / "last.pt", weights_only=True)
+    assert last_a["epoch"] == last_b["epoch"] == 1
+    for name, tensor in last_a["decoder"].items():
+        assert torch.equal(tensor, last_b["decoder"][name]), f"decoder weight {name} differs after resume"
+    exp_avg = [s["exp_avg"] for s in last_a["optimizers"][0]["state"].values()]
+    exp_avg_b = [s["exp_avg"] for s in last_b["optimizers"][0]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(exp_avg, exp_avg_b, strict=True))
+
+
+def test_resume_refuses_another_word_map(tiny_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    train.train(*_configs(data, tmp_path / "run", 1, val_images=1))
+    word_map = read_json(data / "word_map.json")
+    (data / "word_map.json").write_text(json.dumps({**word_map, "zebra": len(word_map)}))
+    with pytest.raises(CamEyeError, match="word map"):
+        train.train(*_configs(data, tmp_path / "run", 2, resume=True))
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_cli_help_mentions_every_option() -> None:
+    result = _run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    options = [s for a in train.build_parser()._actions for s in a.option_strings if s.startswith("--")]
+    assert len(options) > 25
+    missing = [o for o in options if o not in result.stdout]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("args", "mentions"),
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--dropout", "1.5"], "--dropout"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--decoder-lr", "-1"], "--decoder-lr"),
+        (["--encoder-lr", "nan"], "--encoder-lr"),
+        (["--label-smoothing", "1"], "--label-smoothing"),
+        (["--alpha-c", "-0.5"], "--alpha-c"),
+        (["--epochs", "two"], "--epochs"),
+        (["--backbone", "vgg16"], "--backbone"),
+        # These used to pass the checks and fail later with a traceback, or train nothing:
+        (["--val-images", "-1"], "--val-images"),
+        (["--grid-size", "-1"], "--grid-size"),
+        (["--input-size", "-5"], "--input-size"),
+        (["--lr-decay", "2"], "--lr-decay"),
+        (["--lr-decay", "0"], "--lr-decay"),
+        (["--early-stop", "0"], "--early-stop"),
+        (["--alpha-c", "nan"], "--alpha-c"),
+        (["--seed", "-1"], "--seed"),
+    ],
+)
+def test_cli_rejects_bad_values_with_one_error_line(
+    args: list[str], mentions: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        train.main(["--data", str(tmp_path), *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and mentions in errors[0], err
+
+
+@pytest.mark.parametrize(
+    ("args", "mentions"),
+    [
+        (["--fine-tune-stages", "10"], "9 stages"),
+        (["--encoder-weights", "no_such_weights.pth"], "no_such_weights.pth"),
+        (["--device", "tpu"], "tpu"),
+        (["--resume"], "last.pt"),
+    ],
+)
+def test_cli_errors_found_while_starting_are_one_line(
+    args: list[str], mentions: str, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        train.main(["--data", str(tiny_data), "--out", str(tmp_path / "out"), "--no-tensorboard", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and mentions in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_value_in_a_real_process_has_no_traceback() -> None:
+    result = _run_cli("--data", "anywhere", "--dropout", "1.5")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--dropout" in errors[0]
+
+
+def test_cli_missing_data_folder_is_one_error_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_folder"
+    result = _run_cli("--data", str(missing), "--out", str(tmp_path / "out"), "--no-tensorboard")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1, result.stderr
+    assert str(missing) in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_without_data_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        train.main([])
+    assert info.value.code == 2
+    assert "--data" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- end to end
+E2E_IMAGES, E2E_GENERATED_PX, E2E_PREPARED_PX, E2E_EPOCHS, E2E_SEED = 400, 96, 128, 8, 0
+E2E_SPLITS = (0.75, 0.2, 0.05)  # 300 train, 80 val images: a less noisy validation BLEU than 10 %
+
+
+def _val_bleu4(decoder, loader: DataLoader, rev: list[str], beam: int) -> float:
+    predictions, references, _ = decode_loader(None, decoder, loader, torch.device("cpu"), beam, 20)
+    return nltk_bleu(references, [[rev[i] for i in p.tokens] for p in predictions])["BLEU-4"]
+
+
+@pytest.mark.slow
+def test_training_learns_to_caption_synthetic_images(tmp_path: Path) -> None:
+    """Train a small decoder on cached EfficientNet-Lite0 features; validation BLEU-4 must rise far above
+    the untrained model's (which is ~0: its captions are random words)."""
+    # (On one torch thread, see _one_torch_thread: 6 s per epoch here, against 20-100 s with two threads
+    # while another job used the second core.)
+    _train_and_score(tmp_path)
+
+
+def _train_and_score(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    data = _prepare(tmp_path, E2E_IMAGES, E2E_GENERATED_PX, E2E_PREPARED_PX, E2E_SPLITS)
+
+    def model_config() -> ModelConfig:
+        return ModelConfig(vocab_size=0, embed_dim=64, attention_dim=64, decoder_dim=128, dropout=0.2)
+
+    tcfg = train.TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        epochs=E2E_EPOCHS,
+        batch_size=8,
+        decoder_lr=2e-3,
+        val_images=0,
+        max_decode_len=20,
+        early_stop=100,
+        lr_patience=2,
+        tensorboard=False,
+        workers=0,
+        seed=E2E_SEED,
+    )
+    history = train.train(model_config(), tcfg)
+    train_seconds = time.perf_counter() - start
+
+    word_map = read_json(data / "word_map.json")
+    rev = reverse_word_map(word_map)
+    mcfg = model_config()
+    mcfg.vocab_size = len(word_map)
+    val = FeatureDataset(data / "val.hdf5", train.features_path(mcfg, data, "val"), "eval")
+    loader = DataLoader(val, batch_size=50, collate_fn=collate_eval)
+    torch.manual_seed(0)
+    _, untrained = build_captioner(mcfg)
+    # last.pt, not best.pt: best.pt was chosen on these validation images, last.pt never saw them.
+    _, trained, _, _ = load_captioner(tmp_path / "run" / "last.pt")
+    results = {}
+    for beam in (1, 3):
+        results[beam] = (_val_bleu4(untrained.eval(), loader, rev, beam), _val_bleu4(trained, loader, rev, beam))
+    total = time.perf_counter() - start
+    print(
+        f"\nend-to-end: {len(val)} val images; BLEU-4 greedy untrained {results[1][0]:.3f} -> trained "
+        f"{results[1][1]:.3f}; beam 3 untrained {results[3][0]:.3f} -> trained {results[3][1]:.3f}; "
+        f"train loss {history[0]['train_loss']:.2f} -> {history[-1]['train_loss']:.2f}; "
+        f"{train_seconds:.0f} s to prepare and train, {total:.0f} s in all"
+    )
+    for untrained_bleu, trained_bleu in results.values():
+        assert trained_bleu >= 0.3
+        assert trained_bleu >= untrained_bleu + 0.2
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
