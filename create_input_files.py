@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from utils import SPECIAL_TOKENS, CamEyeError, atomic_path, cli_errors, read_json, write_json
+from utils import SPECIAL_TOKENS, CamEyeError, atomic_path, cli_errors, read_json
 
 SPLITS = ("train", "val", "test")
 _TOKEN_RE = re.compile(r"[a-z0-9]+")
@@ -322,7 +322,10 @@ def create_input_files(sources: Sequence[Path], image_folder: Path | None, opt: 
     all_skipped: list[tuple[str, str]] = []
     pool = multiprocessing.get_context("fork").Pool(opt.workers) if opt.workers > 1 else None
     try:
+        # Renames happen in reverse order of entering, so the word map (entered first) is renamed last: a
+        # crash between renames never pairs a new word map with caption ids encoded by an old one.
         with (
+            atomic_path(opt.out / "word_map.json") as word_map_tmp,
             atomic_path(opt.out / "train.hdf5") as train_tmp,
             atomic_path(opt.out / "val.hdf5") as val_tmp,
             atomic_path(opt.out / "test.hdf5") as test_tmp,
@@ -331,7 +334,8 @@ def create_input_files(sources: Sequence[Path], image_folder: Path | None, opt: 
                 split_records = [r for r in records if r.split == split]
                 counts[split], skipped = write_split(tmp, split, split_records, word_map, opt, pool)
                 all_skipped += skipped
-            write_json(word_map, opt.out / "word_map.json")
+            with open(word_map_tmp, "w", encoding="utf-8") as f:
+                json.dump(word_map, f, indent=1)
     finally:
         if pool is not None:
             pool.close()

@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 
 from models import ModelConfig, build_captioner, load_checkpoint_file
-from utils import cli_errors, save_torch
+from utils import CamEyeError, cli_errors, save_torch
 
 
 def export_checkpoint(src: Path, dst: Path, half: bool = False) -> dict:
     """Write the inference checkpoint of ``src`` to ``dst`` (atomically) and return it."""
     ckpt = load_checkpoint_file(src)
+    if ckpt.get("encoder_partial") or "optimizers" not in ckpt:
+        raise CamEyeError(f"{src} is already an inference checkpoint: export a training checkpoint (best.pt)")
     cfg = ModelConfig.from_dict(ckpt["config"])
     encoder, _ = build_captioner(ModelConfig.from_dict({**ckpt["config"], "encoder_weights": "none"}))
     encoder.load_state_dict(ckpt["encoder"])

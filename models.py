@@ -283,6 +283,8 @@ class DecoderWithAttention(nn.Module):
         # (as the tutorial) with tanh on h_0, which keeps it in the range an LSTM's h lives in.
         self.init_h = nn.Linear(encoder_dim, d)
         self.init_c = nn.Linear(encoder_dim, d)
+        # The paper's gate beta_t is one scalar per step; like the common tutorial we gate each channel of z
+        # separately (a vector beta_t), which contains the scalar gate as a special case.
         self.f_beta = nn.Linear(d, encoder_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         if cfg.deep_output:
@@ -380,6 +382,7 @@ class DecoderWithAttention(nn.Module):
         max_len: int = 50,
         length_penalty: float = 1.0,
         allow_unk: bool = False,
+        min_len: int = 1,
     ) -> list[Decoded]:
         """Beam search for a batch of images at once (all N*k beams advance as one batch).
 
@@ -388,6 +391,7 @@ class DecoderWithAttention(nn.Module):
         (as in the common tutorial, which shrinks the beam instead). At the end each image's best beam is
         chosen by score / length**length_penalty (length counts <end>), preferring finished beams; if none
         finished within ``max_len`` steps, the best unfinished beam is returned, so there is always a caption.
+        ``<end>`` is not allowed before ``min_len`` words (default 1: never an empty caption).
         With ``beam_size=1`` this is exactly greedy decoding.
         """
         n, p, _ = encoder_out.shape
@@ -403,9 +407,11 @@ class DecoderWithAttention(nn.Module):
         finished = torch.zeros(n * k, dtype=torch.bool, device=device)
         lengths = torch.zeros(n * k, device=device)
         base = (torch.arange(n, device=device) * k).unsqueeze(1)
-        for _ in range(max_len):
+        for step in range(max_len):
             h, c, out, alpha = self._step(self.embedding(words), h, c, encoder_out, projected)
             logp = self._mask(F.log_softmax(self.fc(out), dim=1), allow_unk)
+            if step < min_len:
+                logp[:, END_ID] = float("-inf")  # an empty caption says nothing about the photo
             logp[finished] = float("-inf")
             logp[finished, PAD_ID] = 0.0
             vocab = logp.size(1)
@@ -452,8 +458,12 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CamEyeError(f"{path} is not a CamEye checkpoint")
     for key in ("config", "word_map", "decoder", "encoder"):
-        if key not in ckpt:
-            raise CamEyeError(f"{path}: checkpoint has no '{key}'")
+        if not isinstance(ckpt.get(key), dict):
+            raise CamEyeError(f"{path}: checkpoint has no valid '{key}'")
+    cfg = ckpt["config"]
+    for key in ("embed_dim", "attention_dim", "decoder_dim", "image_size"):
+        if key in cfg and not (isinstance(cfg[key], int) and 0 < cfg[key] <= 8192):
+            raise CamEyeError(f"{path}: checkpoint config has an invalid {key}: {cfg[key]!r}")
     validate_word_map(ckpt["word_map"])
     if ckpt["config"].get("vocab_size") != len(ckpt["word_map"]):
         raise CamEyeError(f"{path}: the model's vocabulary does not match its word map")
@@ -481,6 +491,8 @@ def load_captioner(
         raise CamEyeError(f"{path}: weights do not fit the model in its config ({str(exc).splitlines()[0]})") from None
     if unexpected or (missing and not partial):
         raise CamEyeError(f"{path}: encoder weights do not match the {cfg.backbone} backbone")
+    if partial and set(missing) & set(encoder.trainable_state_dict()):
+        raise CamEyeError(f"{path}: the fine-tuned encoder weights are incomplete")
     return encoder.to(device).eval(), decoder.to(device).eval(), ckpt["word_map"], cfg
 
 

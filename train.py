@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import h5py
@@ -97,6 +98,27 @@ def features_path(cfg: ModelConfig, data: Path, split: str) -> Path:
     return data / "features" / f"{split}-{cfg.backbone}-{weights}-in{cfg.input_size}-grid{cfg.grid_size}.hdf5"
 
 
+def source_fingerprint(cfg: ModelConfig, split_file: Path) -> str:
+    """Identifies what a cache was computed from: the split file (and a weights file) by size and mtime.
+
+    Re-running create_input_files.py (e.g. at another --image-size) changes it, so a stale cache is rebuilt
+    instead of silently reused.
+    """
+    files = [split_file] + ([Path(cfg.encoder_weights)] if Path(cfg.encoder_weights).is_file() else [])
+    return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def cache_is_current(cfg: ModelConfig, split_file: Path, cache: Path) -> bool:
+    """True when ``cache`` exists and was computed from ``split_file`` as it is now."""
+    if not cache.is_file():
+        return False
+    try:
+        with h5py.File(cache, "r") as f:
+            return f.attrs.get("source") == source_fingerprint(cfg, split_file)
+    except OSError:
+        return False
+
+
 @torch.no_grad()
 def cache_features(
     encoder: Encoder,
@@ -121,6 +143,7 @@ def cache_features(
                 shape = (len(dataset), x.shape[1], x.shape[2])
                 feats = f.create_dataset("features", shape, np.float16, chunks=(1, *shape[1:]))
                 f.attrs["grid"] = list(fmap.shape[2:])
+                f.attrs["source"] = source_fingerprint(cfg, split_file)
             feats[index[0] : index[0] + len(index)] = x
 
 
@@ -140,16 +163,19 @@ def caption_loss(
 
 
 # ------------------------------------------------------------------------------------------------- setup
-def setup_distributed() -> tuple[int, int, int]:
-    """Join the process group when started by torchrun; returns (rank, local rank, world size)."""
+def setup_distributed(device_name: str) -> tuple[int, int, int, torch.device]:
+    """Join the process group when started by torchrun; returns (rank, local rank, world size, device)."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+        return 0, 0, 1, select_device(device_name)
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    # Rank 0 alone builds the feature cache and validates while the others wait at a collective: allow hours,
+    # not the default 10 (NCCL) / 30 (gloo) minutes, or a large dataset's cache would kill the waiting ranks.
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=6))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    if use_cuda:
         torch.cuda.set_device(local_rank)
-    return dist.get_rank(), local_rank, dist.get_world_size()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), local_rank, dist.get_world_size(), device
 
 
 def make_loaders(mcfg: ModelConfig, tcfg: TrainConfig, use_cache: bool, world: int, rank: int):
@@ -239,6 +265,9 @@ def train_one_epoch(
         "train_ce": totals["ce"] / max(totals["words"], 1),
         "train_seconds": seconds,
         "captions_per_second": totals["captions"] / seconds,
+        # Test hook: captions this process trained on. Under DDP that is its shard only (about 1/world of the
+        # split), so a test can see that the ranks split the epoch instead of each training on all of it.
+        "train_captions": totals["captions"],
     }
 
 
@@ -251,7 +280,9 @@ def validate(encoder, decoder, loader, tcfg: TrainConfig, device, use_cache: boo
     return {f"val_{k}": v for k, v in nltk_bleu(references, hyps).items()}
 
 
-def checkpoint_dict(mcfg, tcfg, word_map, encoder, decoder, optimizers, scheduler, epoch, history, state) -> dict:
+def checkpoint_dict(
+    mcfg, tcfg, word_map, encoder, decoder, optimizers, scheduler, scaler, epoch, history, state
+) -> dict:
     """Everything needed to resume or to caption: plain tensors, numbers, strings, lists and dicts only."""
     return {
         "format": CHECKPOINT_FORMAT,
@@ -264,6 +295,7 @@ def checkpoint_dict(mcfg, tcfg, word_map, encoder, decoder, optimizers, schedule
         "decoder": decoder.state_dict(),
         "optimizers": [opt.state_dict() for opt in optimizers],
         "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
         "epoch": epoch,
         "history": history,
         "best_bleu4": state["best"],
@@ -274,8 +306,7 @@ def checkpoint_dict(mcfg, tcfg, word_map, encoder, decoder, optimizers, schedule
 
 def train(mcfg: ModelConfig, tcfg: TrainConfig) -> list[dict]:
     """Run (or resume) training; returns the per-epoch metrics history."""
-    rank, local_rank, world = setup_distributed()
-    device = torch.device("cuda", local_rank) if world > 1 and torch.cuda.is_available() else select_device(tcfg.device)
+    rank, _, world, device = setup_distributed(tcfg.device)
     data, out = Path(tcfg.data), Path(tcfg.out)
     word_map = validate_word_map(read_json(data / "word_map.json", "word map"))
     ckpt = None
@@ -299,7 +330,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig) -> list[dict]:
         rng = get_rng_state()
         for split in ("train", "val"):
             path = features_path(mcfg, data, split)
-            if rank == 0 and not path.exists():
+            if rank == 0 and not cache_is_current(mcfg, data / f"{split}.hdf5", path):
                 cache_features(encoder, mcfg, data / f"{split}.hdf5", path, device, workers=tcfg.workers)
         set_rng_state(rng)
         if world > 1:
@@ -325,10 +356,14 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig) -> list[dict]:
         state = {"best": float(ckpt["best_bleu4"]), "since": int(ckpt["epochs_since_improvement"])}
         set_rng_state(ckpt["rng"])
         print(f"resumed from {out / 'last.pt'} after epoch {ckpt['epoch']}")
+    if world > 1 and ckpt is None:
+        torch.manual_seed(tcfg.seed + rank)  # same weights on every rank (built above), different dropout masks
     train_decoder = DistributedDataParallel(decoder) if world > 1 else decoder
     train_encoder = DistributedDataParallel(encoder) if world > 1 and mcfg.fine_tune_stages else encoder
     train_loader, val_loader = make_loaders(mcfg, tcfg, use_cache, world, rank)
     scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp and device.type == "cuda")
+    if ckpt is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])  # the loss scale it had reached, so resume is exact under AMP
     writer = None
     if rank == 0 and tcfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -363,7 +398,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig) -> list[dict]:
         history.append(metrics)
         if rank == 0:
             ckpt_out = checkpoint_dict(
-                mcfg, tcfg, word_map, encoder, decoder, optimizers, scheduler, epoch, history, state
+                mcfg, tcfg, word_map, encoder, decoder, optimizers, scheduler, scaler, epoch, history, state
             )
             save_torch(ckpt_out, out / "last.pt")
             if improved:
@@ -459,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-clip", type=float, default=5.0, help="clip the gradient norm to this value")
     t.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
     t.add_argument("--lr-decay", type=float, default=0.5, help="learning-rate factor when BLEU-4 plateaus")
-    t.add_argument("--lr-patience", type=int, default=1, help="epochs without improvement before decaying")
+    t.add_argument(
+        "--lr-patience", type=int, default=1, help="decay once BLEU-4 has not improved for more than N epochs"
+    )
     t.add_argument("--early-stop", type=int, default=4, help="epochs without improvement before stopping")
     t.add_argument("--val-beam-size", type=int, default=1, help="beam size for validation decoding (1 = greedy)")
     t.add_argument("--val-images", type=int, default=0, help="validate on the first N images only (0 = all)")

@@ -24,6 +24,16 @@ PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3 in every word map
 
 
+def _read_umask() -> int:
+    """The process umask, read once at import (setting it is process-wide, so it is not done per write)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 class CamEyeError(Exception):
     """An error caused by the user's input (a bad file, option or checkpoint), reported in one line."""
 
@@ -59,9 +69,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; the result should look like open()'s
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; the result should look like open()'s
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -80,9 +88,12 @@ def write_json(obj: Any, path: str | Path) -> None:
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
-    """``torch.save`` atomically (used for checkpoints)."""
+    """``torch.save`` atomically and durably (used for checkpoints)."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> Any:

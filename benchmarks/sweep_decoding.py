@@ -23,7 +23,7 @@ from datasets import FeatureDataset, collate_eval  # noqa: E402
 from eval import coco_id, decode_loader  # noqa: E402
 from metrics import coco_metrics, java_available, nltk_bleu  # noqa: E402
 from models import load_captioner  # noqa: E402
-from train import cache_features, features_path  # noqa: E402
+from train import cache_features, cache_is_current, features_path  # noqa: E402
 from utils import reverse_word_map  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     device = torch.device("cpu")
     encoder, decoder, word_map, cfg = load_captioner(args.checkpoint, device)
     cache = features_path(cfg, args.data, args.split)
-    if not cache.exists():
+    if not cache_is_current(cfg, args.data / f"{args.split}.hdf5", cache):
         cache_features(encoder, cfg, args.data / f"{args.split}.hdf5", cache, device)
     dataset = FeatureDataset(args.data / f"{args.split}.hdf5", cache, "eval")
     loader = DataLoader(dataset, batch_size=100, collate_fn=collate_eval)

@@ -397,10 +397,12 @@ def _reference_greedy(dec: DecoderWithAttention, enc: torch.Tensor, max_len: int
         h, c = dec.init_state(enc)
         projected = dec.attention.project(enc)
         word, tokens, score, alphas = START_ID, [], 0.0, []
-        for _ in range(max_len):
+        for step in range(max_len):
             h, c, out, alpha = dec._step(dec.embedding(torch.tensor([word])), h, c, enc, projected)
             logp = F.log_softmax(dec.fc(out), dim=1)[0]
             logp[[PAD_ID, START_ID, UNK_ID]] = -math.inf
+            if step == 0:
+                logp[END_ID] = -math.inf  # min_len=1 (the default): no empty caption
             word = int(logp.argmax())
             score += float(logp[word])
             if word == END_ID:
@@ -513,13 +515,17 @@ def test_length_normalisation_ranks_by_score_over_length_power() -> None:
     enc = torch.randn(2, 5, 8)
     log_end, log_a_end = math.log(0.25), math.log(0.6) + math.log(0.25)
     for p, expected in [(0.0, []), (0.4, []), (0.5, [a]), (1.0, [a])]:
-        for d in dec.beam_search(enc, beam_size=3, max_len=8, length_penalty=p):
+        # min_len=0 lets the empty caption compete, as in this worked example.
+        for d in dec.beam_search(enc, beam_size=3, max_len=8, length_penalty=p, min_len=0):
             assert d.tokens == expected, f"length_penalty={p}"
             assert d.score == pytest.approx(log_a_end if expected else log_end, abs=1e-5)
             # The choice is the argmax of score / length**p over the two finished beams.
             best = max([(log_end, []), (log_a_end, [a])], key=lambda s: s[0] / (len(s[1]) + 1) ** p)
             assert d.tokens == best[1]
     assert b not in dec.beam_search(enc, beam_size=1, max_len=8)[0].tokens
+    # By default (min_len=1) <end> cannot come first, so the empty caption is never returned.
+    for p in (0.0, 0.4):
+        assert all(d.tokens == [a] for d in dec.beam_search(enc, beam_size=3, max_len=8, length_penalty=p))
 
 
 def test_build_captioner_and_model_config_round_trip() -> None:
