@@ -62,6 +62,7 @@ class TrainConfig:
 
     data: str
     out: str = "checkpoints/run"
+    embeddings: str = ""  # optional word vectors in GloVe's text format (word v1 v2 ...), one per line
     epochs: int = 20
     batch_size: int = 32  # images per step; each brings all its captions (5 per image: 160 captions)
     decoder_lr: float = 4e-4
@@ -145,6 +146,30 @@ def cache_features(
                 f.attrs["grid"] = list(fmap.shape[2:])
                 f.attrs["source"] = source_fingerprint(cfg, split_file)
             feats[index[0] : index[0] + len(index)] = x
+
+
+def load_word_vectors(path: Path, word_map: dict[str, int], init: torch.Tensor) -> int:
+    """Fill rows of ``init`` (V x E) with the vectors of ``path`` (GloVe text format) for words in the map.
+
+    Words without a vector keep their random initialisation. Returns how many words were found; the filled
+    matrix is written back into ``init`` (the caller passes the decoder's embedding weights).
+    """
+    if not path.is_file():
+        raise CamEyeError(f"embeddings file not found: {path}")
+    found = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            word, *values = line.rstrip().split(" ")
+            if word not in word_map:
+                continue
+            if len(values) != init.shape[1]:
+                raise CamEyeError(f"{path}:{n}: {len(values)} values, but --embed-dim is {init.shape[1]}")
+            try:
+                init[word_map[word]] = torch.tensor([float(v) for v in values])
+            except ValueError:
+                raise CamEyeError(f"{path}:{n}: not a word followed by numbers") from None
+            found += 1
+    return found
 
 
 # -------------------------------------------------------------------------------------------------- loss
@@ -320,6 +345,11 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig) -> list[dict]:
         mcfg.image_size = int(f.attrs["image_size"])  # caption.py resizes new photos the same way
     seed_everything(tcfg.seed)
     encoder, decoder = build_captioner(mcfg)
+    if tcfg.embeddings and ckpt is None:
+        vectors = decoder.embedding.weight.detach().clone()
+        found = load_word_vectors(Path(tcfg.embeddings), word_map, vectors)
+        decoder.load_pretrained_embeddings(vectors)
+        print(f"pretrained embeddings: {found} of {len(word_map)} words found in {tcfg.embeddings}")
     encoder.to(device)
     decoder.to(device)
     use_cache = tcfg.cache_features and mcfg.fine_tune_stages == 0
@@ -479,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--attention-dim", type=int, default=512, help="attention MLP size")
     m.add_argument("--decoder-dim", type=int, default=512, help="LSTM hidden size")
     m.add_argument("--dropout", type=float, default=0.5, help="dropout before the output layer")
+    m.add_argument(
+        "--embeddings",
+        default="",
+        help="initialise word embeddings from a GloVe-format text file (words not in it stay random)",
+    )
     m.add_argument(
         "--no-deep-output",
         dest="deep_output",

@@ -396,3 +396,20 @@ def _train_and_score(tmp_path: Path) -> None:
         assert trained_bleu >= 0.3
         assert trained_bleu >= untrained_bleu + 0.2
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+
+
+def test_load_word_vectors_fills_known_words_and_rejects_bad_files(tmp_path) -> None:
+    word_map = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": 4, "runs": 5}
+    glove = tmp_path / "glove.txt"
+    glove.write_text("dog 1 2 3\ncat 9 9 9\nruns -1 0.5 2\n", encoding="utf-8")
+    init = torch.zeros(6, 3)
+    assert train.load_word_vectors(glove, word_map, init) == 2  # "cat" is not in the word map
+    assert init[4].tolist() == [1.0, 2.0, 3.0] and init[5].tolist() == [-1.0, 0.5, 2.0]
+    assert init[:4].abs().sum() == 0  # words without a vector keep their initialisation
+    with pytest.raises(CamEyeError, match="--embed-dim is 4"):
+        train.load_word_vectors(glove, word_map, torch.zeros(6, 4))
+    glove.write_text("dog 1 x 3\n", encoding="utf-8")
+    with pytest.raises(CamEyeError, match="not a word followed by numbers"):
+        train.load_word_vectors(glove, word_map, torch.zeros(6, 3))
+    with pytest.raises(CamEyeError, match="not found"):
+        train.load_word_vectors(tmp_path / "missing.txt", word_map, torch.zeros(6, 3))
