@@ -75,6 +75,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     lr_decay: float = 0.5  # multiply learning rates by this ...
     lr_patience: int = 1  # ... after this many epochs without a better validation BLEU-4
+    lr_drop_epochs: tuple[int, ...] = ()  # ... and, regardless of BLEU-4, at the start of these epochs
     early_stop: int = 4  # stop after this many epochs without a better validation BLEU-4
     val_beam_size: int = 1  # 1 = greedy decoding for model selection (fast); >1 = beam search
     val_images: int = 0  # decode only the first N validation images (0 = all)
@@ -404,6 +405,10 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig) -> list[dict]:
         if state["since"] >= tcfg.early_stop:
             print(f"early stop: no BLEU-4 improvement in {state['since']} epochs")
             break
+        if epoch in tcfg.lr_drop_epochs:
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] *= tcfg.lr_decay
         metrics = train_one_epoch(
             train_encoder,
             train_decoder,
@@ -532,6 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--lr-patience", type=int, default=1, help="decay once BLEU-4 has not improved for more than N epochs"
     )
+    t.add_argument(
+        "--lr-drop-epochs",
+        type=int,
+        nargs="*",
+        default=(),
+        help="also multiply the learning rates by --lr-decay at the start of these epochs (0-based)",
+    )
     t.add_argument("--early-stop", type=int, default=4, help="epochs without improvement before stopping")
     t.add_argument("--val-beam-size", type=int, default=1, help="beam size for validation decoding (1 = greedy)")
     t.add_argument("--val-images", type=int, default=0, help="validate on the first N images only (0 = all)")
@@ -553,6 +565,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     mcfg = ModelConfig(vocab_size=0, **{k: v for k, v in values.items() if k in model_fields and k != "vocab_size"})
+    values["lr_drop_epochs"] = tuple(values.get("lr_drop_epochs") or ())
     tcfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
     return mcfg, tcfg
 

@@ -413,3 +413,14 @@ def test_load_word_vectors_fills_known_words_and_rejects_bad_files(tmp_path) -> 
         train.load_word_vectors(glove, word_map, torch.zeros(6, 3))
     with pytest.raises(CamEyeError, match="not found"):
         train.load_word_vectors(tmp_path / "missing.txt", word_map, torch.zeros(6, 3))
+
+
+def test_lr_drop_epochs_multiply_the_learning_rate(synthetic_prepared, tmp_path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_prepared.out, data)
+    mcfg = ModelConfig(vocab_size=0, embed_dim=16, attention_dim=16, decoder_dim=16)
+    tcfg = train.TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=3, batch_size=8, decoder_lr=1e-3,
+                             lr_decay=0.5, lr_patience=100, lr_drop_epochs=(1, 2), workers=0, tensorboard=False,
+                             val_images=4, early_stop=100)  # fmt: skip
+    history = train.train(mcfg, tcfg)
+    assert [h["decoder_lr"] for h in history] == pytest.approx([1e-3, 5e-4, 2.5e-4])
