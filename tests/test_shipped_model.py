@@ -15,9 +15,9 @@ from eval import evaluate
 from models import load_captioner
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
-# Measured on the first 100 Flickr8k test images (beam 3): nltk corpus BLEU-4 0.XXX; the floor leaves room for
-# float differences across machines, not for a worse model.
-BLEU4_FLOOR = 0.0
+# Measured on the first 100 Flickr8k test images (beam 3, length penalty 0.5): nltk corpus BLEU-4 0.2159. The
+# floor leaves room for float differences across machines, not for a worse model (the untrained one scores ~0).
+BLEU4_FLOOR = 0.20
 
 
 def test_shipped_checkpoint_is_small_and_loads_with_weights_only():
