@@ -187,7 +187,9 @@ def test_predictions_belong_to_their_images(
     with torch.no_grad():
         for image_id, image in zip(split.ids, split.images):
             feats = encoder(preprocess(torch.from_numpy(image)).unsqueeze(0))
-            (decoded,) = decoder.beam_search(feats, beam_size=3, max_len=20)
+            (decoded,) = decoder.beam_search(
+                feats, beam_size=3, max_len=20, length_penalty=evaluated.results["length_penalty"]
+            )
             assert written[image_id] == " ".join(rev[t] for t in decoded.tokens), f"image {image_id}"
 
 
