@@ -13,6 +13,9 @@ made these tiny matrix products ~10x slower through oversubscription.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -83,3 +86,29 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
             word_map=read_json(data / "word_map.json"),
         )
     return _cache["model"]
+
+
+@contextlib.contextmanager
+def started_cli(script: str, commands: dict[str, list[str]], cwd: Path) -> Iterator[dict[str, subprocess.Popen]]:
+    """Start ``python <script> ARGS`` for each named command side by side (each spends seconds importing torch)
+    on one torch thread; yield the processes and kill any a failed test left running."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(repo / script), *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in commands.items()
+    }
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:  # a test failed before collecting it
+                proc.kill()
+                proc.communicate()

@@ -8,17 +8,14 @@ traceback reaches the terminal.
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from _tiny_model import SPECIAL_TOKENS, one_torch_thread, tiny_model
+from _tiny_model import SPECIAL_TOKENS, one_torch_thread, started_cli, tiny_model
 from PIL import Image
 
 import caption
@@ -336,28 +333,13 @@ def cli_runs(model: SimpleNamespace, photos: SimpleNamespace, bad: Path, tmp_pat
     """``python caption.py`` with a bad image and with a bad checkpoint, started as soon as the model exists
     and left running beside the in-process tests (each subprocess spends seconds importing torch)."""
     tmp = tmp_path_factory.mktemp("caption_cli")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--device", "cpu", "--out-dir", str(tmp / "figs")]
     commands = {
         "bad image": [str(bad / "text.jpg"), str(photos.one), "--checkpoint", str(model.checkpoint), *common],
         "bad checkpoint": [str(photos.one), "--checkpoint", str(bad / "text.pt"), *common],
     }
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, str(REPO / "caption.py"), *args],
-            cwd=tmp,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, args in commands.items()
-    }
-    yield procs
-    for proc in procs.values():
-        if proc.poll() is None:  # a test failed before collecting it
-            proc.kill()
-            proc.communicate()
+    with started_cli("caption.py", commands, tmp) as procs:
+        yield procs
 
 
 def test_command_line_exit_status_and_no_traceback(

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from _tiny_model import SPECIAL_TOKENS, one_torch_thread, tiny_model
+from _tiny_model import SPECIAL_TOKENS, one_torch_thread, started_cli, tiny_model
 from nltk.translate.bleu_score import corpus_bleu
 
 import eval as cameye_eval
@@ -475,23 +472,8 @@ def cli_procs(model: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory):
         "missing checkpoint": ["--checkpoint", str(tmp / "missing.pt"), "--data", str(model.data), *common],
         "missing data": ["--checkpoint", str(model.checkpoint), "--data", str(tmp / "no_such_folder"), *common],
     }
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, str(REPO / "eval.py"), *args],
-            cwd=tmp,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, args in commands.items()
-    }
-    yield procs
-    for proc in procs.values():
-        if proc.poll() is None:  # a test failed before collecting it
-            proc.kill()
-            proc.communicate()
+    with started_cli("eval.py", commands, tmp) as procs:
+        yield procs
 
 
 @pytest.fixture(scope="module")
