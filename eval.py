@@ -118,7 +118,7 @@ def evaluate(
     beam_size: int = 3,
     length_penalty: float = 0.5,
     max_len: int = 50,
-    batch_size: int = 32,
+    batch_size: int = 64,
     device: str = "auto",
     max_images: int = 0,
     workers: int = 2,
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank finished beams by score / length**P (0 = raw log-probability; 0.5 was best on Flickr8k val)",
     )
     p.add_argument("--max-len", type=int, default=50, help="longest caption, in words")
-    p.add_argument("--batch-size", type=int, default=32, help="images decoded together")
+    p.add_argument("--batch-size", type=int, default=64, help="images encoded and decoded together")
     p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
     p.add_argument("--no-coco", dest="coco", action="store_false", help="skip the pycocoevalcap metrics (Java)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")

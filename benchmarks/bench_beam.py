@@ -1,11 +1,19 @@
-"""Beam search speed: a batch of images at once versus the same search one image at a time.
+"""Beam search speed: batches of images at once versus the same search one image at a time.
 
-    python benchmarks/bench_beam.py [--checkpoint PATH] [--images 64] [--beam-size 3]
+    python benchmarks/bench_beam.py                       # shipped model, 128 varied views of bundled photos
+    python benchmarks/bench_beam.py --photos ../shared/data/flickr8k/Flicker8k_Dataset --images 256
 
-Decodes the same encoder features both ways and prints images/s and the speed-up. The encoder's cost is
-the same either way and is left out, so the numbers isolate the decoder's search. With a checkpoint (the
-shipped model by default, if present) the features come from real photos bundled with scikit-image and the
-captions have natural lengths; without one, a randomly initialised decoder decodes to --max-len.
+Decodes the same encoder features both ways (beam 3, batches of 64, length penalty 0.5 as eval.py) and
+prints images/s and the speed-up. The encoder's cost is the same either way and is left out, so the numbers
+isolate the decoder's search. Each image's caption must come out identical both ways.
+
+The images must differ: captions of different lengths are what a real split has, and a batch runs until its
+longest caption ends. Without ``--photos`` they are crops and mirror images of the photos bundled with
+scikit-image (the ``make demo`` photos), so no data is needed. Without a checkpoint, a randomly initialised
+decoder decodes random features (every caption then runs to --max-len).
+
+Timings on a small shared CPU vary by 20-30% from one process to the next; the speed-up, measured within
+one process, varies less. Run on an idle machine: two torch processes on two cores slow each other 5-10x.
 """
 
 from __future__ import annotations
@@ -17,54 +25,93 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caption import DEFAULT_CHECKPOINT  # noqa: E402
+from caption import DEFAULT_CHECKPOINT, collect_images, read_image  # noqa: E402
 from models import DecoderWithAttention, ModelConfig, Preprocess, load_captioner  # noqa: E402
 
+DEMO_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "camera.png", "rocket.jpg")
 
-def photo_features(encoder, cfg: ModelConfig, n: int) -> torch.Tensor:
-    """Encoder features of scikit-image's bundled photos, repeated to ``n`` images."""
-    from skimage import data
-    from skimage.transform import resize
 
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    arrays = [(resize(p, (cfg.image_size, cfg.image_size)) * 255).astype(np.uint8).transpose(2, 0, 1) for p in photos]
+def bundled_views(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``n`` distinct uint8 3 x size x size views (seeded crops of 50-100% of the side, half of them
+    mirrored) of the photos bundled with scikit-image."""
+    import skimage.data
+
+    folder = Path(skimage.data.__file__).parent
+    photos = [Image.open(folder / name).convert("RGB") for name in DEMO_PHOTOS]
+    rng = np.random.default_rng(seed)
+    views = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        side = int(min(w, h) * rng.uniform(0.5, 1.0))
+        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        view = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
+        if rng.random() < 0.5:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        views.append(np.asarray(view).transpose(2, 0, 1))
+    return np.stack(views)
+
+
+def encode(encoder, cfg: ModelConfig, images: np.ndarray, batch_size: int = 32) -> torch.Tensor:
+    preprocess = Preprocess(cfg.backbone, cfg.input_size)
     with torch.no_grad():
-        feats = encoder(Preprocess(cfg.backbone, cfg.input_size)(torch.from_numpy(np.stack(arrays))))
-    return feats.repeat((n + len(photos) - 1) // len(photos), 1, 1)[:n]
+        return torch.cat(
+            [
+                encoder(preprocess(torch.from_numpy(images[i : i + batch_size])))
+                for i in range(0, len(images), batch_size)
+            ]
+        )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="model to decode with")
-    p.add_argument("--images", type=int, default=64, help="images decoded (batch size of the batched run)")
+    p.add_argument("--photos", type=Path, help="folder of photos to use (default: views of bundled photos)")
+    p.add_argument("--images", type=int, default=128, help="images decoded each way")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch of the batched run")
     p.add_argument("--beam-size", type=int, default=3, help="beams per image")
     p.add_argument("--max-len", type=int, default=50, help="longest caption")
+    p.add_argument("--length-penalty", type=float, default=0.5, help="as eval.py's --length-penalty")
     args = p.parse_args()
     torch.manual_seed(0)
     if args.checkpoint.is_file():
         encoder, decoder, _, cfg = load_captioner(args.checkpoint)
-        feats = photo_features(encoder, cfg, args.images)
-        source = f"{args.checkpoint.name} on scikit-image photos"
+        if args.photos:
+            paths = collect_images([args.photos])[: args.images]
+            images = np.stack([read_image(path, cfg.image_size) for path in paths])
+            source = f"{len(paths)} photos of {args.photos}"
+        else:
+            images = bundled_views(args.images, cfg.image_size)
+            source = f"{args.images} views of scikit-image's photos"
+        feats = encode(encoder, cfg, images)
+        source = f"{args.checkpoint.name} on {source}"
     else:
         decoder = DecoderWithAttention(ModelConfig(vocab_size=2600), 1280).eval()
         feats = torch.randn(args.images, 100, 1280).abs()
-        source = "random decoder on random features (no checkpoint found)"
-    decoder.beam_search(feats[:2], args.beam_size, args.max_len)  # warm-up
+        source = f"random decoder on {args.images} random feature maps (no checkpoint found)"
+    n, b = len(feats), args.batch_size
+
+    def search(x: torch.Tensor):
+        return decoder.beam_search(x, args.beam_size, args.max_len, args.length_penalty)
+
+    search(feats[:2])  # warm-up
     t = time.perf_counter()
-    batched = decoder.beam_search(feats, args.beam_size, args.max_len)
+    batched = [d for i in range(0, n, b) for d in search(feats[i : i + b])]
     t_batched = time.perf_counter() - t
     t = time.perf_counter()
-    single = [decoder.beam_search(feats[i : i + 1], args.beam_size, args.max_len)[0] for i in range(len(feats))]
+    single = [search(feats[i : i + 1])[0] for i in range(n)]
     t_single = time.perf_counter() - t
-    same = sum(a.tokens == b.tokens for a, b in zip(batched, single))
-    words = np.mean([len(d.tokens) for d in batched])
-    print(f"{source}; beam {args.beam_size}, {args.images} images, mean caption length {words:.1f} words")
-    print(f"batched ({args.images} at once): {args.images / t_batched:.1f} images/s")
-    print(f"one image at a time:        {args.images / t_single:.1f} images/s")
-    print(f"speed-up: {t_single / t_batched:.1f}x; identical captions: {same}/{args.images}")
+    same = sum(x.tokens == y.tokens for x, y in zip(batched, single))
+    lengths = [len(d.tokens) for d in batched]
+    print(f"{source}; beam {args.beam_size}, length penalty {args.length_penalty}, {torch.get_num_threads()} threads")
+    print(f"caption lengths {min(lengths)}-{max(lengths)} words, mean {np.mean(lengths):.1f}")
+    print(f"batched ({b} at once):    {n / t_batched:6.1f} images/s")
+    print(f"one image at a time:    {n / t_single:6.1f} images/s")
+    print(f"speed-up: {t_single / t_batched:.1f}x; identical captions: {same}/{n}")
 
 
 if __name__ == "__main__":

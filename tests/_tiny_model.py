@@ -4,7 +4,7 @@ Shared by tests/test_eval.py and tests/test_caption.py (owned with them): :func:
 first time it is asked for and caches it for the session, so the two files pay for it once. The folders it
 returns are read only for the tests: copy before changing anything.
 
-The model is small (32-wide embedding, attention and LSTM) but trained hard enough (10 epochs at a high
+The model is small (32-wide embedding, attention and LSTM) but trained hard enough (30 epochs at a high
 learning rate, no dropout) to name objects, so attention correctness has words to score. Everything runs
 on one torch thread: on a 2-core machine shared with other work, torch's default of one thread per core
 made these tiny matrix products ~10x slower through oversubscription.
@@ -64,7 +64,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         train_config = TrainConfig(
             data=str(data),
             out=str(out),
-            epochs=10,
+            epochs=30,
             batch_size=8,
             decoder_lr=1e-2,
             lr_patience=100,  # validation BLEU-4 of a model this young is noise: never decay ...

@@ -170,7 +170,7 @@ def test_evaluate_writes_predictions_references_and_metrics(
         assert set(metrics["coco_caption_metrics"]) == set(COCO_NAMES)
     else:
         assert metrics["coco_caption_metrics_skipped"] == "no Java on this machine"
-    assert metrics == json.loads(json.dumps(evaluated.results)), "the file must hold the returned results"
+    assert metrics == json.loads(json.dumps(cameye_eval.json_safe(evaluated.results))), "the file must hold the results"
 
 
 def test_predictions_belong_to_their_images(

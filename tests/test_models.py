@@ -301,6 +301,23 @@ def test_attention_weights_sum_to_one_and_context_is_their_average() -> None:
     torch.testing.assert_close(alpha, torch.softmax(e, dim=1))
 
 
+def test_attention_with_k_states_per_image_equals_repeating_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beam search attends with k states per image (N x k x D) without copying the image k times; without
+    autograd it also works a few images at a time. Both must give what one state per row gives."""
+    torch.manual_seed(0)
+    att = Attention(encoder_dim=8, decoder_dim=6, attention_dim=5)
+    enc, h = torch.randn(4, 7, 8), torch.randn(4, 3, 6)
+    z_rows, alpha_rows = att(
+        att.project(enc.repeat_interleave(3, dim=0)), enc.repeat_interleave(3, dim=0), h.flatten(0, 1)
+    )
+    monkeypatch.setattr(models, "_CACHE_ELEMENTS", 2 * 3 * 7 * 5)  # chunks of 2 images: 4 images take 2 chunks
+    with torch.no_grad():
+        z, alpha = att(att.project(enc), enc, h)
+    assert z.shape == (4, 3, 8) and alpha.shape == (4, 3, 7)
+    torch.testing.assert_close(z.flatten(0, 1), z_rows)
+    torch.testing.assert_close(alpha.flatten(0, 1), alpha_rows)
+
+
 # ------------------------------------------------------------------------------------- teacher forcing
 @pytest.fixture
 def decoder() -> DecoderWithAttention:
@@ -428,13 +445,24 @@ def test_beam_size_one_is_greedy() -> None:
     assert len(lengths) > 1, "degenerate test: every caption had the same length"
 
 
-def test_batched_beam_search_equals_one_image_at_a_time() -> None:
+@pytest.mark.parametrize("max_len", [15, 6])
+def test_batched_beam_search_equals_one_image_at_a_time(max_len: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images of a batch end at different steps; those that are done leave it (and, with ``max_len`` 6, some
+    are cut off unfinished). None of that may change any image's result."""
     dec = _random_decoder()
-    enc = _features(6)
-    batched = dec.beam_search(enc, beam_size=3, max_len=15)
+    enc = _features(16)
+    images_per_step = []
+    attend = dec._attend
+    monkeypatch.setattr(dec, "_attend", lambda h, e, p: images_per_step.append(e.size(0)) or attend(h, e, p))
+    monkeypatch.setattr(models, "_CACHE_ELEMENTS", 64)  # attention one image at a time
+    batched = dec.beam_search(enc, beam_size=3, max_len=max_len)
     assert len({len(d.tokens) for d in batched}) > 1, "degenerate test: every caption had the same length"
-    for i in range(6):
-        single = dec.beam_search(enc[i : i + 1], beam_size=3, max_len=15)[0]
+    assert images_per_step[0] == 16 and min(images_per_step) < 16, "no image left the batch"
+    if max_len == 6:
+        assert any(len(d.tokens) == 6 for d in batched) and any(len(d.tokens) < 6 for d in batched)
+    monkeypatch.undo()
+    for i in range(16):
+        single = dec.beam_search(enc[i : i + 1], beam_size=3, max_len=max_len)[0]
         assert batched[i].tokens == single.tokens
         assert batched[i].score == pytest.approx(single.score, abs=1e-4)
         torch.testing.assert_close(batched[i].alphas, single.alphas, atol=1e-5, rtol=1e-5)
