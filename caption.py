@@ -28,7 +28,15 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from create_input_files import load_image
 from models import Decoded, Preprocess, load_captioner
-from utils import CamEyeError, cli_errors, read_json, reverse_word_map, select_device, validate_word_map
+from utils import (
+    CamEyeError,
+    cli_errors,
+    keep_freed_memory,
+    read_json,
+    reverse_word_map,
+    select_device,
+    validate_word_map,
+)
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "flickr8k" / "cameye-flickr8k.pt"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -207,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     if args.beam_size < 1 or args.max_len < 1 or args.batch_size < 1:
         parser.error("--beam-size, --max-len and --batch-size must be at least 1")
     failed = 0

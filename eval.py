@@ -29,7 +29,7 @@ from tqdm import tqdm
 from datasets import CaptionDataset, collate_eval
 from metrics import coco_metrics, java_available, mean_attention_correctness, nltk_bleu
 from models import Decoded, Preprocess, load_captioner
-from utils import cli_errors, reverse_word_map, select_device, write_json
+from utils import cli_errors, keep_freed_memory, reverse_word_map, select_device, write_json
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "flickr8k" / "cameye-flickr8k.pt"
 
@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     if args.beam_size < 1 or args.max_len < 1 or args.batch_size < 1 or args.max_images < 0 or args.workers < 0:
         parser.error("--beam-size, --max-len and --batch-size must be >= 1; --max-images, --workers >= 0")
     with cli_errors():

@@ -46,6 +46,7 @@ from utils import (
     atomic_path,
     cli_errors,
     get_rng_state,
+    keep_freed_memory,
     read_json,
     reverse_word_map,
     save_torch,
@@ -612,6 +613,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_args(parser, args)
     mcfg, tcfg = configs_from_args(args)
+    keep_freed_memory()
     with cli_errors():
         train(mcfg, tcfg)
 

@@ -12,8 +12,9 @@ longest caption ends. Without ``--photos`` they are crops and mirror images of t
 scikit-image (the ``make demo`` photos), so no data is needed. Without a checkpoint, a randomly initialised
 decoder decodes random features (every caption then runs to --max-len).
 
-Timings on a small shared CPU vary by 20-30% from one process to the next; the speed-up, measured within
-one process, varies less. Run on an idle machine: two torch processes on two cores slow each other 5-10x.
+Timings on a small shared virtual CPU drift by 20-40% within minutes, so each repeat times both ways back to
+back and the median speed-up is reported. Run on an idle machine: two torch processes on two cores slow
+each other 5-10x.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from caption import DEFAULT_CHECKPOINT, collect_images, read_image  # noqa: E402
 from models import DecoderWithAttention, ModelConfig, Preprocess, load_captioner  # noqa: E402
+from utils import keep_freed_memory  # noqa: E402
 
 DEMO_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "camera.png", "rocket.jpg")
 
@@ -76,7 +78,9 @@ def main() -> None:
     p.add_argument("--beam-size", type=int, default=3, help="beams per image")
     p.add_argument("--max-len", type=int, default=50, help="longest caption")
     p.add_argument("--length-penalty", type=float, default=0.5, help="as eval.py's --length-penalty")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs each way; the median speed-up is reported")
     args = p.parse_args()
+    keep_freed_memory()  # as eval.py and caption.py do
     torch.manual_seed(0)
     if args.checkpoint.is_file():
         encoder, decoder, _, cfg = load_captioner(args.checkpoint)
@@ -99,19 +103,22 @@ def main() -> None:
         return decoder.beam_search(x, args.beam_size, args.max_len, args.length_penalty)
 
     search(feats[:2])  # warm-up
-    t = time.perf_counter()
-    batched = [d for i in range(0, n, b) for d in search(feats[i : i + b])]
-    t_batched = time.perf_counter() - t
-    t = time.perf_counter()
-    single = [search(feats[i : i + 1])[0] for i in range(n)]
-    t_single = time.perf_counter() - t
+    rates = []  # (batched, one at a time) images/s per repeat, timed back to back so they see the same machine
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        batched = [d for i in range(0, n, b) for d in search(feats[i : i + b])]
+        t_batched = time.perf_counter() - t
+        t = time.perf_counter()
+        single = [search(feats[i : i + 1])[0] for i in range(n)]
+        rates.append((n / t_batched, n / (time.perf_counter() - t)))
     same = sum(x.tokens == y.tokens for x, y in zip(batched, single))
     lengths = [len(d.tokens) for d in batched]
     print(f"{source}; beam {args.beam_size}, length penalty {args.length_penalty}, {torch.get_num_threads()} threads")
     print(f"caption lengths {min(lengths)}-{max(lengths)} words, mean {np.mean(lengths):.1f}")
-    print(f"batched ({b} at once):    {n / t_batched:6.1f} images/s")
-    print(f"one image at a time:    {n / t_single:6.1f} images/s")
-    print(f"speed-up: {t_single / t_batched:.1f}x; identical captions: {same}/{n}")
+    for i, (rb, rs) in enumerate(rates, 1):
+        print(f"run {i}: batched ({b} at once) {rb:6.1f} images/s, one at a time {rs:5.1f} images/s: {rb / rs:.1f}x")
+    ratio = float(np.median([rb / rs for rb, rs in rates]))
+    print(f"median speed-up: {ratio:.1f}x; identical captions: {same}/{n}")
 
 
 if __name__ == "__main__":

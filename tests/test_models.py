@@ -76,6 +76,28 @@ def test_lite0_encoder_shape_batch_pixels_channels(lite0: Encoder, size: int, gr
     assert torch.equal(out[1, grid + 1], fmap[1, :, 1, 1])
 
 
+def test_encoder_on_cpu_runs_a_few_images_at_a_time_with_the_same_result(
+    lite0: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = Preprocess("efficientnet_lite0")(_images(5, 64))
+    passes = []
+    features = lite0._features
+    monkeypatch.setattr(lite0, "_features", lambda part: passes.append(len(part)) or features(part))
+    with torch.no_grad():
+        whole = lite0(x)
+        monkeypatch.setattr(models, "_ENCODER_PIXELS", 2 * 64 * 64)
+        parts = lite0(x)
+    assert passes == [5, 2, 2, 1]
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
+    # Fine-tuned stages in training mode take the batch whole: their batch norm normalises over it.
+    tuned = Encoder("efficientnet_lite0", "package", fine_tune_stages=1).train()
+    features = tuned._features
+    monkeypatch.setattr(tuned, "_features", lambda part: passes.append(len(part)) or features(part))
+    passes.clear()
+    tuned(x)
+    assert passes == [5]
+
+
 def test_grid_size_pools_native_grid() -> None:
     native = Encoder("efficientnet_lite0", "package").eval()
     pooled = Encoder("efficientnet_lite0", "package", grid_size=2).eval()

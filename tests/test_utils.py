@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -219,6 +221,43 @@ def test_select_device():
     if not torch.cuda.is_available():
         with pytest.raises(CamEyeError, match="CUDA is not available"):
             select_device("cuda")
+
+
+# A fresh process allocates a 20 MB tensor (CNN activations are this size), frees it, and prints glibc's
+# mallinfo2 before the free and after it: bytes in mmapped blocks (hblkhd) and in the reusable heap (arena).
+_MALLINFO_SCRIPT = """
+import ctypes, sys, torch
+from utils import keep_freed_memory
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+block = torch.ones(5 << 20)
+held = libc.mallinfo2()
+del block
+freed = libc.mallinfo2()
+print(held.hblkhd, held.arena, freed.arena)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="keep_freed_memory tunes glibc's malloc (Linux)")
+def test_keep_freed_memory_serves_big_blocks_from_the_heap_and_keeps_them():
+    def mallinfo(mode: str) -> list[int]:
+        run = subprocess.run([sys.executable, "-c", _MALLINFO_SCRIPT, mode], capture_output=True, text=True)
+        if "mallinfo2" in run.stderr:
+            pytest.skip("this C library has no mallinfo2 (glibc < 2.33 or not glibc)")
+        assert run.returncode == 0, run.stderr
+        return [int(v) for v in run.stdout.split()]
+
+    mb20 = 20 << 20
+    mmapped, _, _ = mallinfo("default")
+    assert mmapped >= mb20, "by default glibc serves a 20 MB block with its own mmap (freed back to the kernel)"
+    mmapped, heap_held, heap_after_free = mallinfo("keep")
+    assert mmapped < mb20 and heap_held >= mb20, "the block must come from the heap"
+    assert heap_after_free >= mb20, "freeing it must keep the memory for the next block"
 
 
 def test_word_map_json_round_trip_is_valid(tmp_path):
