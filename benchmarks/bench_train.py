@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import DecoderWithAttention, ModelConfig  # noqa: E402
 from train import caption_loss  # noqa: E402
+from utils import keep_freed_memory  # noqa: E402
 
 
 def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
@@ -55,6 +56,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = p.parse_args()
+    keep_freed_memory()  # as train.py does
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
