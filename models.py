@@ -453,6 +453,8 @@ class DecoderWithAttention(nn.Module):
         With ``beam_size=1`` this is exactly greedy decoding.
         """
         n, p, _ = encoder_out.shape
+        if n == 0:
+            return []
         k, device = beam_size, encoder_out.device
         # Beams never change image (a beam's successors stay in its image's k rows), so the images are not
         # repeated per beam: projection and context read each image once.

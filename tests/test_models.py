@@ -529,6 +529,10 @@ def test_beam_search_alphas_per_word_sum_to_one_and_no_special_tokens() -> None:
     assert all(UNK_ID in d.tokens for d in dec.greedy(enc, max_len=10, allow_unk=True))
 
 
+def test_beam_search_of_no_images_is_empty() -> None:
+    assert _random_decoder().beam_search(_features(0), beam_size=3) == []
+
+
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_beam_search_returns_a_caption_when_end_never_wins(beam_size: int) -> None:
     dec = _random_decoder(seed=7)
