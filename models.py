@@ -34,7 +34,8 @@ PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 CHECKPOINT_FORMAT = "cameye-checkpoint"
 BACKBONES = ("efficientnet_lite0", "resnet50", "resnet101", "resnet152")
 # Elements of attention's intermediate tensor worked at once at inference on the CPU: 4 MB of float32, the
-# two cores' L2 caches (for beam 3 on a 10x10 grid, 6 images; 3 to 6 measured fastest on the CI machine).
+# two cores' L2 caches (for beam 3, a 10x10 grid and attention_dim 512: 6 images; 3 to 6 measured fastest on
+# the CI machine).
 _CACHE_ELEMENTS = 1 << 20
 # Input pixels per forward pass of the encoder at inference on the CPU (see Encoder.feature_map).
 _ENCODER_PIXELS = 1 << 18
@@ -247,7 +248,7 @@ class Attention(nn.Module):
 
     The paper's f_att uses tanh (as in the authors' arctic-captions code); the common tutorial uses ReLU.
     We follow the paper. ``W_a a_i`` does not depend on t, so it is computed once per image
-    (:meth:`project`) instead of at every step as in the tutorial.
+    (:meth:`project`, which keeps it doubled: see :meth:`_energies`) instead of at every step as in the tutorial.
     """
 
     def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int) -> None:
@@ -286,10 +287,11 @@ class Attention(nn.Module):
         beam search attention over 64 images measured 10x faster (62 -> 6 ms per step).
         """
         w, offset = self.full_att.weight[0], self.full_att.bias - self.full_att.weight.sum()
-        if torch.is_grad_enabled() or projected.device.type != "cpu":
+        if torch.is_grad_enabled() or projected.device.type != "cpu":  # autograd, or a GPU: one pass
             s = torch.sigmoid(dh2.unsqueeze(2) + projected.unsqueeze(1))
             return 2 * (s @ w) + offset
         n, k, p, a = *dh2.shape[:2], *projected.shape[1:]
+        w, offset = w.to(projected.dtype), offset.to(projected.dtype)  # bfloat16 under CPU autocast
         e = projected.new_empty(n, k, p)
         chunk = max(1, _CACHE_ELEMENTS // (k * p * a))
         for i in range(0, n, chunk):
@@ -442,7 +444,8 @@ class DecoderWithAttention(nn.Module):
         allow_unk: bool = False,
         min_len: int = 1,
     ) -> list[Decoded]:
-        """Beam search for a batch of images at once (all N*k beams advance as one batch).
+        """Beam search for a batch of images at once (the N*k beams advance together; see the loop for how
+        finished beams and images stop costing work).
 
         Every image keeps ``beam_size`` beams ranked by summed log-probability. A beam that emits <end> is
         finished: it keeps its slot and score and only extends with free <pad>s, so later beams must beat it

@@ -205,6 +205,8 @@ def keep_freed_memory() -> bool:
     machine, the encoder ran at 10 images/s with more time in the kernel than in PyTorch, and at 34 images/s
     after this (with Encoder.feature_map's small inference batches). This is what PyTorch's CPU tuning
     guide gets by swapping in jemalloc or tcmalloc, set from inside the process for our command-line tools.
+    The price: each malloc arena of the process (and of forked DataLoader workers) may hold up to 1 GB of
+    freed memory instead of returning it, so only command-line entry points call this, never a library call.
     """
     if not sys.platform.startswith("linux"):
         return False

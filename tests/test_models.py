@@ -328,14 +328,14 @@ def test_attention_with_k_states_per_image_equals_repeating_the_image(monkeypatc
     autograd it also works a few images at a time. Both must give what one state per row gives."""
     torch.manual_seed(0)
     att = Attention(encoder_dim=8, decoder_dim=6, attention_dim=5)
-    enc, h = torch.randn(4, 7, 8), torch.randn(4, 3, 6)
+    enc, h = torch.randn(5, 7, 8), torch.randn(5, 3, 6)
     z_rows, alpha_rows = att(
         att.project(enc.repeat_interleave(3, dim=0)), enc.repeat_interleave(3, dim=0), h.flatten(0, 1)
     )
-    monkeypatch.setattr(models, "_CACHE_ELEMENTS", 2 * 3 * 7 * 5)  # chunks of 2 images: 4 images take 2 chunks
+    monkeypatch.setattr(models, "_CACHE_ELEMENTS", 2 * 3 * 7 * 5)  # chunks of 2 images: 5 images take 2, 2, 1
     with torch.no_grad():
         z, alpha = att(att.project(enc), enc, h)
-    assert z.shape == (4, 3, 8) and alpha.shape == (4, 3, 7)
+    assert z.shape == (5, 3, 8) and alpha.shape == (5, 3, 7)
     torch.testing.assert_close(z.flatten(0, 1), z_rows)
     torch.testing.assert_close(alpha.flatten(0, 1), alpha_rows)
 
@@ -527,6 +527,16 @@ def test_beam_search_alphas_per_word_sum_to_one_and_no_special_tokens() -> None:
             assert math.isfinite(d.score) and d.score <= 0
     # <unk> is allowed on request, and then greedy picks it: the mask is what kept it out above.
     assert all(UNK_ID in d.tokens for d in dec.greedy(enc, max_len=10, allow_unk=True))
+
+
+def test_beam_search_under_cpu_autocast() -> None:
+    """Mixed precision (bfloat16) decoding on the CPU: attention's chunked path must follow the dtype."""
+    dec, enc = _random_decoder(), _features(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decoded = dec.beam_search(enc, beam_size=3, max_len=10)
+    assert len(decoded) == 4 and any(d.tokens for d in decoded)
+    for d in decoded:
+        torch.testing.assert_close(d.alphas.float().sum(dim=1), torch.ones(len(d.tokens)), atol=1e-2, rtol=0)
 
 
 def test_beam_search_of_no_images_is_empty() -> None:

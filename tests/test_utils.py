@@ -1,4 +1,5 @@
-"""Tests for utils.py: atomic writes, JSON helpers, word maps, RNG state round trips and one-line CLI errors."""
+"""Tests for utils.py: atomic writes, JSON helpers, word maps, RNG state round trips, one-line CLI errors
+and the allocator setting."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +30,8 @@ from utils import (
     validate_word_map,
     write_json,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def listing(folder):
@@ -228,17 +232,21 @@ def test_select_device():
 _MALLINFO_SCRIPT = """
 import ctypes, sys, torch
 from utils import keep_freed_memory
-libc = ctypes.CDLL("libc.so.6")
+try:
+    libc = ctypes.CDLL("libc.so.6")
+    mallinfo2 = libc.mallinfo2
+except (OSError, AttributeError):
+    sys.exit(print("unsupported: not glibc 2.33 or newer (no libc.so.6 with mallinfo2)"))
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-libc.mallinfo2.restype = Info
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+mallinfo2.restype = Info
+if sys.argv[1] == "keep" and not keep_freed_memory():
+    sys.exit(print("unsupported: mallopt refused the settings"))
 block = torch.ones(5 << 20)
-held = libc.mallinfo2()
+held = mallinfo2()
 del block
-freed = libc.mallinfo2()
+freed = mallinfo2()
 print(held.hblkhd, held.arena, freed.arena)
 """
 
@@ -246,15 +254,17 @@ print(held.hblkhd, held.arena, freed.arena)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="keep_freed_memory tunes glibc's malloc (Linux)")
 def test_keep_freed_memory_serves_big_blocks_from_the_heap_and_keeps_them():
     def mallinfo(mode: str) -> list[int]:
-        run = subprocess.run([sys.executable, "-c", _MALLINFO_SCRIPT, mode], capture_output=True, text=True)
-        if "mallinfo2" in run.stderr:
-            pytest.skip("this C library has no mallinfo2 (glibc < 2.33 or not glibc)")
-        assert run.returncode == 0, run.stderr
+        run = subprocess.run(
+            [sys.executable, "-c", _MALLINFO_SCRIPT, mode], capture_output=True, text=True, cwd=ROOT, check=True
+        )
+        if run.stdout.startswith("unsupported"):
+            pytest.skip(run.stdout.strip())
         return [int(v) for v in run.stdout.split()]
 
     mb20 = 20 << 20
     mmapped, _, _ = mallinfo("default")
-    assert mmapped >= mb20, "by default glibc serves a 20 MB block with its own mmap (freed back to the kernel)"
+    if mmapped < mb20:  # e.g. jemalloc preloaded, or MALLOC_MMAP_THRESHOLD_ set: nothing left to show
+        pytest.skip("this process's allocator already serves 20 MB blocks from its heap")
     mmapped, heap_held, heap_after_free = mallinfo("keep")
     assert mmapped < mb20 and heap_held >= mb20, "the block must come from the heap"
     assert heap_after_free >= mb20, "freeing it must keep the memory for the next block"
