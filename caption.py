@@ -30,15 +30,16 @@ from create_input_files import load_image
 from models import Decoded, Preprocess, load_captioner
 from utils import (
     CamEyeError,
+    add_decoding_arguments,
     cli_errors,
     keep_freed_memory,
+    positive_int,
     read_json,
     reverse_word_map,
     select_device,
     validate_word_map,
 )
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "flickr8k" / "cameye-flickr8k.pt"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -194,21 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("images", nargs="+", type=Path, help="image files and/or folders of images")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="CamEye checkpoint (.pt)")
+    add_decoding_arguments(p)
     p.add_argument("--word-map", type=Path, default=None, help="optional word map JSON that must match the model's")
-    p.add_argument("--beam-size", type=int, default=3, help="beams per image (1 = greedy)")
-    p.add_argument(
-        "--length-penalty",
-        type=float,
-        default=0.5,
-        help="rank finished beams by score / length**P (0.5: best on Flickr8k val)",
-    )
-    p.add_argument("--max-len", type=int, default=50, help="longest caption, in words")
-    p.add_argument("--batch-size", type=int, default=16, help="images captioned together")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images captioned together")
     p.add_argument("--out-dir", type=Path, default=Path("outputs"), help="folder for the attention figures")
     p.add_argument("--no-figures", dest="figures", action="store_false", help="only print the captions")
     p.add_argument("--gif", action="store_true", help="also write an animated GIF per image")
-    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
     return p
 
 
@@ -216,8 +208,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
-    if args.beam_size < 1 or args.max_len < 1 or args.batch_size < 1:
-        parser.error("--beam-size, --max-len and --batch-size must be at least 1")
     failed = 0
     with cli_errors():
         paths = collect_images(args.images)

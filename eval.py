@@ -29,9 +29,16 @@ from tqdm import tqdm
 from datasets import CaptionDataset, collate_eval
 from metrics import coco_metrics, java_available, mean_attention_correctness, nltk_bleu
 from models import Decoded, Preprocess, load_captioner
-from utils import cli_errors, keep_freed_memory, reverse_word_map, select_device, write_json
-
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "flickr8k" / "cameye-flickr8k.pt"
+from utils import (
+    add_decoding_arguments,
+    cli_errors,
+    keep_freed_memory,
+    non_negative_int,
+    positive_int,
+    reverse_word_map,
+    select_device,
+    write_json,
+)
 
 
 @torch.no_grad()
@@ -203,23 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
         "METEOR, ROUGE-L, CIDEr (and attention correctness on synthetic data).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="trained CamEye checkpoint")
     p.add_argument("--data", type=Path, required=True, help="folder made by create_input_files.py")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to evaluate")
     p.add_argument("--out", type=Path, default=None, help="folder for predictions/metrics (default: --data/results)")
-    p.add_argument("--beam-size", type=int, default=3, help="beams per image (1 = greedy)")
-    p.add_argument(
-        "--length-penalty",
-        type=float,
-        default=0.5,
-        help="rank finished beams by score / length**P (0 = raw log-probability; 0.5 was best on Flickr8k val)",
-    )
-    p.add_argument("--max-len", type=int, default=50, help="longest caption, in words")
-    p.add_argument("--batch-size", type=int, default=64, help="images encoded and decoded together")
-    p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
+    add_decoding_arguments(p)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images encoded and decoded together")
+    p.add_argument("--max-images", type=non_negative_int, default=0, help="evaluate only the first N images (0 = all)")
     p.add_argument("--no-coco", dest="coco", action="store_false", help="skip the pycocoevalcap metrics (Java)")
-    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
     return p
 
 
@@ -227,8 +225,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
-    if args.beam_size < 1 or args.max_len < 1 or args.batch_size < 1 or args.max_images < 0 or args.workers < 0:
-        parser.error("--beam-size, --max-len and --batch-size must be >= 1; --max-images, --workers >= 0")
     with cli_errors():
         if not java_available() and args.coco:
             print("note: no Java found: METEOR, ROUGE-L, CIDEr and COCO BLEU are skipped", file=sys.stderr)

@@ -7,6 +7,7 @@ after it was flushed, so an interrupted run never leaves a truncated checkpoint,
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import json
@@ -217,3 +218,42 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
     except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
         return False
+
+
+# ------------------------------------------------------------------------------------------- command lines
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "flickr8k" / "cameye-flickr8k.pt"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the error into a one-line usage message)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """The options caption.py and eval.py share: which model, how to search, where to run."""
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=DEFAULT_CHECKPOINT,
+        help="CamEye checkpoint (.pt)",
+    )
+    p.add_argument("--beam-size", type=positive_int, default=3, help="beams per image (1 = greedy)")
+    p.add_argument(
+        "--length-penalty",
+        type=float,
+        default=0.5,
+        help="rank finished beams by score / length**P (0 = raw log-probability; 0.5 was best on Flickr8k val)",
+    )
+    p.add_argument("--max-len", type=positive_int, default=50, help="longest caption, in words")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")

@@ -30,9 +30,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caption import DEFAULT_CHECKPOINT, collect_images, read_image  # noqa: E402
+from caption import collect_images, read_image  # noqa: E402
 from models import DecoderWithAttention, ModelConfig, Preprocess, load_captioner  # noqa: E402
-from utils import keep_freed_memory  # noqa: E402
+from utils import DEFAULT_CHECKPOINT, keep_freed_memory  # noqa: E402
 
 DEMO_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "camera.png", "rocket.jpg")
 

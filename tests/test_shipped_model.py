@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from caption import DEFAULT_CHECKPOINT, caption_images
+from caption import caption_images
 from create_input_files import Options, create_input_files
 from eval import evaluate
 from models import load_captioner
+from utils import DEFAULT_CHECKPOINT
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 # Measured on the first 100 Flickr8k test images (beam 3, length penalty 0.5): nltk corpus BLEU-4 0.2159. The

@@ -3,6 +3,7 @@ and the allocator setting."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import subprocess
@@ -14,13 +15,17 @@ import pytest
 import torch
 
 from utils import (
+    DEFAULT_CHECKPOINT,
     SPECIAL_TOKENS,
     CamEyeError,
+    add_decoding_arguments,
     atomic_path,
     cli_errors,
     decode_caption,
     fail,
     get_rng_state,
+    non_negative_int,
+    positive_int,
     read_json,
     reverse_word_map,
     save_torch,
@@ -274,3 +279,27 @@ def test_word_map_json_round_trip_is_valid(tmp_path):
     write_json(good_map(), tmp_path / "word_map.json")
     assert validate_word_map(read_json(tmp_path / "word_map.json")) == good_map()
     assert json.loads((tmp_path / "word_map.json").read_text()) == good_map()
+
+
+# ------------------------------------------------------------------------------------------- command lines
+def test_decoding_arguments_defaults_and_one_line_errors_for_bad_counts(capsys):
+    parser = argparse.ArgumentParser(prog="tool")
+    add_decoding_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.checkpoint, args.beam_size, args.length_penalty, args.max_len, args.device) == (
+        DEFAULT_CHECKPOINT,
+        3,
+        0.5,
+        50,
+        "auto",
+    )
+    assert parser.parse_args(["--beam-size", "1", "--max-len", "7"]).max_len == 7
+    for bad in (["--beam-size", "0"], ["--max-len", "-2"], ["--beam-size", "two"]):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(bad)
+        assert exc.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith(f"tool: error: argument {bad[0]}: "), error
+    assert positive_int("4") == 4 and non_negative_int("0") == 0
+    with pytest.raises(argparse.ArgumentTypeError, match="must be 0 or more"):
+        non_negative_int("-1")
