@@ -471,7 +471,7 @@ class DecoderWithAttention(nn.Module):
         finished = torch.zeros(n * k, dtype=torch.bool, device=device)
         lengths = torch.zeros(n * k, device=device)
         images = torch.arange(n, device=device)  # the input image of each image still being searched
-        results: list[Decoded | None] = [None] * n
+        results: dict[int, Decoded] = {}  # input image -> its caption, filled as images become final
         for step in range(max_len):
             m = images.numel()
             z, alpha = self._attend(h, encoder_out, projected)
@@ -508,17 +508,14 @@ class DecoderWithAttention(nn.Module):
                 picked = self._best_beams(
                     scores[done], lengths[ended], finished[ended], seqs[ended], alphas[ended], length_penalty
                 )
-                for i, decoded in zip(images[done].tolist(), picked):
-                    results[i] = decoded
+                results.update(zip(images[done].tolist(), picked))
                 images, encoder_out, projected, scores = (t[~done] for t in (images, encoder_out, projected, scores))
                 h, c, words, seqs, alphas, finished, lengths = (
                     t[keep] for t in (h, c, words, seqs, alphas, finished, lengths)
                 )
         # The rest: final images, and any still searching after max_len steps (their best beam, finished or not).
-        picked = self._best_beams(scores, lengths, finished, seqs, alphas, length_penalty)
-        for i, decoded in zip(images.tolist(), picked):
-            results[i] = decoded
-        return results  # type: ignore[return-value]
+        results.update(zip(images.tolist(), self._best_beams(scores, lengths, finished, seqs, alphas, length_penalty)))
+        return [results[i] for i in range(n)]
 
     @staticmethod
     def _best_beams(
