@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import random
+import re
+import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -40,6 +44,12 @@ class CamEyeError(Exception):
     """An error caused by the user's input (a bad file, option or checkpoint), reported in one line."""
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM (how SLURM, Kubernetes and ``kill`` stop
+    jobs), once :func:`handle_sigterm` is installed. A subclass of KeyboardInterrupt, so every ``finally``
+    block and every handler of Ctrl-C runs for it too: temporary files are removed, checkpoints written."""
+
+
 def fail(message: str) -> NoReturn:
     """Print ``error: message`` to stderr and exit with status 2, without a traceback."""
     print(f"error: {message}", file=sys.stderr)
@@ -53,28 +63,130 @@ def cli_errors() -> Iterator[None]:
         yield
     except CamEyeError as exc:
         fail(str(exc))
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        raise SystemExit(143) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except MemoryError:
+        fail("out of memory: lower --batch-size (or --workers)")
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """Turn SIGTERM into a :class:`Terminated` exception in the main thread (command-line entry points only).
+
+    Without this, SIGTERM kills Python without running ``finally`` blocks, leaving temporary files behind.
+    """
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def ignore_signals_in_worker() -> None:
+    """Pool-worker initialiser: leave SIGINT/SIGTERM handling to the parent, which stops the pool.
+
+    Ctrl-C and ``kill -TERM -PGID`` reach every process of the group; a worker that raised KeyboardInterrupt
+    mid-task would print a traceback (and BrokenPipe errors as the parent closes the pipes). The parent
+    terminates its workers itself, so they ignore SIGINT and keep SIGTERM's default (a silent exit).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # --------------------------------------------------------------------------------------------------- writes
+# Temporary files are named ".<target>.pid<PID>.<random>.tmp": the owner's PID lets a later run remove what
+# a killed run (SIGKILL, power loss) left behind without touching the files of a run that is still going.
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.pid(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path, target: str | None = None) -> list[Path]:
+    """Delete temporary files of :func:`atomic_path` in ``folder`` whose owning process is gone.
+
+    Only files named for ``target`` when it is given. Returns the removed paths.
+    """
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            m = _TEMPORARY.match(entry.name)
+            if m and (target is None or m["target"] == target) and not _process_alive(int(m["pid"])):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def mount_point(path: str | Path) -> Path:
+    """The mount point of the file system holding ``path`` (or its nearest existing parent)."""
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    while not os.path.ismount(p):
+        p = p.parent
+    return p
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for the OS's "no space left" (and quota) errors, also when h5py re-raises them as text."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    return "no space left" in text or "disk quota exceeded" in text
+
+
+@contextlib.contextmanager
+def disk_full_errors(path: str | Path) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into one line: "no space left on DEVICE while writing FILE"."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+        if is_disk_full(exc):
+            raise CamEyeError(f"no space left on {mount_point(path)} while writing {path}") from None
+        raise
+
+
+def check_free_space(folder: str | Path, needed_bytes: int, what: str) -> None:
+    """Refuse to start a long job whose output (``needed_bytes``, estimated) would not fit in ``folder``."""
+    free = shutil.disk_usage(mount_point(folder)).free
+    if needed_bytes > free:
+        raise CamEyeError(
+            f"{what} needs about {needed_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free "
+            f"on {mount_point(folder)}: free some space or choose another folder"
+        )
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary file lives in the same folder so the final ``os.replace`` is an atomic rename on the same
-    file system. On any exception the temporary file is removed and ``path`` is left untouched.
+    file system. On any exception (SIGTERM too, with :func:`handle_sigterm`) the temporary file is removed and
+    ``path`` is left untouched; a full disk becomes a one-line :class:`CamEyeError`. Temporaries of ``path``
+    left by killed processes are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; the result should look like open()'s
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with disk_full_errors(path):
+            yield tmp_path
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
