@@ -19,7 +19,8 @@ choice is stated where it is made.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +309,9 @@ class Decoded:
     tokens: list[int]
     score: float
     alphas: torch.Tensor  # len(tokens) x P
+    normalised_score: float = float("nan")  # score / length**length_penalty: what beams are ranked by
+    # The image's best beams (``n_best`` of beam_search), best first; the first is this caption itself.
+    alternatives: list[Decoded] = field(default_factory=list)
 
 
 class DecoderWithAttention(nn.Module):
@@ -443,6 +447,7 @@ class DecoderWithAttention(nn.Module):
         length_penalty: float = 1.0,
         allow_unk: bool = False,
         min_len: int = 1,
+        n_best: int = 1,
     ) -> list[Decoded]:
         """Beam search for a batch of images at once (the N*k beams advance together; see the loop for how
         finished beams and images stop costing work).
@@ -452,10 +457,22 @@ class DecoderWithAttention(nn.Module):
         (as in the common tutorial, which shrinks the beam instead). At the end each image's best beam is
         chosen by score / length**length_penalty (length counts <end>), preferring finished beams; if none
         finished within ``max_len`` steps, the best unfinished beam is returned, so there is always a caption.
-        ``<end>`` is not allowed before ``min_len`` words (default 1: never an empty caption).
-        With ``beam_size=1`` this is exactly greedy decoding.
+        ``<end>`` is not allowed before ``min_len`` words (default 1: never an empty caption), unless the
+        vocabulary leaves no other choice. ``<pad>``, ``<start>`` (and ``<unk>`` unless ``allow_unk``) are never
+        emitted: a beam with no real word left to extend with ends instead.
+        With ``beam_size=1`` this is exactly greedy decoding. ``n_best`` (1..beam_size) fills each result's
+        ``alternatives`` with the image's best finished beams, best first (for showing several captions).
+
+        Args:
+            encoder_out: N x P x C annotation vectors.
+        Returns:
+            N :class:`Decoded` captions, in input order.
+        Raises:
+            ValueError: if ``n_best`` is not in 1..beam_size.
         """
         n, p, _ = encoder_out.shape
+        if not 1 <= n_best <= beam_size:
+            raise ValueError(f"n_best must be in 1..beam_size ({beam_size}), got {n_best}")
         if n == 0:
             return []
         k, device = beam_size, encoder_out.device
@@ -481,7 +498,11 @@ class DecoderWithAttention(nn.Module):
             h, c = h.index_copy(0, live, h_live), c.index_copy(0, live, c_live)
             logits = self._mask(F.log_softmax(self.fc(out), dim=1), allow_unk)
             if step < min_len:
+                end = logits[:, END_ID].clone()
                 logits[:, END_ID] = float("-inf")  # an empty caption says nothing about the photo
+                # ... unless the vocabulary has no real word at all: then the caption ends (empty).
+                stuck = torch.isinf(logits).all(dim=1)
+                logits[stuck, END_ID] = end[stuck]
             vocab = logits.size(1)
             logp = logits.new_full((finished.numel(), vocab), float("-inf"))
             logp[:, PAD_ID] = 0.0
@@ -490,6 +511,9 @@ class DecoderWithAttention(nn.Module):
             scores, flat = candidates.topk(k, dim=1)
             src = (torch.arange(0, m * k, k, device=device).unsqueeze(1) + flat // vocab).view(-1)
             words = (flat % vocab).view(-1)
+            # A beam chosen at -inf had no allowed word left (a vocabulary smaller than the beam): it ends here
+            # instead of emitting a masked token, and its -inf score keeps it from ever being chosen.
+            words = torch.where(torch.isinf(scores.view(-1)) & (words != PAD_ID), END_ID, words)
             seqs = torch.cat([seqs[src], words.unsqueeze(1)], dim=1)
             alphas = torch.cat([alphas[src], alpha[src].unsqueeze(1)], dim=1)
             h, c = h[src], c[src]
@@ -506,7 +530,7 @@ class DecoderWithAttention(nn.Module):
             if 2 * n_done >= m:
                 ended, keep = done.repeat_interleave(k), (~done).repeat_interleave(k)
                 picked = self._best_beams(
-                    scores[done], lengths[ended], finished[ended], seqs[ended], alphas[ended], length_penalty
+                    scores[done], lengths[ended], finished[ended], seqs[ended], alphas[ended], length_penalty, n_best
                 )
                 results.update(zip(images[done].tolist(), picked))
                 images, encoder_out, projected, scores = (t[~done] for t in (images, encoder_out, projected, scores))
@@ -514,7 +538,8 @@ class DecoderWithAttention(nn.Module):
                     t[keep] for t in (h, c, words, seqs, alphas, finished, lengths)
                 )
         # The rest: final images, and any still searching after max_len steps (their best beam, finished or not).
-        results.update(zip(images.tolist(), self._best_beams(scores, lengths, finished, seqs, alphas, length_penalty)))
+        rest = self._best_beams(scores, lengths, finished, seqs, alphas, length_penalty, n_best)
+        results.update(zip(images.tolist(), rest))
         return [results[i] for i in range(n)]
 
     @staticmethod
@@ -525,19 +550,28 @@ class DecoderWithAttention(nn.Module):
         seqs: torch.Tensor,
         alphas: torch.Tensor,
         length_penalty: float,
+        n_best: int = 1,
     ) -> list[Decoded]:
         """The best beam of each of m images, from its k beams' scores (m x k) and the m*k beams' lengths,
-        finished flags, word ids and attention rows (image i owning beams i*k .. i*k+k-1)."""
+        finished flags, word ids and attention rows (image i owning beams i*k .. i*k+k-1); with ``n_best`` > 1
+        each also lists the image's ``n_best`` best finished beams (at least the best beam) in ``alternatives``."""
         m, k = scores.shape
         normalised = scores.view(-1) / lengths.clamp(min=1) ** length_penalty
         # A finished beam beats any unfinished one; among equals, the better normalised score wins.
         rank = torch.where(finished, normalised, normalised - 1e9).view(m, k)
-        best = (torch.arange(0, m * k, k, device=scores.device) + rank.argmax(dim=1)).tolist()
+        order = torch.arange(0, m * k, k, device=scores.device).unsqueeze(1) + rank.argsort(dim=1, descending=True)
+        order, finished_list, flat_scores = order.tolist(), finished.tolist(), scores.view(-1).tolist()
+        norm_list = normalised.tolist()
         results = []
-        for b in best:
-            ids = seqs[b].tolist()
-            length = ids.index(END_ID) if END_ID in ids else len(ids)
-            results.append(Decoded(ids[:length], float(scores.view(-1)[b]), alphas[b, :length].cpu()))
+        for beams in order:
+            picked = []
+            for j, b in enumerate(beams[:n_best]):
+                if j > 0 and not (finished_list[b] and math.isfinite(flat_scores[b])):
+                    break  # alternatives are real, finished captions only
+                ids = seqs[b].tolist()
+                length = ids.index(END_ID) if END_ID in ids else len(ids)
+                picked.append(Decoded(ids[:length], flat_scores[b], alphas[b, :length].cpu(), norm_list[b]))
+            results.append(replace(picked[0], alternatives=picked))
         return results
 
 

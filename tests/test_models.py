@@ -598,3 +598,50 @@ def test_build_captioner_and_model_config_round_trip() -> None:
     assert encoder.out_dim == 1280 and dec.fc.out_features == cfg.vocab_size
     d = models.model_config_dict(cfg)
     assert ModelConfig.from_dict({**d, "from_the_future": 1}) == cfg
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+@pytest.mark.parametrize("real_words", [0, 1, 2])
+def test_tiny_vocabulary_never_emits_special_tokens(beam_size: int, real_words: int) -> None:
+    """Issue 9: a word map with no (or fewer than beam_size) real words once decoded as `<pad> <pad> ... <start>`.
+
+    With no real word the caption ends at once (empty); with one or two, every caption uses only them."""
+    dec = DecoderWithAttention(_tiny_cfg(4 + real_words), encoder_dim=8).eval()
+    with torch.no_grad():  # make the non-words the most likely tokens: they must still never be emitted
+        dec.fc.bias[PAD_ID] = dec.fc.bias[START_ID] = dec.fc.bias[UNK_ID] = 8.0
+    for d in dec.beam_search(_features(3), beam_size=beam_size, max_len=6, n_best=beam_size):
+        assert set(d.tokens) <= set(range(4, 4 + real_words))
+        assert math.isfinite(d.score) and d.alphas.shape == (len(d.tokens), 5)
+        if real_words == 0:
+            assert d.tokens == []
+        for alt in d.alternatives:
+            assert set(alt.tokens) <= set(range(4, 4 + real_words)) and math.isfinite(alt.score)
+
+
+def test_n_best_lists_the_finished_beams_best_first() -> None:
+    """The worked example of test_length_normalisation_ranks_by_score_over_length_power: with length penalty 1
+    the finished beams are "a <end>" (-1.897 / 2) and "<end>" (-1.386 / 1), in that order."""
+    dec = DecoderWithAttention(_tiny_cfg(6), encoder_dim=8).eval()
+    probs = torch.tensor([0.0, 0.0, 0.25, 0.0, 0.6, 0.15])
+    with torch.no_grad():
+        dec.fc.weight.zero_()
+        dec.fc.bias.copy_(torch.where(probs > 0, probs.log(), torch.tensor(-1e4)))
+    log_end, log_a_end = math.log(0.25), math.log(0.6) + math.log(0.25)
+    for d in dec.beam_search(torch.randn(2, 5, 8), beam_size=3, max_len=8, length_penalty=1.0, min_len=0, n_best=3):
+        assert [alt.tokens for alt in d.alternatives] == [[4], []]  # the unfinished third beam is not listed
+        assert [alt.normalised_score for alt in d.alternatives] == pytest.approx([log_a_end / 2, log_end], abs=1e-5)
+        assert d.tokens == [4] and d.normalised_score == pytest.approx(log_a_end / 2, abs=1e-5)
+    plain = dec.beam_search(torch.randn(2, 5, 8), beam_size=3, max_len=8, length_penalty=1.0, min_len=0)
+    assert all(len(d.alternatives) == 1 for d in plain)
+    with pytest.raises(ValueError, match="n_best"):
+        dec.beam_search(torch.randn(1, 5, 8), beam_size=3, n_best=4)
+
+
+def test_n_best_does_not_change_the_caption() -> None:
+    dec, enc = _random_decoder(), _features(8)
+    one = dec.beam_search(enc, beam_size=4, max_len=12)
+    many = dec.beam_search(enc, beam_size=4, max_len=12, n_best=4)
+    for a, b in zip(one, many):
+        assert a.tokens == b.tokens and a.score == b.score and b.alternatives[0].tokens == b.tokens
+        scores = [alt.normalised_score for alt in b.alternatives]
+        assert scores == sorted(scores, reverse=True) and len({tuple(x.tokens) for x in b.alternatives}) == len(scores)
