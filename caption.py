@@ -18,19 +18,24 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from create_input_files import load_image
-from models import Decoded, Preprocess, load_captioner
+from models import Decoded, DecoderWithAttention, Encoder, ModelConfig, Preprocess, load_captioner
 from utils import (
     CamEyeError,
     add_decoding_arguments,
+    atomic_path,
     cli_errors,
     keep_freed_memory,
     positive_int,
@@ -86,26 +91,40 @@ def smooth_attention(alpha: np.ndarray, size: int) -> np.ndarray:
     return heat / peak if peak > 0 else heat
 
 
+def attention_overlay(photo: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The photo (H x W x 3 uint8) darkened where one word's attention (grid x grid) is low, as H x W x 3 uint8.
+
+    The model saw the photo squashed to a square, so the map is smoothed on a square (:func:`smooth_attention`,
+    as in the figures) and then stretched back to the photo's own aspect ratio.
+    """
+    from skimage.transform import resize
+
+    h, w = photo.shape[:2]
+    heat = smooth_attention(grid, max(h, w))
+    if h != w:
+        heat = resize(heat, (h, w), order=1)
+    return (photo.astype(np.float64) * (0.25 + 0.75 * heat[..., None])).astype(np.uint8)
+
+
 def attention_grids(decoded: Decoded) -> np.ndarray:
     """Each word's attention as a square grid: words x grid x grid."""
     grid = math.isqrt(decoded.alphas.shape[1])
     return decoded.alphas.reshape(-1, grid, grid).numpy()
 
 
-def save_attention_figure(image: np.ndarray, words: Sequence[str], grids: np.ndarray, path: Path) -> int:
-    """Write a PNG: the photo, then one panel per word with its attention overlaid. Returns the panel count."""
-    import matplotlib
+def attention_figure(image: np.ndarray, words: Sequence[str], grids: np.ndarray) -> Figure:
+    """The photo (3 x S x S uint8), then one panel per word with its attention (words x grid x grid) overlaid.
 
-    matplotlib.use("Agg")  # headless: no display needed
-    import matplotlib.pyplot as plt
-
-    from utils import atomic_path
-
+    Built with matplotlib's object API (no pyplot): pyplot's global figure registry is not thread-safe, and
+    the web page draws figures from several threads.
+    """
     rgb = image.transpose(1, 2, 0)
     panels = len(words) + 1
     cols = min(5, panels)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
+    fig = Figure(figsize=(2.4 * cols, 2.6 * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(rgb)
@@ -116,67 +135,121 @@ def save_attention_figure(image: np.ndarray, words: Sequence[str], grids: np.nda
         ax.set_title(word, fontsize=11)
     fig.suptitle(" ".join(words), fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def save_attention_figure(image: np.ndarray, words: Sequence[str], grids: np.ndarray, path: Path) -> int:
+    """Write :func:`attention_figure` as a PNG (80 dpi: 192 x 208 px a panel). Returns the panel count."""
+    fig = attention_figure(image, words, grids)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return panels
+    return len(words) + 1
 
 
-def save_attention_gif(image: np.ndarray, words: Sequence[str], grids: np.ndarray, path: Path) -> int:
-    """Write an animated GIF with one frame per word (photo darkened where not attended). Returns frames."""
-    from utils import atomic_path
-
-    rgb = image.transpose(1, 2, 0).astype(np.float64)
+def attention_gif_frames(image: np.ndarray, words: Sequence[str], grids: np.ndarray) -> list[np.ndarray]:
+    """One S x S x 3 uint8 frame per word: the photo (3 x S x S) darkened where not attended, the caption so far
+    along the bottom and a "word i/n" counter in the top right corner."""
+    rgb = image.transpose(1, 2, 0)
     frames = []
     for i, grid in enumerate(grids[: len(words)]):
-        heat = smooth_attention(grid, rgb.shape[0])[..., None]
-        frame = Image.fromarray((rgb * (0.25 + 0.75 * heat)).astype(np.uint8))
+        frame = Image.fromarray(attention_overlay(rgb, grid))
         draw = ImageDraw.Draw(frame)
         text = " ".join(words[: i + 1])
         draw.rectangle((0, frame.height - 16, frame.width, frame.height), fill=(0, 0, 0))
         draw.text((4, frame.height - 14), text, fill=(255, 255, 255))
         # Fix: Pillow's GIF writer silently merges a frame identical to the previous one into it, so a GIF
         # lost frames (and the returned count was wrong) whenever two steps looked alike, e.g. a repeated
-        # word once the growing caption is clipped at the image's edge. A "word i/n" counter in the top
-        # right corner keeps every frame distinct.
+        # word once the growing caption is clipped at the image's edge. The counter keeps every frame distinct.
         counter = f"{i + 1}/{len(words)}"
         x = frame.width - 3 - draw.textlength(counter)
         draw.rectangle((x - 2, 0, frame.width, 13), fill=(0, 0, 0))
         draw.text((x, 1), counter, fill=(255, 255, 255))
-        frames.append(frame)
+        frames.append(np.asarray(frame))
+    return frames
+
+
+def save_attention_gif(image: np.ndarray, words: Sequence[str], grids: np.ndarray, path: Path) -> int:
+    """Write :func:`attention_gif_frames` as an animated GIF (0.7 s a frame, looping). Returns the frame count."""
+    frames = attention_gif_frames(image, words, grids)
     with atomic_path(path) as tmp:
-        iio.imwrite(tmp, np.stack([np.asarray(f) for f in frames]), extension=".gif", duration=700, loop=0)
+        iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=700, loop=0)
     return len(frames)
 
 
 # ---------------------------------------------------------------------------------------------- captioning
-def caption_images(paths: Sequence[Path], checkpoint: Path, beam_size: int = 3, batch_size: int = 16,
-                   max_len: int = 50, length_penalty: float = 0.5, device: str = "auto",
-                   word_map_path: Path | None = None):  # fmt: skip
-    """Yield ``(path, words, decoded, image)`` per usable image, or ``(path, CamEyeError, None, None)``."""
-    dev = select_device(device)
-    encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev)
-    if word_map_path is not None:
-        given = validate_word_map(read_json(word_map_path, "word map"))
-        if given != word_map:
-            raise CamEyeError(f"{word_map_path} does not match the word map of {checkpoint}")
-    rev = reverse_word_map(word_map)
-    preprocess = Preprocess(cfg.backbone, cfg.input_size)
+@dataclass
+class Captioner:
+    """A CamEye model loaded once (:meth:`load`), ready to caption decoded images any number of times.
+
+    caption.py's command line and the web page (app.py) both caption through it. :meth:`decode` holds a lock,
+    so threads that share one captioner decode one batch at a time.
+    """
+
+    checkpoint: Path
+    encoder: Encoder
+    decoder: DecoderWithAttention
+    word_map: dict[str, int]
+    config: ModelConfig
+    device: torch.device
+    vocabulary: list[str] = field(init=False)  # word id -> word
+    preprocess: Preprocess = field(init=False)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.vocabulary = reverse_word_map(self.word_map)
+        self.preprocess = Preprocess(self.config.backbone, self.config.input_size)
+
+    @classmethod
+    def load(cls, checkpoint: Path, device: str = "auto", word_map_path: Path | None = None) -> Captioner:
+        """Load a checkpoint in eval mode on ``device``; one-line :class:`CamEyeError` if it cannot be used
+        (or if ``word_map_path`` names a word map other than the model's)."""
+        dev = select_device(device)
+        encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev)
+        if word_map_path is not None:
+            given = validate_word_map(read_json(word_map_path, "word map"))
+            if given != word_map:
+                raise CamEyeError(f"{word_map_path} does not match the word map of {checkpoint}")
+        return cls(Path(checkpoint), encoder, decoder, word_map, cfg, dev)
+
+    def read(self, path: Path) -> np.ndarray:
+        """The image file decoded as the model expects it: uint8 3 x S x S (S = the model's image size)."""
+        return read_image(path, self.config.image_size)
+
+    def decode(self, images: Sequence[np.ndarray], beam_size: int = 3, max_len: int = 50,
+               length_penalty: float = 0.5, n_best: int = 1) -> list[Decoded]:  # fmt: skip
+        """Beam-search captions for images from :meth:`read` (each 3 x S x S uint8), in input order; each
+        result's ``alternatives`` holds its ``n_best`` best beams (see ``DecoderWithAttention.beam_search``)."""
+        if not images:
+            return []
+        with self._lock, torch.no_grad():
+            x = self.preprocess(torch.from_numpy(np.stack(images))).to(self.device)
+            return self.decoder.beam_search(self.encoder(x), beam_size, max_len, length_penalty, n_best=n_best)
+
+    def words(self, decoded: Decoded) -> list[str]:
+        """The caption's words."""
+        return [self.vocabulary[i] for i in decoded.tokens]
+
+
+def caption_images(
+    paths: Sequence[Path], model: Captioner | Path, beam_size: int = 3, batch_size: int = 16, max_len: int = 50,
+    length_penalty: float = 0.5, device: str = "auto", word_map_path: Path | None = None,
+) -> Iterator[tuple[Path, list[str] | CamEyeError, Decoded | None, np.ndarray | None]]:  # fmt: skip
+    """Yield ``(path, words, decoded, image)`` per usable image, or ``(path, CamEyeError, None, None)``.
+
+    ``model`` is a loaded :class:`Captioner`, or a checkpoint to load on ``device`` (with ``word_map_path``).
+    """
+    captioner = model if isinstance(model, Captioner) else Captioner.load(model, device, word_map_path)
     for start in range(0, len(paths), batch_size):
         batch, images = [], []
         for path in paths[start : start + batch_size]:
             try:
-                images.append(read_image(path, cfg.image_size))
+                images.append(captioner.read(path))
                 batch.append(path)
             except CamEyeError as err:
                 yield path, err, None, None
-        if not batch:
-            continue
-        with torch.no_grad():
-            x = preprocess(torch.from_numpy(np.stack(images))).to(dev)
-            decoded = decoder.beam_search(encoder(x), beam_size, max_len, length_penalty)
+        decoded = captioner.decode(images, beam_size, max_len, length_penalty)
         for path, image, d in zip(batch, images, decoded):
-            yield path, [rev[i] for i in d.tokens], d, image
+            yield path, captioner.words(d), d, image
 
 
 def output_name(path: Path, used: set[str]) -> str:
@@ -211,9 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = 0
     with cli_errors():
         paths = collect_images(args.images)
+        captioner = Captioner.load(args.checkpoint, args.device, args.word_map)
         used: set[str] = set()
-        results = caption_images(paths, args.checkpoint, args.beam_size, args.batch_size, args.max_len,
-                                 args.length_penalty, args.device, args.word_map)  # fmt: skip
+        results = caption_images(paths, captioner, args.beam_size, args.batch_size, args.max_len, args.length_penalty)
         for path, words, decoded, image in results:
             if isinstance(words, CamEyeError):
                 print(f"error: {words}", file=sys.stderr)
