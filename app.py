@@ -1,0 +1,374 @@
+"""The CamEye page: drop a photo in the browser, read its caption, and step through the words to see where it looked.
+
+    python app.py                                    # http://127.0.0.1:7860, the shipped model, CPU unless CUDA
+    python app.py --port 8080 --checkpoint checkpoints/run/best.pt --device cpu
+    make serve
+
+A Gradio page (the usual form of a model demo). A photo comes by upload, drag-and-drop, paste, webcam or one
+of the example photos that ship inside scikit-image. The caption comes at once, with the best beams and their
+length-normalised scores; clicking a word lays that word's attention over the photo (smoothed as in caption.py's
+figures, stretched back to the photo's own aspect ratio), and the full attention figure and GIF are made on
+demand for download. Decoding and figures are caption.py's own code (:class:`caption.Captioner`).
+
+Offline and private by construction: the server listens on 127.0.0.1 unless --host says otherwise, no share
+link, no analytics, no run history, system fonts only (nothing is fetched from the internet). Uploads go to a
+temporary folder of this process: each is deleted as soon as it is decoded, the page's outputs are deleted
+``--keep-outputs`` seconds after they were made, and the whole folder when the server stops.
+
+One request decodes at a time; up to ``--queue-size`` more wait, and the page says so when the queue is full.
+A file that is not an image, a truncated or oversized one, or an empty submit gets a one-line message in the
+page, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from caption import (
+    Captioner,
+    attention_grids,
+    attention_overlay,
+    read_image,
+    save_attention_figure,
+    save_attention_gif,
+)
+from utils import CamEyeError, add_decoding_arguments, cli_errors, handle_sigterm, keep_freed_memory, positive_int
+
+MAX_UPLOAD_MB = 20  # larger files are refused before decoding
+DISPLAY_SIDE = 512  # longest side, in pixels, of the photo the attention is drawn over
+BEAM_SIZES = (1, 10)  # the page's bounds for beam size ...
+LENGTH_PENALTIES = (0.0, 2.0)  # ... and for the length penalty
+MAX_LEN = 50  # longest caption, in words
+EXAMPLE_PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "motorcycle_left.png", "rocket.jpg", "camera.png")
+EXIF_ORIENTATION = 0x0112
+LIMITS = {
+    "cameye-flickr8k.pt": "it knows Flickr8k's world of people and dogs: other animals and objects often become "
+    "dogs or people, and gender words are guesses learned from the data.",
+}
+
+
+@dataclass
+class Answer:
+    """One photo's answer, kept per browser tab (in a ``gr.State``) so clicks on words need no new decoding.
+
+    ``source`` is the upload's server path (the file itself is deleted once decoded); ``photo`` is H x W x 3
+    uint8 at the photo's own aspect ratio, ``image`` the model's 3 x S x S input, ``grids`` words x g x g.
+    """
+
+    source: str
+    name: str
+    photo: np.ndarray
+    image: np.ndarray
+    words: list[str]
+    grids: np.ndarray
+    beams: list[list[Any]]  # [caption, log-probability, normalised score] per beam, best first
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def example_photos() -> list[Path]:
+    """The example photos: the ones ``make demo`` captions, from scikit-image's installed data folder."""
+    import skimage.data
+
+    folder = Path(skimage.data.__file__).parent
+    return [folder / name for name in EXAMPLE_PHOTOS if (folder / name).is_file()]
+
+
+def display_size(path: Path, side: int = DISPLAY_SIDE) -> tuple[int, int]:
+    """(width, height) to show the photo at: its own aspect ratio (after EXIF rotation), longest side ``side``."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated a quarter turn
+            w, h = h, w
+    scale = side / max(w, h, 1)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def decode_upload(path: Path, name: str, captioner: Captioner) -> tuple[np.ndarray, np.ndarray]:
+    """The model's input (3 x S x S uint8) and the photo to show (H x W x 3 uint8, own aspect ratio).
+
+    Raises a one-line :class:`CamEyeError` naming the file as the user called it (``name``), not its temporary
+    path: too large, not an image, truncated, or over Pillow's decompression-bomb limit.
+    """
+    size = path.stat().st_size
+    if size > MAX_UPLOAD_MB * 1024 * 1024:
+        raise CamEyeError(f"{name}: the file is {size / 2**20:.1f} MB; photos up to {MAX_UPLOAD_MB} MB are accepted")
+    try:
+        image = captioner.read(path)
+        square = read_image(path, DISPLAY_SIDE)
+        width, height = display_size(path)
+    except CamEyeError as err:
+        raise CamEyeError(str(err).replace(str(path), name, 1)) from None
+    # Decoded as the model sees it (squashed to a square), then stretched back to the photo's own shape.
+    photo = np.asarray(Image.fromarray(square.transpose(1, 2, 0)).resize((width, height), Image.Resampling.BICUBIC))
+    return image, photo
+
+
+def answer_photo(captioner: Captioner, path: Path, name: str, beam_size: Any, length_penalty: Any) -> Answer:
+    """Decode and caption one photo file (see :func:`caption_answer`).
+
+    Raises :class:`CamEyeError` (one line) for an unusable file or a beam size / length penalty out of bounds.
+    """
+    beam_size, length_penalty = check_controls(beam_size, length_penalty)
+    image, photo = decode_upload(path, name, captioner)
+    return caption_answer(captioner, str(path), name, image, photo, beam_size, length_penalty)
+
+
+def caption_answer(captioner: Captioner, source: str, name: str, image: np.ndarray, photo: np.ndarray,
+                   beam_size: int, length_penalty: float) -> Answer:  # fmt: skip
+    """Caption a decoded photo: its words, per-word attention grids and all ``beam_size`` best beams."""
+    [decoded] = captioner.decode([image], beam_size, MAX_LEN, length_penalty, n_best=beam_size)
+    beams = [
+        [" ".join(captioner.words(d)), round(d.score, 3), round(d.normalised_score, 3)]
+        for d in decoded.alternatives or [decoded]
+    ]
+    return Answer(source, name, photo, image, captioner.words(decoded), attention_grids(decoded), beams)
+
+
+def check_controls(beam_size: Any, length_penalty: Any) -> tuple[int, float]:
+    """The page's beam size and length penalty as int and float, or a one-line :class:`CamEyeError` if out of
+    bounds (the sliders keep them in bounds; a direct API call may not)."""
+    try:
+        beam, penalty = float(beam_size), float(length_penalty)
+    except (TypeError, ValueError):
+        raise CamEyeError("beam size and length penalty must be numbers") from None
+    lo, hi = BEAM_SIZES
+    if not (lo <= beam <= hi and beam == int(beam)):
+        raise CamEyeError(f"beam size must be a whole number from {lo} to {hi}, got {beam_size}")
+    lo, hi = LENGTH_PENALTIES
+    if not lo <= penalty <= hi:  # also refuses NaN
+        raise CamEyeError(f"length penalty must be from {lo} to {hi}, got {length_penalty}")
+    return int(beam), penalty
+
+
+def word_overlay(answer: Answer | None, index: Any) -> np.ndarray | None:
+    """The photo darkened where word ``index`` did not look (H x W x 3 uint8), or None without an answer."""
+    if answer is None or not answer.words:
+        return None
+    try:
+        i = int(index)
+    except (TypeError, ValueError):
+        i = 0
+    return attention_overlay(answer.photo, answer.grids[min(max(i, 0), len(answer.words) - 1)])
+
+
+def write_figures(answer: Answer, folder: Path) -> list[Path]:
+    """Write the answer's full attention figure (PNG) and GIF into ``folder``; returns their paths."""
+    stem = re.sub(r"[^\w.-]+", "_", Path(answer.name).stem)[:60] or "photo"
+    png, gif = folder / f"{stem}_attention.png", folder / f"{stem}_attention.gif"
+    save_attention_figure(answer.image, answer.words, answer.grids, png)
+    save_attention_gif(answer.image, answer.words, answer.grids, gif)
+    return [png, gif]
+
+
+def model_summary(captioner: Captioner) -> str:
+    """Markdown: which model answers, a link to its model card (served by this page) and a line on its limits."""
+    ckpt, cfg = captioner.checkpoint, captioner.config
+    card = ckpt.parent / "MODEL_CARD.md"
+    link = f" · [model card](/gradio_api/file={card.resolve()})" if card.is_file() else " · no model card beside it"
+    limits = LIMITS.get(ckpt.name, "a Show, Attend and Tell model knows only the kinds of photos it was trained on.")
+    return (
+        f"Answered by **{ckpt.name}** ({cfg.backbone} encoder, LSTM decoder with soft attention, "
+        f"{len(captioner.word_map):,} words) on {captioner.device.type.upper()}{link}.  \n"
+        f"Limits: {limits}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- the page
+def upload_of(payload: Any) -> tuple[Path, str] | None:
+    """The server path and the user's file name of an image component's raw value (None if there is none)."""
+    if not isinstance(payload, dict) or not payload.get("path"):
+        return None
+    path = Path(payload["path"])
+    return path, str(payload.get("orig_name") or path.name)
+
+
+def page_theme():
+    """Gradio's default theme with the system's fonts: nothing to fetch, not even from Gradio's own server."""
+    import gradio as gr
+
+    return gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float = 0.5, queue_size: int = 16,
+               keep_outputs: int = 300):  # fmt: skip
+    """The Gradio Blocks of the page (not launched). ``queue_size`` requests may wait while one decodes;
+    outputs (overlays, figures) are deleted ``keep_outputs`` seconds after they were made."""
+    import gradio as gr
+
+    def forget_upload(path: Path) -> None:
+        # Example photos live in the same cache but are kept; anything else was uploaded by a user.
+        if str(path) not in photo_in.keep_in_cache:
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # Gradio's folder for this one upload, now empty
+                path.parent.rmdir()
+
+    def answer(payload: Any, beam: Any, penalty: Any, previous: Answer | None, required: bool):
+        """Event handler: (status, caption, words, beams, state, downloads, overlay)."""
+        upload = upload_of(payload)
+        if upload is None:
+            message = "**error:** no photo: upload, drop, paste or take one, or pick an example" if required else ""
+            return message, "", gr.update(choices=[], value=None), None, None, None, None
+        path, name = upload
+        started = time.perf_counter()
+        try:
+            beam, penalty = check_controls(beam, penalty)
+            if previous is not None and previous.source == str(path) and not path.exists():
+                # The same photo again (new settings): its upload was deleted after the first answer.
+                result = caption_answer(captioner, previous.source, name, previous.image, previous.photo, beam, penalty)
+            elif path.is_file():
+                result = answer_photo(captioner, path, name, beam, penalty)
+            else:
+                raise CamEyeError(f"{name}: the upload is no longer on the server; please add the photo again")
+        except CamEyeError as err:
+            return f"**error:** {err}", "", gr.update(choices=[], value=None), None, None, None, None
+        finally:
+            forget_upload(path)
+        seconds = time.perf_counter() - started
+        status = f"{name}: captioned in {seconds:.2f} s (beam {beam}, length penalty {penalty:g})"
+        choices = [(f"{i + 1}. {w}", i) for i, w in enumerate(result.words)]
+        return (
+            status,
+            " ".join(result.words),
+            gr.update(choices=choices, value=0),
+            result.beams,
+            result,
+            None,
+            word_overlay(result, 0),
+        )
+
+    def figures(state: Answer | None):
+        if state is None:
+            return None
+        return [str(p) for p in write_figures(state, Path(tempfile.mkdtemp(dir=scratch)))]
+
+    def remove_figures(files: Any) -> None:
+        # Gradio has copied them into its cache (deleted after keep_outputs); our originals go now.
+        for f in files or []:
+            folder = Path(f["path"] if isinstance(f, dict) else f).parent
+            if folder.parent == scratch:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    from gradio.utils import get_upload_folder
+
+    scratch = Path(get_upload_folder()) / "cameye-figures"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with gr.Blocks(title="CamEye", analytics_enabled=False, delete_cache=(60, keep_outputs)) as page:
+        state = gr.State(None)
+        gr.Markdown(
+            "# CamEye: where does it look?\n"
+            "Drop a photo to caption it, then click a word to see where the model looked while writing it."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                photo_in = gr.Image(
+                    label="photo (upload, drop, paste or webcam)",
+                    sources=["upload", "clipboard", "webcam"],
+                    type="filepath",
+                    elem_id="photo",
+                )
+                beam_in = gr.Slider(*BEAM_SIZES, value=beam_size, step=1, label="beam size", elem_id="beam")
+                penalty_in = gr.Slider(*LENGTH_PENALTIES, value=length_penalty, step=0.1, label="length penalty",
+                                       info="beams are ranked by log-probability / length ** penalty",
+                                       elem_id="penalty")  # fmt: skip
+                submit = gr.Button("Caption", variant="primary", elem_id="submit")
+                gr.Examples([[str(p)] for p in example_photos()], inputs=photo_in, label="example photos")
+                gr.Markdown(model_summary(captioner), elem_id="model")
+            with gr.Column(scale=1):
+                status = gr.Markdown(elem_id="status")
+                caption_out = gr.Textbox(label="caption", interactive=False, elem_id="caption")
+                words = gr.Radio(label="click a word to see where it looked", elem_id="words")
+                overlay = gr.Image(label="attention of the chosen word", interactive=False, format="png",
+                                   elem_id="attention")  # fmt: skip
+                beams = gr.Dataframe(
+                    headers=["caption", "log-probability", "normalised score"],
+                    label="best beams (ranked by normalised score)",
+                    interactive=False,
+                    wrap=True,
+                    column_widths=["64%", "18%", "18%"],
+                    elem_id="beams",
+                )
+                make_figures = gr.Button("Attention figure and GIF", elem_id="make-figures")
+                downloads = gr.File(label="downloads", file_count="multiple", interactive=False, elem_id="downloads")
+
+        outputs = [status, caption_out, words, beams, state, downloads, overlay]
+        decode = {"outputs": outputs, "preprocess": False, "concurrency_id": "decode", "concurrency_limit": 1}
+        inputs = [photo_in, beam_in, penalty_in, state]
+        submit.click(lambda *a: answer(*a, required=True), inputs, api_name="caption", **decode)
+        photo_in.change(lambda *a: answer(*a, required=False), inputs, api_name="caption_new_photo", **decode)
+        words.input(word_overlay, [state, words], overlay, api_name="show_word", concurrency_limit=4)
+        make_figures.click(figures, state, downloads, api_name="figures", concurrency_limit=2).then(
+            remove_figures, downloads, None, api_visibility="private"
+        )
+    page.queue(default_concurrency_limit=1, max_size=queue_size)
+    return page
+
+
+# ----------------------------------------------------------------------------------------------- serving
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Serve the CamEye page: caption a photo in the browser and see, word by word, where it looked.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_decoding_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the page to the network)")
+    p.add_argument("--port", type=positive_int, default=7860, help="port to listen on")
+    p.add_argument("--queue-size", type=positive_int, default=16, help="requests that may wait while one decodes")
+    p.add_argument(
+        "--keep-outputs", type=positive_int, default=300, help="seconds before the page's outputs are deleted"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with cli_errors():
+        handle_sigterm()  # so that stopping the server still removes its folder of uploads and outputs
+        check_controls(args.beam_size, args.length_penalty)
+        keep_freed_memory()
+        captioner = Captioner.load(args.checkpoint, args.device)
+        # Everything Gradio writes (uploads, outputs) goes to a folder of this process, removed when it stops.
+        cache = tempfile.mkdtemp(prefix="cameye-app-")
+        os.environ["GRADIO_TEMP_DIR"] = cache
+        os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+        try:
+            page = build_page(captioner, args.beam_size, args.length_penalty, args.queue_size, args.keep_outputs)
+            card = captioner.checkpoint.parent / "MODEL_CARD.md"
+            page.launch(
+                server_name=args.host,
+                server_port=args.port,
+                share=False,
+                ssr_mode=False,
+                run_history=False,
+                footer_links=[],
+                max_file_size=f"{MAX_UPLOAD_MB}mb",
+                allowed_paths=[str(card.resolve())] if card.is_file() else None,
+                theme=page_theme(),
+                prevent_thread_lock=True,
+            )
+            try:
+                while True:  # serve until Ctrl-C or SIGTERM (cli_errors turns them into exit status 130 / 143)
+                    time.sleep(1)
+            finally:
+                page.close()
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
