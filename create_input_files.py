@@ -6,12 +6,16 @@ Input formats, detected from the source path(s):
   image folder given by ``--images``; COCO's ``restval`` images go to the training split;
 * Flickr8k's original distribution: a folder with ``Flickr8k.token.txt``, ``Flickr_8k.{train,dev,test}Images.txt``
   and the images in ``Flicker8k_Dataset/``;
-* COCO's own annotation files ``captions_{train,val}{2014,2017}.json``: train files go to train; the images of a
-  val file are split in two halves (by image id) into val and test, since COCO has no public test captions.
+* COCO's own caption files ``captions_{train,val}{2014,2017}.json``: train files go to train; the images of a
+  val file are split in two halves (by image id) into val and test, since COCO has no public test captions. A
+  file whose name says neither (e.g. a small development set's ``captions.json``) needs ``--split``.
+
+An evaluation-only set (no training images, e.g. one COCO val file) is prepared with the word map of the
+model that will be scored on it (``--word-map``); every image then goes to one split, ``test`` by default.
 
 Output, in ``--out``: ``word_map.json`` (``<pad>``=0, ``<start>``=1, ``<end>``=2, ``<unk>``=3, then the words of
-the training captions seen at least ``--min-word-freq`` times, most frequent first) and one ``{split}.hdf5``
-per split holding
+the training captions seen at least ``--min-word-freq`` times, most frequent first; or a copy of ``--word-map``)
+and one ``{split}.hdf5`` per split (an empty split is written with 0 images and a warning) holding
 
 * ``images``: uint8, N x 3 x S x S (RGB, squashed to S x S like the common tutorial, so nothing is cropped away);
 * ``captions``: int32, N*C x (L+2) encoded ``<start> words <end> <pad>...``, C = ``--captions-per-image``;
@@ -20,34 +24,62 @@ per split holding
   sentences) and ``reference_offsets`` (image i owns rows offsets[i]:offsets[i+1]), for evaluation;
 * ``image_ids`` and ``filenames``; ``objects`` (per-image JSON) when the source has object boxes.
 
+Text: captions are NFC-normalised and case-folded; words are runs of letters (any script), digits and combining
+marks; apostrophes inside words are removed (``dog's``, ``girl’s`` -> ``dogs``, ``girls``); everything else
+separates words. Karpathy's ``tokens`` are kept as given but pass through the same rule.
+
 Images are decoded and resized in worker processes. A file that cannot be read is reported and skipped along
 with its captions, so captions never shift onto the wrong image. Everything is written under temporary names
-and renamed only when every split is complete.
+(removed on errors, Ctrl-C and SIGTERM; a killed run's are removed by the next run) and renamed only when every
+split is complete; nothing is written when no training image could be read.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import random
 import re
+import shutil
+import signal
 import sys
+import threading
+import unicodedata
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from utils import SPECIAL_TOKENS, CamEyeError, atomic_path, cli_errors, read_json
+from utils import (
+    SPECIAL_TOKENS,
+    CamEyeError,
+    Terminated,
+    atomic_path,
+    check_free_space,
+    cli_errors,
+    disk_full_errors,
+    handle_sigterm,
+    ignore_signals_in_worker,
+    positive_int,
+    read_json,
+    validate_word_map,
+)
 
 SPLITS = ("train", "val", "test")
-_TOKEN_RE = re.compile(r"[a-z0-9]+")
+# Apostrophes (ASCII, typographic, modifier letter, fullwidth, and the accents people type for one) are removed,
+# so "girl’s" and "girl's" are both "girls".
+APOSTROPHES = "'\u2019\u2018\u201b\u02bc\uff07`\u00b4"
+_NO_APOSTROPHES = str.maketrans("", "", APOSTROPHES)
+_ASCII_WORD = re.compile(r"[a-z0-9]+")
 
 
 @dataclass
@@ -62,120 +94,262 @@ class ImageRecord:
     objects: dict | None = field(default=None)  # synthetic data only: boxes and which words name them
 
 
+# ------------------------------------------------------------------------------------------------ text
 def tokenize(text: str) -> list[str]:
-    """Lower-case words and numbers; punctuation is dropped and ``dog's`` becomes ``dogs``."""
-    return _TOKEN_RE.findall(text.lower().replace("'", ""))
+    """Words of ``text``: NFC-normalised, case-folded runs of letters (any script), digits and combining marks.
+
+    Apostrophes are removed first (``dog's`` -> ``dogs``, ``girl’s`` -> ``girls``); every other character
+    (punctuation, spaces, symbols, emoji) separates words. Text without spaces (Chinese, Japanese) stays one
+    word per run of letters.
+    """
+    if text.isascii():  # the common case, 10x faster
+        return _ASCII_WORD.findall(text.lower().translate(_NO_APOSTROPHES))
+    text = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold()).translate(_NO_APOSTROPHES)
+    words, current = [], []
+    for ch in text:
+        # Combining marks (Devanagari vowel signs, a decomposed accent NFC cannot compose) belong to their word.
+        if ch.isalnum() or unicodedata.category(ch).startswith("M"):
+            current.append(ch)
+        elif current:
+            words.append("".join(current))
+            current = []
+    if current:
+        words.append("".join(current))
+    return [w for w in words if any(ch.isalnum() for ch in w)]
+
+
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; a byte-order mark and CRLF or CR line ends are accepted.
+
+    Raises CamEyeError naming the file and line when the file is missing or a line is not UTF-8.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CamEyeError(f"cannot read {path}: {exc.strerror}") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")  # Windows editors' UTF-8 BOM
+    lines = []
+    for n, line in enumerate(data.splitlines(), 1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise CamEyeError(
+                f"{path}:{n}: not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
+                "save the file as UTF-8"
+            ) from None
+    return lines
+
+
+def read_dataset_json(path: Path, what: str) -> Any:
+    """A JSON source file (a UTF-8 BOM is accepted, unlike ``json.load``), or a one-line CamEyeError."""
+    if not path.is_file():
+        raise CamEyeError(f"{what} not found: {path}")
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CamEyeError(f"{what} {path} is not valid JSON: not UTF-8 text at byte {exc.start}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CamEyeError(f"{what} {path} is not valid JSON: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------- readers
-def read_karpathy(json_path: Path, image_folder: Path) -> tuple[str, list[ImageRecord]]:
-    """Read Karpathy's ``dataset_*.json`` (and the synthetic set's JSON, which follows it)."""
-    data = read_json(json_path, "Karpathy split JSON")
+def _karpathy_captions(img: dict, where: str) -> tuple[list[list[str]], list[str]]:
+    """Tokens (normalised like any caption) and raw sentences of one Karpathy image entry."""
+    sentences = img["sentences"]
+    if not isinstance(sentences, list):
+        raise CamEyeError(f"{where}: 'sentences' must be a list, got {type(sentences).__name__}")
+    tokens, raw = [], []
+    for s in sentences:
+        given = s["tokens"]
+        if not isinstance(given, list) or not all(isinstance(t, str) for t in given):
+            raise CamEyeError(f"{where}: 'tokens' must be a list of strings, got {json.dumps(given)[:60]}")
+        text = s.get("raw", " ".join(given))
+        if not isinstance(text, str):
+            raise CamEyeError(f"{where}: 'raw' must be a string, got {json.dumps(text)[:60]}")
+        # Kept as given (vocabularies stay comparable with the published splits), but "!!!" is no word and
+        # "Girl’s" is "girls" as in every other source.
+        tokens.append([w for t in given for w in tokenize(t)])
+        raw.append(text)
+    return tokens, raw
+
+
+def read_karpathy(json_path: Path, image_folder: Path, data: Any = None) -> tuple[str, list[ImageRecord]]:
+    """Read Karpathy's ``dataset_*.json`` (and the synthetic set's JSON, which follows it).
+
+    ``data`` is the file's parsed content when the caller already read it.
+    """
+    data = read_dataset_json(json_path, "Karpathy split JSON") if data is None else data
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise CamEyeError(f"{json_path}: expected an object with an 'images' list (Karpathy's format)")
     name = str(data.get("dataset", json_path.stem.replace("dataset_", "")))
-    records = []
+    records, unknown = [], Counter()
     for k, img in enumerate(data["images"]):
+        where = f"{json_path}: image entry {k}"
         try:
-            sentences = img["sentences"]
+            where += f" ({img['filename']})"
             split = {"restval": "train"}.get(img["split"], img["split"])
-            tokens = [[str(t).lower() for t in s["tokens"]] for s in sentences]
-            raw = [str(s.get("raw", " ".join(s["tokens"]))) for s in sentences]
-            path = image_folder / img.get("filepath", "") / img["filename"]
+            tokens, raw = _karpathy_captions(img, where)
+            # Files written on Windows may use backslashes; they are folder separators, never part of a name.
+            subfolder = str(img.get("filepath", "")).replace("\\", "/")
+            path = image_folder / subfolder / str(img["filename"]).replace("\\", "/")
             image_id = str(img.get("cocoid", img.get("imgid", k)))
-        except (KeyError, TypeError) as exc:
-            raise CamEyeError(f"{json_path}: image entry {k} is malformed (missing {exc})") from None
+        except KeyError as exc:
+            raise CamEyeError(f"{where} is malformed (missing {exc})") from None
+        except (TypeError, AttributeError) as exc:
+            raise CamEyeError(f"{where} is malformed ({exc})") from None
         objects = None
         if "objects" in img:
             objects = {key: img.get(key) for key in ("objects", "caption_objects", "width", "height")}
         if split in SPLITS:
             records.append(ImageRecord(path, split, image_id, tokens, raw, objects))
+        else:
+            unknown[str(split)] += 1
+    if unknown:
+        listed = ", ".join(f"{s!r} ({n})" for s, n in sorted(unknown.items()))
+        print(
+            f"warning: {json_path}: ignored images whose split is not train/val/test/restval: {listed}", file=sys.stderr
+        )
     return name, records
 
 
 def read_flickr8k(folder: Path) -> tuple[str, list[ImageRecord]]:
     """Read Flickr8k as distributed: the token file, the three split lists and ``Flicker8k_Dataset/``."""
+    token_file = folder / "Flickr8k.token.txt"
     captions: dict[str, list[str]] = {}
-    with open(folder / "Flickr8k.token.txt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            key, sep, caption = line.partition("\t")
-            if not sep or "#" not in key:
-                raise CamEyeError(f"{folder / 'Flickr8k.token.txt'}:{n}: expected 'IMAGE.jpg#N<TAB>caption'")
-            # One known line names "2258277193_586949ec62.jpg.1", an image that does not exist: it is in no
-            # split list, so its captions are dropped below like those of the 91 photos in no split.
-            captions.setdefault(key.rsplit("#", 1)[0], []).append(caption.strip())
+    for n, line in enumerate(read_text_lines(token_file), 1):
+        if not line.strip():
+            continue
+        key, sep, caption = line.partition("\t")
+        if not sep or "#" not in key:
+            raise CamEyeError(f"{token_file}:{n}: expected 'IMAGE.jpg#N<TAB>caption'")
+        # One known line names "2258277193_586949ec62.jpg.1", an image that does not exist: it is in no
+        # split list, so its captions are dropped below like those of the 91 photos in no split.
+        captions.setdefault(key.rsplit("#", 1)[0].strip(), []).append(caption.strip())
     records = []
     for split, list_name in (("train", "train"), ("val", "dev"), ("test", "test")):
         list_file = folder / f"Flickr_8k.{list_name}Images.txt"
         if not list_file.is_file():
             raise CamEyeError(f"Flickr8k split list not found: {list_file}")
-        for name in list_file.read_text(encoding="utf-8").split():
+        for name in (word for line in read_text_lines(list_file) for word in line.split()):
             raw = captions.get(name, [])
             tokens = [tokenize(c) for c in raw]
             records.append(ImageRecord(folder / "Flicker8k_Dataset" / name, split, name, tokens, raw))
     return "flickr8k", records
 
 
-def read_coco_annotations(files: Sequence[Path], image_folder: Path) -> tuple[str, list[ImageRecord]]:
-    """Read COCO's ``captions_*.json``: train files -> train, val files -> halves into val and test."""
+def _coco_split_of(path: Path, unnamed_split: str | None) -> str | None:
+    """ "train", "val" (halved later) or ``unnamed_split`` for a file whose name says neither (or both)."""
+    says_train, says_val = "train" in path.name, "val" in path.name
+    if says_train != says_val:
+        return "train" if says_train else "val"
+    if unnamed_split is None:
+        raise CamEyeError(
+            f"{path}: the file name says neither train nor val, so its split is unknown: give --split "
+            "(train, val or test), or --word-map to prepare it for evaluation only"
+        )
+    return unnamed_split
+
+
+def read_coco_annotations(
+    files: Sequence[Path], image_folder: Path, unnamed_split: str | None = None, first: Any = None
+) -> tuple[str, list[ImageRecord]]:
+    """Read COCO's ``captions_*.json``: train files -> train, val files -> halves into val and test.
+
+    A file whose name says neither train nor val goes whole to ``unnamed_split`` (CamEyeError when None).
+    ``first`` is the first file's parsed content when the caller already read it.
+    """
     records = []
-    for path in files:
-        data = read_json(path, "COCO annotation file")
+    for n_file, path in enumerate(files):
+        data = first if n_file == 0 and first is not None else read_dataset_json(path, "COCO annotation file")
         if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
             raise CamEyeError(f"{path}: expected COCO captions with 'images' and 'annotations'")
-        is_train = "train" in path.name
+        split = _coco_split_of(path, unnamed_split)
         caps: dict[int, list[str]] = {}
         # Fix: a malformed entry (missing key, non-numeric id) used to crash with a traceback, not one line.
         try:
             for ann in data["annotations"]:
-                caps.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]).strip())
+                caption = ann["caption"]
+                if not isinstance(caption, str):  # str(None) would have become the word "none"
+                    raise CamEyeError(
+                        f"{path}: annotation {ann.get('id', '?')} of image {ann.get('image_id', '?')}: "
+                        f"'caption' must be a string, got {json.dumps(caption)[:60]}"
+                    )
+                caps.setdefault(int(ann["image_id"]), []).append(caption.strip())
             images = sorted(data["images"], key=lambda im: int(im["id"]))
-            _ = [im["file_name"] for im in images]  # checked here so the loop below cannot fail
-        except (KeyError, TypeError, ValueError) as exc:
+            names = [str(im["file_name"]).replace("\\", "/") for im in images]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CamEyeError(f"{path}: malformed COCO entry ({type(exc).__name__}: {exc})") from None
-        sub = "train2014" if "2014" in path.name and is_train else "val2014" if "2014" in path.name else ""
-        sub = sub or ("train2017" if is_train else "val2017")
-        for i, im in enumerate(images):
-            split = "train" if is_train else ("val" if i < len(images) // 2 else "test")
+        sub = "train2014" if "2014" in path.name and split == "train" else "val2014" if "2014" in path.name else ""
+        sub = sub or ("train2017" if split == "train" else "val2017")
+        folder = image_folder / sub if (image_folder / sub).is_dir() else image_folder
+        for i, (im, name) in enumerate(zip(images, names)):
+            image_split = ("val" if i < len(images) // 2 else "test") if split == "val" else split
             raw = caps.get(int(im["id"]), [])
-            folder = image_folder / sub if (image_folder / sub).is_dir() else image_folder
-            records.append(ImageRecord(folder / im["file_name"], split, str(im["id"]), [tokenize(c) for c in raw], raw))
+            records.append(ImageRecord(folder / name, image_split, str(im["id"]), [tokenize(c) for c in raw], raw))
     return "coco", records
 
 
-def read_source(sources: Sequence[Path], image_folder: Path | None) -> tuple[str, list[ImageRecord]]:
-    """Detect the format of ``sources`` and read it, or fail with one line before anything is written."""
+def read_source(
+    sources: Sequence[Path], image_folder: Path | None, unnamed_split: str | None = None
+) -> tuple[str, list[ImageRecord]]:
+    """Detect the format of ``sources`` and read it, or fail with one line before anything is written.
+
+    ``unnamed_split``: where the images of a COCO file whose name says neither train nor val go.
+    """
     first = sources[0]
+    if image_folder is not None and not image_folder.is_dir():
+        raise CamEyeError(f"image folder not found: {image_folder}")
     if first.is_dir() and (first / "Flickr8k.token.txt").is_file():
         return read_flickr8k(first)
     if not first.is_file():
         raise CamEyeError(f"source not found or not a recognised dataset: {first}")
-    head = read_json(first, "dataset JSON")
+    head = read_dataset_json(first, "dataset JSON")
     folder = image_folder if image_folder is not None else first.parent
     if isinstance(head, dict) and "annotations" in head:
-        return read_coco_annotations(sources, folder)
+        return read_coco_annotations(sources, folder, unnamed_split, first=head)
     if isinstance(head, dict) and isinstance(head.get("images"), list):
         if len(sources) > 1:
             raise CamEyeError("give one Karpathy JSON at a time")
-        return read_karpathy(first, folder)
+        return read_karpathy(first, folder, head)
     raise CamEyeError(
         f"{first}: unknown format (expected Karpathy's dataset_*.json, COCO captions_*.json "
         "or a Flickr8k folder with Flickr8k.token.txt)"
     )
 
 
+def keep_real_captions(records: Iterable[ImageRecord]) -> list[ImageRecord]:
+    """Drop captions without a word (empty, "!!!") from each image, then images left without captions."""
+    kept = []
+    for r in records:
+        pairs = [(t, raw) for t, raw in zip(r.tokens, r.raw) if t]
+        if pairs:
+            r.tokens, r.raw = [t for t, _ in pairs], [raw for _, raw in pairs]
+            kept.append(r)
+    return kept
+
+
 # ----------------------------------------------------------------------------------------- captions
+def caption_pool(record: ImageRecord, max_len: int) -> list[list[str]]:
+    """The captions an image's encoded captions are drawn from (and the vocabulary is counted on).
+
+    Those of at most ``max_len`` words; an image with none of those uses all its captions cut to ``max_len``.
+    """
+    fits = [t for t in record.tokens if 0 < len(t) <= max_len]
+    return fits or [t[:max_len] for t in record.tokens if t]
+
+
 def build_word_map(records: Iterable[ImageRecord], min_word_freq: int, max_len: int) -> dict[str, int]:
-    """Word map from the *training* captions only (the common tutorial also counts val/test words)."""
+    """Word map from the *training* captions only (the common tutorial also counts val/test words).
+
+    Words are counted in exactly the captions that can be encoded (:func:`caption_pool`: truncated ones
+    included), so no encoded training caption holds a word that was never counted.
+    """
     freq: Counter[str] = Counter()
     for r in records:
         if r.split == "train":
-            for toks in r.tokens:
-                if len(toks) <= max_len:
-                    freq.update(toks)
+            for toks in caption_pool(r, max_len):
+                freq.update(toks)
     words = sorted(
         (w for w, c in freq.items() if c >= min_word_freq and w not in SPECIAL_TOKENS), key=lambda w: (-freq[w], w)
     )
@@ -183,14 +357,13 @@ def build_word_map(records: Iterable[ImageRecord], min_word_freq: int, max_len: 
 
 
 def sample_captions(record: ImageRecord, per_image: int, max_len: int, seed: int) -> list[list[str]]:
-    """Choose ``per_image`` captions of at most ``max_len`` words, topping up by repetition if too few.
+    """Choose ``per_image`` captions from :func:`caption_pool`, topping up by repetition if too few.
 
     The RNG is seeded from (seed, image id), so an image's choice does not depend on which other images
     were skipped; a caption longer than ``max_len`` is only used (truncated) when the image has no other.
     """
     rng = random.Random(f"{seed}:{record.image_id}")
-    fits = [t for t in record.tokens if 0 < len(t) <= max_len]
-    pool = fits or [t[:max_len] for t in record.tokens if t]
+    pool = caption_pool(record, max_len)
     if len(pool) >= per_image:
         return rng.sample(pool, per_image)
     return pool + rng.choices(pool, k=per_image - len(pool))
@@ -260,6 +433,41 @@ class Options:
     image_size: int = 256
     workers: int = 2
     seed: int = 0
+    word_map: Path | None = None  # use this word map (and allow a set without training images)
+    split: str | None = None  # put every image into this split
+    start_method: str | None = None  # multiprocessing start method for the workers; None: the platform's default
+
+
+def estimate_output_bytes(records: Sequence[ImageRecord], opt: Options) -> int:
+    """Bytes the output files will take: N x 3 x S x S image bytes plus the captions and references."""
+    per_image = 3 * opt.image_size**2 + opt.captions_per_image * (opt.max_len + 3) * 4
+    # References are stored twice (tokens and raw text) as variable-length strings, ~16 bytes of overhead each.
+    text = sum(len(raw.encode()) * 2 + 32 for r in records for raw in r.raw)
+    return len(records) * per_image + text + (1 << 20)  # + HDF5 metadata and the word map
+
+
+@contextlib.contextmanager
+def _hdf5_for_writing(path: Path) -> Iterator[h5py.File]:
+    """An HDF5 file open for writing that is closed cleanly even when a write failed (e.g. a full disk).
+
+    Without a chunk cache, every write reaches the disk at once, so a full disk fails the write that caused it
+    rather than ``close()``; a file whose close failed would otherwise be closed again when the interpreter
+    exits, which segfaulted (exit 139).
+    """
+    h5 = h5py.File(path, "w", rdcc_nbytes=0)
+    try:
+        yield h5
+    except BaseException:
+        for _ in range(2):  # the first close may fail flushing metadata; the second releases the file
+            with contextlib.suppress(Exception):
+                h5.close()
+        raise
+    try:
+        h5.close()
+    except Exception:
+        with contextlib.suppress(Exception):
+            h5.close()
+        raise
 
 
 def write_split(
@@ -269,11 +477,12 @@ def write_split(
     n, s, c, width = len(records), opt.image_size, opt.captions_per_image, opt.max_len + 2
     skipped: list[tuple[str, str]] = []
     kept: list[ImageRecord] = []
-    with h5py.File(h5_path, "w") as h5:
+    # Captions are collected in memory (COCO's 566k training captions: 118 MB) and written once at the end.
+    captions = np.zeros((n * c, width), np.int32)
+    caplens = np.zeros(n * c, np.int32)
+    with _hdf5_for_writing(h5_path) as h5:
         h5.attrs.update(captions_per_image=c, max_len=opt.max_len, image_size=s, seed=opt.seed)
         images = h5.create_dataset("images", (n, 3, s, s), np.uint8, maxshape=(None, 3, s, s), chunks=(1, 3, s, s))
-        captions = h5.create_dataset("captions", (n * c, width), np.int32, maxshape=(None, width))
-        caplens = h5.create_dataset("caplens", (n * c,), np.int32, maxshape=(None,))
         jobs = ((str(r.path), s) for r in records)
         results = pool.imap(_load_job, jobs, chunksize=4) if pool else map(_load_job, jobs)
         for record, (array, reason) in tqdm(zip(records, results), total=n, desc=split, unit="img"):
@@ -288,8 +497,8 @@ def write_split(
             caplens[i * c : (i + 1) * c] = [len(t) + 2 for t in chosen]
             kept.append(record)
         images.resize(len(kept), axis=0)
-        captions.resize(len(kept) * c, axis=0)
-        caplens.resize(len(kept) * c, axis=0)
+        h5.create_dataset("captions", data=captions[: len(kept) * c])
+        h5.create_dataset("caplens", data=caplens[: len(kept) * c])
         _write_references(h5, kept)
     return len(kept), skipped
 
@@ -307,24 +516,125 @@ def _write_references(h5: h5py.File, kept: list[ImageRecord]) -> None:
         h5.create_dataset("objects", data=[json.dumps(r.objects) for r in kept], dtype=text)
 
 
+def start_pool(workers: int, start_method: str | None = None):
+    """A pool of ``workers`` image decoders (None for 1: decode in this process).
+
+    ``start_method`` None is multiprocessing's default for the platform ("fork" on Linux, "spawn" on Windows
+    and macOS, which have no safe fork). Workers ignore Ctrl-C/SIGTERM: the parent stops them, so they print
+    no tracebacks.
+    """
+    if workers < 2:
+        return None
+    return multiprocessing.get_context(start_method).Pool(workers, initializer=ignore_signals_in_worker)
+
+
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[Callable[[], None]]:
+    """Yield ``hold``: once called, Ctrl-C and SIGTERM wait until the block has ended, then take effect.
+
+    The renames that publish a prepared dataset must not be split by a signal (a new test.hdf5 beside an
+    old word map). Python runs signal handlers in the main thread only, so elsewhere this does nothing.
+    """
+    pending: list[int] = []
+    saved: dict[int, Any] = {}
+
+    def hold() -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                saved[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+
+    try:
+        yield hold
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def load_word_map(path: Path) -> dict[str, int]:
+    """A word map given with ``--word-map``, checked; one line naming the file when it is not usable."""
+    try:
+        word_map = validate_word_map(read_json(path, "word map"))
+    except CamEyeError as exc:
+        raise CamEyeError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
+    if len(word_map) == len(SPECIAL_TOKENS):
+        raise CamEyeError(f"{path}: the word map has no words besides {', '.join(SPECIAL_TOKENS)}")
+    return word_map
+
+
+def assign_splits(records: list[ImageRecord], opt: Options) -> bool:
+    """Apply ``--split`` and the evaluation-only rule in place; returns whether the set is evaluation-only.
+
+    ``--split`` puts every image into that split. Without it, a source with no training image and a given
+    word map is an evaluation-only set and goes whole to test. No training image without a word map is a
+    one-line error: there would be nothing to build the vocabulary from.
+    """
+    if opt.split is not None:
+        target = opt.split
+    elif opt.word_map is not None and not any(r.split == "train" for r in records):
+        target = "test"
+    else:
+        target = None
+    for r in records:
+        r.split = target or r.split
+    eval_only = not any(r.split == "train" for r in records)
+    if eval_only and opt.word_map is None:
+        raise CamEyeError(
+            "no training images: a training set needs some; to prepare a set for evaluation only, "
+            "give the trained model's word map with --word-map"
+        )
+    return eval_only
+
+
+def check_vocabulary(word_map: dict[str, int], records: Sequence[ImageRecord], opt: Options) -> None:
+    """Refuse a vocabulary of special tokens only: the model could learn nothing but <unk>."""
+    if len(word_map) > len(SPECIAL_TOKENS):
+        return
+    n = sum(len(caption_pool(r, opt.max_len)) for r in records if r.split == "train")
+    raise CamEyeError(
+        f"no word occurs {opt.min_word_freq} or more times in the {n} training captions, so the vocabulary "
+        f"would be empty: lower --min-word-freq (now {opt.min_word_freq})"
+    )
+
+
+def _failed_reading(split: str, skipped: list[tuple[str, str]], out: Path) -> CamEyeError:
+    example = f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+    return CamEyeError(
+        f"none of the {len(skipped)} {split} images could be read{example}; nothing was written to {out} "
+        "(is --images the right folder?)"
+    )
+
+
 def create_input_files(sources: Sequence[Path], image_folder: Path | None, opt: Options) -> dict[str, int]:
     """Read ``sources``, then write the word map and one HDF5 file per split atomically.
 
-    Returns the number of images written per split.
+    Returns the number of images written per split. Raises CamEyeError (one line, nothing written) when the
+    source is unusable, no training image (evaluation-only: no image) could be read, the vocabulary is empty or
+    the output would not fit on the disk.
     """
-    name, records = read_source(sources, image_folder)
-    records = [r for r in records if any(r.tokens)]  # an image without captions teaches nothing
-    if not any(r.split == "train" for r in records):
-        raise CamEyeError(f"{sources[0]}: no training images with captions found")
-    word_map = build_word_map(records, opt.min_word_freq, opt.max_len)
-    print(f"{name}: {len(records)} images with captions, vocabulary of {len(word_map)} words")
+    if opt.out.exists() and not opt.out.is_dir():
+        raise CamEyeError(f"--out must be a folder, but {opt.out} is a file")
+    given_map = load_word_map(opt.word_map) if opt.word_map is not None else None
+    unnamed_split = opt.split or ("test" if given_map is not None else None)
+    name, records = read_source(sources, image_folder, unnamed_split)
+    records = keep_real_captions(records)  # an image without captions teaches nothing
+    if not records:
+        raise CamEyeError(f"{sources[0]}: no images with captions found")
+    eval_only = assign_splits(records, opt)
+    word_map = given_map or build_word_map(records, opt.min_word_freq, opt.max_len)
+    check_vocabulary(word_map, records, opt)
+    what = "evaluation-only set" if eval_only else f"vocabulary of {len(word_map)} words"
+    print(f"{name}: {len(records)} images with captions, {what}")
+    check_free_space(opt.out, estimate_output_bytes(records, opt), f"preparing {len(records)} images")
     counts: dict[str, int] = {}
     all_skipped: list[tuple[str, str]] = []
-    pool = multiprocessing.get_context("fork").Pool(opt.workers) if opt.workers > 1 else None
+    pool = start_pool(opt.workers, opt.start_method)
     try:
-        # Renames happen in reverse order of entering, so the word map (entered first) is renamed last: a
-        # crash between renames never pairs a new word map with caption ids encoded by an old one.
+        # Renames happen in reverse order of entering, so the word map (entered first) is renamed last, with
+        # signals held until all are done.
         with (
+            _deferred_signals() as hold_signals,
             atomic_path(opt.out / "word_map.json") as word_map_tmp,
             atomic_path(opt.out / "train.hdf5") as train_tmp,
             atomic_path(opt.out / "val.hdf5") as val_tmp,
@@ -332,16 +642,33 @@ def create_input_files(sources: Sequence[Path], image_folder: Path | None, opt: 
         ):
             for split, tmp in zip(SPLITS, (train_tmp, val_tmp, test_tmp)):
                 split_records = [r for r in records if r.split == split]
-                counts[split], skipped = write_split(tmp, split, split_records, word_map, opt, pool)
+                with disk_full_errors(opt.out / f"{split}.hdf5"):  # name this file, not the last one entered
+                    counts[split], skipped = write_split(tmp, split, split_records, word_map, opt, pool)
                 all_skipped += skipped
-            with open(word_map_tmp, "w", encoding="utf-8") as f:
-                json.dump(word_map, f, indent=1)
+                if split_records and not counts[split] and (split == "train" or eval_only):
+                    raise _failed_reading(split, skipped, opt.out)
+            if given_map is not None:
+                shutil.copyfile(opt.word_map, word_map_tmp)
+            else:
+                with open(word_map_tmp, "w", encoding="utf-8") as f:
+                    json.dump(word_map, f, indent=1)
+            hold_signals()
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # stop decoding at once (an interruption or an error), not after the queue
+        raise
     finally:
         if pool is not None:
             pool.close()
             pool.join()
     summary = ", ".join(f"{k} {v}" for k, v in counts.items())
     print(f"wrote {opt.out}: {summary} images; skipped {len(all_skipped)} unreadable file(s)")
+    if eval_only:
+        print(f"evaluation-only set: word map copied from {opt.word_map}")
+    else:
+        for split in ("val", "test"):
+            if not counts[split]:
+                print(f"warning: the {split} split is empty: {split}.hdf5 has no images", file=sys.stderr)
     return counts
 
 
@@ -362,25 +689,61 @@ def build_parser() -> argparse.ArgumentParser:
         "--images", type=Path, default=None, help="image folder for JSON sources (default: the JSON's folder)"
     )
     p.add_argument("--out", type=Path, required=True, help="output folder for {split}.hdf5 and word_map.json")
-    p.add_argument("--captions-per-image", type=int, default=5, help="captions kept per training image")
-    p.add_argument("--min-word-freq", type=int, default=5, help="rarer training words become <unk>")
-    p.add_argument("--max-len", type=int, default=50, help="longest caption in words (longer ones are dropped)")
-    p.add_argument("--image-size", type=int, default=256, help="images are resized to this square size")
-    p.add_argument("--workers", type=int, default=2, help="processes that decode and resize images")
+    p.add_argument("--captions-per-image", type=positive_int, default=5, help="captions kept per training image")
+    p.add_argument(
+        "--min-word-freq",
+        type=positive_int,
+        default=5,
+        help="rarer training words become <unk> (ignored with --word-map)",
+    )
+    p.add_argument(
+        "--max-len",
+        type=positive_int,
+        default=50,
+        help="longest caption in words: longer captions are left out when the image has a shorter one, "
+        "and cut to this length when it has none (all captions stay in the references)",
+    )
+    p.add_argument("--image-size", type=positive_int, default=256, help="images are resized to this square size")
+    p.add_argument("--workers", type=positive_int, default=2, help="processes that decode and resize images")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing captions per image")
+    p.add_argument(
+        "--word-map",
+        type=Path,
+        default=None,
+        help="use this word map (e.g. a trained model's word_map.json) instead of building one; it is copied to "
+        "--out. A source without training images is then an evaluation-only set: every image goes to --split",
+    )
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=None,
+        help="put every image into this split (default: the source's own splits; COCO files by name: train -> "
+        "train, val -> halved into val and test; test for an evaluation-only set)",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    for name in ("captions_per_image", "min_word_freq", "max_len", "image_size", "workers"):
-        if getattr(args, name) < 1:
-            build_parser().error(f"--{name.replace('_', '-')} must be at least 1")
+    handle_sigterm()
     opt = Options(
-        args.out, args.captions_per_image, args.min_word_freq, args.max_len, args.image_size, args.workers, args.seed
+        out=args.out,
+        captions_per_image=args.captions_per_image,
+        min_word_freq=args.min_word_freq,
+        max_len=args.max_len,
+        image_size=args.image_size,
+        workers=args.workers,
+        seed=args.seed,
+        word_map=args.word_map,
+        split=args.split,
     )
     with cli_errors():
-        create_input_files(args.sources, args.images, opt)
+        try:
+            create_input_files(args.sources, args.images, opt)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
+            how, status = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+            print(f"{how} while preparing {opt.out}: nothing was half-written there; run again", file=sys.stderr)
+            raise SystemExit(status) from None
 
 
 if __name__ == "__main__":
