@@ -45,12 +45,9 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import contextlib
 import itertools
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -58,6 +55,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from utils import atomic_path, cli_errors, handle_sigterm
 
 # Saturated, clearly distinct object colours. Every one has a channel above BACKGROUND_MAX or a channel spread
 # (max - min) far above what a muted background can reach, so a background pixel can never equal one of them.
@@ -356,17 +355,10 @@ def _assign_splits(num_images: int, fractions: Sequence[float], seed: int) -> li
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``path`` via a temporary file in the same folder and ``os.replace``: readers never see half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes private files; a dataset should be readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write ``path`` through :func:`utils.atomic_path`: readers never see half a file, and the temporary file
+    is removed on errors, Ctrl-C and SIGTERM (a killed run's is removed when the next run writes ``path``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def _raw_sentence(tokens: list[str]) -> str:
@@ -487,7 +479,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_arguments(args.num_images, args.image_size, args.seed, args.splits)
     except ValueError as exc:
         parser.error(str(exc))  # exits with status 2 and a one-line message, no traceback
-    path = generate_dataset(args.out, args.num_images, args.image_size, args.seed, tuple(args.splits), progress=True)
+    handle_sigterm()
+    with cli_errors():  # a full disk, Ctrl-C or SIGTERM: one line, and no temporary file left behind
+        path = generate_dataset(
+            args.out, args.num_images, args.image_size, args.seed, tuple(args.splits), progress=True
+        )
     counts = split_counts(args.num_images, args.splits)
     summary = ", ".join(f"{name} {c}" for name, c in zip(SPLIT_NAMES, counts, strict=True))
     print(f"wrote {args.num_images} images ({summary}) to {path}")

@@ -6,6 +6,7 @@ when ../shared/data/flickr8k exists.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -533,7 +534,7 @@ def test_bad_sources_raise_one_line_errors_before_writing(tmp_path, content, mes
 def test_no_training_images_is_an_error(tmp_path):
     solid(tmp_path / "a.png", (0, 0, 0))
     source = write_karpathy(tmp_path / "d.json", [{"filename": "a.png", "split": "val", "sentences": [sentence("a")]}])
-    with pytest.raises(CamEyeError, match="no training images"):
+    with pytest.raises(CamEyeError, match="no training images.*--word-map"):
         prepare([source], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -580,11 +581,12 @@ def test_rerun_replaces_existing_output_cleanly(tmp_path, synthetic_prepared):
 
 
 # ------------------------------------------------------------------------------------------ determinism
-def test_same_inputs_give_identical_outputs_with_1_or_2_workers(tmp_path, synthetic_prepared):
+@pytest.mark.parametrize("start_method", [None, "spawn"], ids=["default start method", "spawn (Windows, macOS)"])
+def test_same_inputs_give_identical_outputs_with_1_or_2_workers(tmp_path, synthetic_prepared, start_method):
     first = synthetic_prepared.out
     opts = dict(captions_per_image=5, min_word_freq=1, image_size=64, max_len=50, seed=0)
     prepare([synthetic_prepared.json], tmp_path / "again", workers=1, **opts)
-    prepare([synthetic_prepared.json], tmp_path / "two", workers=2, **opts)
+    prepare([synthetic_prepared.json], tmp_path / "two", workers=2, start_method=start_method, **opts)
     for other in (tmp_path / "again", tmp_path / "two"):
         assert (other / "word_map.json").read_bytes() == (first / "word_map.json").read_bytes()
         for split in ("train", "val", "test"):
@@ -697,3 +699,368 @@ def test_flickr8k_real_subset(tmp_path):
         stds = images.reshape(10, -1).std(axis=1)
         assert (stds > 10).all(), stds  # photos, not constant or blank images
         assert len({img.tobytes() for img in data["images"]}) == 10
+
+
+# ------------------------------------------------------------------------------------------ empty results
+def snapshot(folder):
+    """Every file in ``folder`` (hidden temporaries included) with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def temporaries(folder):
+    return sorted(p.name for p in folder.rglob("*.tmp"))
+
+
+def one_error_line(result):
+    """Assert a CLI run failed with exactly one ``error:`` line and no traceback; return that line."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    # tqdm's progress bars go to stderr too, redrawn with carriage returns
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and "img/s" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_cli_without_images_folder_fails_and_keeps_earlier_output(tmp_path):
+    # Karpathy's JSON lives apart from its images; without --images every file is "not found".
+    images = tmp_path / "images"
+    entries = []
+    for i, split in enumerate(["train"] * 4 + ["val", "test"]):
+        solid(images / f"{i}.png", colour_of(i))
+        entries.append({"filename": f"{i}.png", "imgid": i, "split": split, "sentences": [sentence("a red dog")]})
+    source = write_karpathy(tmp_path / "json" / "dataset_flickr8k.json", entries)
+    out = tmp_path / "out"
+    assert run_cli(source, "--images", images, "--out", out, "--min-word-freq", 1, "--workers", 1).returncode == 0
+    before = snapshot(out)
+    assert set(before) == OUTPUTS
+
+    line = one_error_line(run_cli(source, "--out", out, "--min-word-freq", 1, "--workers", 2))
+    assert "none of the 4 train images could be read" in line and "file not found" in line
+    assert f"nothing was written to {out}" in line and "--images" in line
+    assert snapshot(out) == before  # the earlier good output is untouched, and no temporary is left
+
+
+@pytest.mark.parametrize("case", ["no val images", "only val image unreadable"])
+def test_empty_val_split_is_a_warning_and_an_empty_file(tmp_path, capsys, case):
+    entries = []
+    for i, split in enumerate(["train", "train", "test"] + (["val"] if case != "no val images" else [])):
+        path = solid(tmp_path / f"{i}.png", colour_of(i)) if split != "val" else _bad("text", tmp_path / f"{i}")
+        entries.append({"filename": path.name, "imgid": i, "split": split, "sentences": [sentence("a red dog")]})
+    source = write_karpathy(tmp_path / "dataset_x.json", entries)
+    assert prepare([source], tmp_path / "out") == {"train": 2, "val": 0, "test": 1}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warnings == ["warning: the val split is empty: val.hdf5 has no images"]
+    val = read_split(tmp_path / "out" / "val.hdf5")
+    assert val["images"].shape == (0, 3, SIZE, SIZE) and val["captions"].shape == (0, 22)
+    assert len(val["image_ids"]) == 0 and val["reference_offsets"].tolist() == [0]
+
+
+def test_out_that_is_a_file_and_missing_image_folder_are_one_line_errors(tmp_path, synthetic_prepared):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CamEyeError, match="--out must be a folder"):
+        prepare([synthetic_prepared.json], tmp_path / "file")
+    with pytest.raises(CamEyeError, match="image folder not found"):
+        prepare([synthetic_prepared.json], tmp_path / "out", images=tmp_path / "nowhere")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------- evaluation-only sets
+def write_coco_captions(path, images, captions):
+    """COCO captions_*.json: ``images`` maps id -> file name, ``captions`` is a list of (image id, caption)."""
+    data = {
+        "images": [{"id": i, "file_name": name} for i, name in images.items()],
+        "annotations": [{"id": k, "image_id": i, "caption": c} for k, (i, c) in enumerate(captions)],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def coco_eval_set(folder, name="captions.json"):
+    """Three images with two captions each, named neither train nor val (like coco-dev80)."""
+    images = {i: f"{i:012d}.jpg" for i in (5, 3, 9)}
+    for i, file_name in images.items():
+        solid(folder / "images" / file_name, colour_of(i), fmt="JPEG")
+    captions = [(i, f"A dog and a {word} number {i}.") for i in images for word in ("cat", "zebra")]
+    return write_coco_captions(folder / name, images, captions), folder / "images"
+
+
+def word_map_file(path, words):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({w: i for i, w in enumerate([*SPECIAL_TOKENS, *words])}, indent=2))
+    return path
+
+
+def test_eval_only_coco_file_is_prepared_with_a_given_word_map(tmp_path, capsys):
+    source, images = coco_eval_set(tmp_path / "dev")
+    given = word_map_file(tmp_path / "model" / "word_map.json", ["a", "dog", "and", "cat", "number", "3", "5"])
+    out = tmp_path / "out"
+    counts = prepare([source], out, images=images, captions_per_image=2, word_map=given)
+    assert counts == {"train": 0, "val": 0, "test": 3}  # --split test by default for an evaluation-only set
+    assert (out / "word_map.json").read_bytes() == given.read_bytes()  # a copy, not a rebuilt vocabulary
+    assert "evaluation-only set" in capsys.readouterr().out
+    test = read_split(out / "test.hdf5")
+    assert test["image_ids"] == ["3", "5", "9"]
+    word_map = read_word_map(out)
+    for n, i in enumerate((3, 5, 9)):
+        assert sorted(image_refs(test, n)) == [["a", "dog", "and", "a", w, "number", str(i)] for w in ("cat", "zebra")]
+        rows = decode_rows(test["captions"][2 * n : 2 * n + 2], word_map)
+        number = str(i) if str(i) in word_map else "<unk>"
+        assert sorted(rows) == [["a", "dog", "and", "a", w, "number", number] for w in ("<unk>", "cat")]
+        np.testing.assert_allclose(mean_colour(test["images"][n]), colour_of(i), atol=8)
+    for split in ("train", "val"):
+        assert read_split(out / f"{split}.hdf5")["images"].shape[0] == 0
+
+
+def test_eval_only_split_option_and_coco_val_file_go_whole_to_one_split(tmp_path):
+    source, images = coco_eval_set(tmp_path / "dev")
+    given = word_map_file(tmp_path / "word_map.json", ["a", "dog"])
+    assert prepare([source], tmp_path / "v", images=images, word_map=given, split="val")["val"] == 3
+    # A COCO val file would be halved into val and test for a training set; evaluation-only, it stays whole.
+    val_source, _ = coco_eval_set(tmp_path / "dev", name="captions_val2017.json")
+    counts = prepare([val_source], tmp_path / "t", images=images, word_map=given)
+    assert counts == {"train": 0, "val": 0, "test": 3}
+    # The same file without a word map: a training set would have no training images.
+    with pytest.raises(CamEyeError, match="no training images.*--word-map"):
+        prepare([val_source], tmp_path / "none", images=images)
+
+
+def test_coco_file_named_neither_train_nor_val_needs_split_or_word_map(tmp_path):
+    source, images = coco_eval_set(tmp_path / "dev")
+    with pytest.raises(CamEyeError, match=r"captions.json: the file name says neither train nor val.*--split"):
+        prepare([source], tmp_path / "out", images=images)
+    assert not (tmp_path / "out").exists()
+    # --split train makes it a training set with its own vocabulary.
+    assert prepare([source], tmp_path / "out", images=images, split="train")["train"] == 3
+    assert "zebra" in read_word_map(tmp_path / "out")
+
+
+def test_word_map_given_for_a_training_set_is_used_as_is(tmp_path, synthetic_prepared):
+    given = word_map_file(tmp_path / "word_map.json", ["a", "red", "circle"])
+    counts = prepare([synthetic_prepared.json], tmp_path / "out", word_map=given, min_word_freq=1)
+    assert counts == synthetic_prepared.counts  # the source's own splits are kept
+    assert (tmp_path / "out" / "word_map.json").read_bytes() == given.read_bytes()
+    assert read_split(tmp_path / "out" / "train.hdf5")["captions"].max() < len(SPECIAL_TOKENS) + 3
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "word map not found"),
+        ({"<pad>": 0, "<start>": 1, "<end>": 2, "dog": 3}, "must map <unk> to 3"),
+        ({"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3}, "no words besides"),
+        ("[1, 2]", "non-empty JSON object"),
+    ],
+    ids=["missing", "no <unk>", "special tokens only", "a list"],
+)
+def test_bad_word_map_is_a_one_line_error(tmp_path, content, message):
+    source, images = coco_eval_set(tmp_path / "dev")
+    path = tmp_path / "wm.json"
+    if content is not None:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(CamEyeError, match=message) as info:
+        prepare([source], tmp_path / "out", images=images, word_map=path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+COCO_DEV80 = ROOT.parent / "shared/data/coco-dev80"
+
+
+def test_coco_dev80_with_a_word_map(tmp_path):
+    if not (COCO_DEV80 / "captions.json").is_file():
+        pytest.skip(f"coco-dev80 not found at {COCO_DEV80}: this test needs the real photos (see its README.md)")
+    words = "a man on the of with in and is an table two dog cat people sitting street plate".split()
+    given = word_map_file(tmp_path / "word_map.json", words)
+    out = tmp_path / "coco80"
+    result = run_cli(COCO_DEV80 / "captions.json", "--images", COCO_DEV80 / "images", "--word-map", given)
+    assert result.returncode == 2 and "--out" in result.stderr  # argparse: --out is required
+    result = run_cli(
+        COCO_DEV80 / "captions.json", *("--images", COCO_DEV80 / "images", "--word-map", given, "--out", out),
+        *("--image-size", 32, "--workers", 2),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "train 0, val 0, test 80 images" in result.stdout
+    test = read_split(out / "test.hdf5")
+    assert test["images"].shape == (80, 3, 32, 32) and len(set(test["image_ids"])) == 80
+    assert np.diff(test["reference_offsets"]).min() >= 5 and test["captions"].shape == (400, 52)
+    assert (out / "word_map.json").read_bytes() == given.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------- vocabulary
+def test_vocabulary_without_a_real_word_is_refused_naming_the_option(tmp_path):
+    entries = []
+    for i, text in enumerate(["A dog runs.", "Two cats sleep.", "A red car.", "Birds fly high."]):
+        solid(tmp_path / f"{i}.png", colour_of(i))
+        entries.append({"filename": f"{i}.png", "imgid": i, "split": "train", "sentences": [sentence(text)]})
+    source = write_karpathy(tmp_path / "dataset_x.json", entries)
+    line = one_error_line(run_cli(source, "--out", tmp_path / "out", "--workers", 1))  # default --min-word-freq 5
+    assert "lower --min-word-freq (now 5)" in line and "4 training captions" in line
+    assert not (tmp_path / "out").exists()
+    assert run_cli(source, "--out", tmp_path / "out", "--workers", 1, "--min-word-freq", 2).returncode == 0
+    assert list(read_word_map(tmp_path / "out")) == [*SPECIAL_TOKENS, "a"]
+
+
+def test_captions_cut_to_max_len_are_counted_in_the_vocabulary(tmp_path):
+    solid(tmp_path / "a.png", (0, 0, 0))
+    solid(tmp_path / "b.png", (9, 9, 9))
+    long = [sentence("a brown dog jumps over the fence"), sentence("a brown dog leaps over a gate")]
+    entries = [
+        {"filename": "a.png", "split": "train", "sentences": long},  # only captions longer than --max-len
+        {
+            "filename": "b.png",
+            "split": "train",
+            "sentences": [sentence("a cat"), sentence("a cat sits on a very tall wall")],
+        },
+    ]
+    prepare([write_karpathy(tmp_path / "d.json", entries)], tmp_path / "out", max_len=4, captions_per_image=2)
+    word_map = read_word_map(tmp_path / "out")
+    assert {"brown", "dog", "jumps", "leaps"} <= set(word_map)  # counted after truncation
+    assert not {"over", "fence", "sits", "wall"} & set(word_map)  # cut off, or in a caption never encoded
+    rows = decode_rows(read_split(tmp_path / "out" / "train.hdf5")["captions"], word_map)
+    assert sorted(rows[:2]) == [["a", "brown", "dog", "jumps"], ["a", "brown", "dog", "leaps"]]  # no <unk>
+    assert rows[2:] == [["a", "cat"], ["a", "cat"]]
+
+
+def test_max_len_help_says_what_happens():
+    text = " ".join(cif.build_parser().format_help().split())
+    assert "longer captions are left out when the image has a shorter one, and cut to this length" in text
+
+
+# -------------------------------------------------------------------------------------------------- text
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("Café crème brûlée, jalapeño!", ["café", "crème", "brûlée", "jalapeño"]),
+        ("cafe\u0301 CAFÉ", ["café", "café"]),  # decomposed and composed: NFC makes them one word
+        ("a girl’s dog's toyʼs ＇quote＇", ["a", "girls", "dogs", "toys", "quote"]),
+        ("Straße ΣΟΦΙΑ İstanbul", ["strasse", "σοφια", "i̇stanbul"]),  # case-folded
+        ("一只狗在草地上跑。", ["一只狗在草地上跑"]),  # no spaces: one word per run of letters
+        ("犬が公園を走っている", ["犬が公園を走っている"]),
+        ("कुत्ता घास पर दौड़ता है", ["कुत्ता", "घास", "पर", "दौड़ता", "है"]),  # vowel signs and nukta stay in
+        ("كلب يجري", ["كلب", "يجري"]),
+        ("2 dogs, 3rd place; 10:30 🐶 !!! ...", ["2", "dogs", "3rd", "place", "10", "30"]),
+        ("t-shirt\tand\u00a0jeans\r\n", ["t", "shirt", "and", "jeans"]),
+    ],
+)
+def test_tokenize_keeps_unicode_words_whole(text, words):
+    assert cif.tokenize(text) == words
+
+
+def test_flickr8k_unicode_captions_are_kept(tmp_path):
+    captions = [
+        ("a.jpg#0", "A café serves crème brûlée"),
+        ("a.jpg#1", "A girl’s jalapeño"),
+        ("a.jpg#2", "A girl's café"),
+    ]
+    captions += [("b.jpg#0", "一只狗在草地上跑。"), ("c.jpg#0", "A dog")]
+    splits = {"train": ["a.jpg", "b.jpg"], "val": [], "test": ["c.jpg"]}
+    write_flickr8k(tmp_path / "f8k", captions, splits, {n: (9, 9, 9) for n in ("a.jpg", "b.jpg", "c.jpg")})
+    assert prepare([tmp_path / "f8k"], tmp_path / "out")["train"] == 2  # the Chinese caption's image is kept
+    train = read_split(tmp_path / "out" / "train.hdf5")
+    assert image_refs(train, 0) == [
+        ["a", "café", "serves", "crème", "brûlée"],
+        ["a", "girls", "jalapeño"],
+        ["a", "girls", "café"],
+    ]
+    assert image_refs(train, 1) == [["一只狗在草地上跑"]]
+    assert train["references_raw"][1] == "A girl’s jalapeño"
+    assert {"café", "crème", "brûlée", "jalapeño", "girls", "一只狗在草地上跑"} <= set(read_word_map(tmp_path / "out"))
+
+
+def test_karpathy_tokens_are_normalised_like_captions(tmp_path):
+    solid(tmp_path / "a.png", (0, 0, 0))
+    tokens = ["A", "Girl’s", "!!!", "...", "T-shirt", "cafe\u0301", "2", "-"]
+    entries = [{"filename": "a.png", "split": "train", "sentences": [{"tokens": tokens}]}]
+    prepare([write_karpathy(tmp_path / "d.json", entries)], tmp_path / "out", captions_per_image=1)
+    train = read_split(tmp_path / "out" / "train.hdf5")
+    assert image_refs(train, 0) == [["a", "girls", "t", "shirt", "café", "2"]]
+    assert train["references_raw"] == [" ".join(tokens)]  # no raw sentence: the tokens as given
+
+
+@pytest.mark.parametrize(
+    "sentences, message",
+    [
+        ([{"tokens": "a dog runs", "raw": "a dog runs"}], r"'tokens' must be a list of strings, got \"a dog runs\""),
+        ([{"tokens": ["a", 2]}], r"'tokens' must be a list of strings, got \[\"a\", 2\]"),
+        ([{"tokens": ["a"], "raw": None}], "'raw' must be a string"),
+        ("a dog", "'sentences' must be a list"),
+    ],
+    ids=["tokens a string", "tokens with a number", "raw not a string", "sentences a string"],
+)
+def test_malformed_karpathy_captions_name_the_image(tmp_path, sentences, message):
+    solid(tmp_path / "a.png", (0, 0, 0))
+    entries = [
+        {"filename": "a.png", "split": "train", "sentences": [sentence("a dog")]},
+        {"filename": "b.png", "split": "train", "sentences": sentences},
+    ]
+    with pytest.raises(CamEyeError, match=message) as info:
+        prepare([write_karpathy(tmp_path / "d.json", entries)], tmp_path / "out")
+    assert "d.json: image entry 1 (b.png)" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("which", ["token file", "split list"])
+def test_latin1_flickr8k_file_is_one_line_naming_file_and_line(tmp_path, which):
+    captions = [("a.jpg#0", "A dog"), ("b.jpg#0", "A cat")]
+    write_flickr8k(tmp_path / "f8k", captions, {"train": ["a.jpg"], "val": ["b.jpg"], "test": []}, {})
+    if which == "token file":
+        name, content = "Flickr8k.token.txt", "a.jpg#0\tA dog\nb.jpg#0\tA caf\xe9 with a cat\n"
+    else:
+        name, content = "Flickr_8k.devImages.txt", "b.jpg\nc\xe9.jpg\n"
+    (tmp_path / "f8k" / name).write_bytes(content.encode("latin-1"))
+    column = content.splitlines()[1].index("\xe9") + 1
+    line = one_error_line(run_cli(tmp_path / "f8k", "--out", tmp_path / "out", "--workers", 1))
+    path = tmp_path / "f8k" / name
+    assert line == f"error: {path}:2: not UTF-8 text (byte 0xe9 at column {column}); save the file as UTF-8"
+    assert not (tmp_path / "out").exists()
+
+
+def test_byte_order_marks_crlf_and_windows_paths_are_read(tmp_path):
+    # Flickr8k files saved by a Windows editor: UTF-8 BOM and CRLF line ends.
+    images = {"a.jpg": (200, 0, 0), "b.jpg": (0, 200, 0)}
+    write_flickr8k(tmp_path / "f8k", [], {"train": [], "val": [], "test": []}, images)
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "f8k" / "Flickr8k.token.txt").write_bytes(
+        bom + "a.jpg#0\tA red café\r\nb.jpg#0\tA green one \r\n".encode()
+    )
+    (tmp_path / "f8k" / "Flickr_8k.trainImages.txt").write_bytes(bom + b"a.jpg\r\nb.jpg\r\n")
+    assert prepare([tmp_path / "f8k"], tmp_path / "out1", captions_per_image=1)["train"] == 2
+    train = read_split(tmp_path / "out1" / "train.hdf5")
+    assert train["image_ids"] == ["a.jpg", "b.jpg"] and train["references_raw"] == ["A red café", "A green one"]
+    # Karpathy JSON with a BOM and a Windows folder in filepath; a COCO file with a BOM.
+    solid(tmp_path / "k" / "train2014" / "x.png", (0, 0, 200))
+    entries = [
+        {"filepath": "train2014\\", "filename": "x.png", "split": "train", "sentences": [sentence("a blue one")]}
+    ]
+    source = tmp_path / "k" / "dataset_k.json"
+    source.write_bytes(bom + json.dumps({"images": entries}).encode())
+    assert prepare([source], tmp_path / "out2", captions_per_image=1)["train"] == 1
+    assert np.argmax(mean_colour(read_split(tmp_path / "out2" / "train.hdf5")["images"][0])) == 2
+    coco = write_coco_captions(tmp_path / "k" / "captions_train2014.json", {1: "x.png"}, [(1, "a blue one")])
+    coco.write_bytes(bom + coco.read_bytes())
+    assert prepare([coco], tmp_path / "out3", images=tmp_path / "k", captions_per_image=1)["train"] == 1
+
+
+def test_coco_captions_that_are_empty_are_dropped_and_non_strings_refused(tmp_path):
+    images = {1: "a.png", 2: "b.png"}
+    for i, name in images.items():
+        solid(tmp_path / "img" / name, colour_of(i))
+    captions = [(1, "A dog."), (1, "   "), (1, "!!!"), (2, "A cat."), (2, "")]
+    source = write_coco_captions(tmp_path / "captions_train2014.json", images, captions)
+    assert prepare([source], tmp_path / "out", images=tmp_path / "img", captions_per_image=1)["train"] == 2
+    train = read_split(tmp_path / "out" / "train.hdf5")
+    assert train["references"] == ["a dog", "a cat"] and train["references_raw"] == ["A dog.", "A cat."]
+    for bad in (None, 5, ["a", "dog"]):
+        source = write_coco_captions(tmp_path / "captions_train2014.json", images, [(1, "A dog."), (2, bad)])
+        with pytest.raises(CamEyeError, match=r"annotation 1 of image 2: 'caption' must be a string"):
+            prepare([source], tmp_path / "bad", images=tmp_path / "img")
+
+
+def test_unknown_karpathy_split_is_named_in_a_warning(tmp_path, capsys):
+    solid(tmp_path / "a.png", (0, 0, 0))
+    entries = [
+        {"filename": "a.png", "split": s, "sentences": [sentence("a dog")]} for s in ("train", "dev", "dev", "Test")
+    ]
+    prepare([write_karpathy(tmp_path / "d.json", entries)], tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "ignored images whose split is not train/val/test/restval: 'Test' (1), 'dev' (2)" in err
