@@ -155,19 +155,23 @@ def check_controls(beam_size: Any, length_penalty: Any) -> tuple[int, float]:
 
 
 def word_overlay(answer: Answer | None, index: Any) -> np.ndarray | None:
-    """The photo darkened where word ``index`` did not look (H x W x 3 uint8), or None without an answer."""
+    """The photo darkened where word ``index`` did not look (H x W x 3 uint8), or None without an answer.
+
+    The attention is smoothed at the model's image size, exactly as in the attention figure, then stretched.
+    """
     if answer is None or not answer.words:
         return None
     try:
         i = int(index)
     except (TypeError, ValueError):
         i = 0
-    return attention_overlay(answer.photo, answer.grids[min(max(i, 0), len(answer.words) - 1)])
+    grid = answer.grids[min(max(i, 0), len(answer.words) - 1)]
+    return attention_overlay(answer.photo, grid, side=answer.image.shape[1])
 
 
 def write_figures(answer: Answer, folder: Path) -> list[Path]:
     """Write the answer's full attention figure (PNG) and GIF into ``folder``; returns their paths."""
-    stem = re.sub(r"[^\w.-]+", "_", Path(answer.name).stem)[:60] or "photo"
+    stem = re.sub(r"[^\w.-]+", "_", Path(answer.name).stem).strip("_.")[:60] or "photo"
     png, gif = folder / f"{stem}_attention.png", folder / f"{stem}_attention.gif"
     save_attention_figure(answer.image, answer.words, answer.grids, png)
     save_attention_gif(answer.image, answer.words, answer.grids, gif)
@@ -291,7 +295,7 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
                 status = gr.Markdown(elem_id="status")
                 caption_out = gr.Textbox(label="caption", interactive=False, elem_id="caption")
                 words = gr.Radio(label="click a word to see where it looked", elem_id="words")
-                overlay = gr.Image(label="attention of the chosen word", interactive=False, format="png",
+                overlay = gr.Image(label="attention of the chosen word", interactive=False, format="jpeg",
                                    elem_id="attention")  # fmt: skip
                 beams = gr.Dataframe(
                     headers=["caption", "log-probability", "normalised score"],
@@ -318,6 +322,34 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
 
 
 # ----------------------------------------------------------------------------------------------- serving
+def launch_page(page, captioner: Captioner, host: str = "127.0.0.1", port: int = 7860) -> str:
+    """Start serving ``page`` in background threads (stop it with ``page.close()``); returns its local URL.
+
+    Offline: no share link, no server-side rendering (it would need Node), no run history kept in the browser,
+    no footer links, uploads over ``MAX_UPLOAD_MB`` refused by Gradio itself; only the model card is served
+    from outside Gradio's cache.
+    """
+    card = captioner.checkpoint.parent / "MODEL_CARD.md"
+    try:
+        _, url, _ = page.launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            ssr_mode=False,
+            run_history=False,
+            footer_links=[],
+            max_file_size=f"{MAX_UPLOAD_MB}mb",
+            allowed_paths=[str(card.resolve())] if card.is_file() else None,
+            theme=page_theme(),
+            prevent_thread_lock=True,
+            quiet=True,
+        )
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        raise CamEyeError(f"cannot serve on {host}:{port} ({str(err).splitlines()[0]})") from None
+    print(f"CamEye page on {url} (Ctrl-C to stop)", flush=True)
+    return url
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Serve the CamEye page: caption a photo in the browser and see, word by word, where it looked.",
@@ -347,19 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
         try:
             page = build_page(captioner, args.beam_size, args.length_penalty, args.queue_size, args.keep_outputs)
-            card = captioner.checkpoint.parent / "MODEL_CARD.md"
-            page.launch(
-                server_name=args.host,
-                server_port=args.port,
-                share=False,
-                ssr_mode=False,
-                run_history=False,
-                footer_links=[],
-                max_file_size=f"{MAX_UPLOAD_MB}mb",
-                allowed_paths=[str(card.resolve())] if card.is_file() else None,
-                theme=page_theme(),
-                prevent_thread_lock=True,
-            )
+            launch_page(page, captioner, args.host, args.port)
             try:
                 while True:  # serve until Ctrl-C or SIGTERM (cli_errors turns them into exit status 130 / 143)
                     time.sleep(1)

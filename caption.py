@@ -45,6 +45,7 @@ from utils import (
     validate_word_map,
 )
 
+OVERLAY_ALPHA = 0.65  # opacity of the attention map over the photo in figures and the web page
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -91,19 +92,22 @@ def smooth_attention(alpha: np.ndarray, size: int) -> np.ndarray:
     return heat / peak if peak > 0 else heat
 
 
-def attention_overlay(photo: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """The photo (H x W x 3 uint8) darkened where one word's attention (grid x grid) is low, as H x W x 3 uint8.
+def attention_overlay(photo: np.ndarray, grid: np.ndarray, side: int | None = None) -> np.ndarray:
+    """One word's attention (grid x grid) laid over the photo (H x W x 3 uint8) as in the attention figure's
+    panels (brighter = more attention), as H x W x 3 uint8.
 
-    The model saw the photo squashed to a square, so the map is smoothed on a square (:func:`smooth_attention`,
-    as in the figures) and then stretched back to the photo's own aspect ratio.
+    The model saw the photo squashed to a square, so the map is smoothed on a ``side`` x ``side`` square
+    (:func:`smooth_attention`, as in the figures; default max(H, W)) and then stretched to the photo's own shape.
     """
     from skimage.transform import resize
 
     h, w = photo.shape[:2]
-    heat = smooth_attention(grid, max(h, w))
-    if h != w:
+    heat = smooth_attention(grid, side or max(h, w))
+    if heat.shape != (h, w):
         heat = resize(heat, (h, w), order=1)
-    return (photo.astype(np.float64) * (0.25 + 0.75 * heat[..., None])).astype(np.uint8)
+    # What the figure's imshow(heat, cmap="gray", alpha=OVERLAY_ALPHA) over the photo composites to.
+    blend = (1 - OVERLAY_ALPHA) * photo.astype(np.float64) + OVERLAY_ALPHA * 255 * heat[..., None]
+    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
 
 
 def attention_grids(decoded: Decoded) -> np.ndarray:
@@ -131,7 +135,7 @@ def attention_figure(image: np.ndarray, words: Sequence[str], grids: np.ndarray)
     axes.flat[0].set_title("photo", fontsize=11)
     for ax, word, grid in zip(axes.flat[1:], words, grids):
         ax.imshow(rgb)
-        ax.imshow(smooth_attention(grid, rgb.shape[0]), cmap="gray", alpha=0.65, vmin=0, vmax=1)
+        ax.imshow(smooth_attention(grid, rgb.shape[0]), cmap="gray", alpha=OVERLAY_ALPHA, vmin=0, vmax=1)
         ax.set_title(word, fontsize=11)
     fig.suptitle(" ".join(words), fontsize=11)
     fig.tight_layout()
@@ -149,10 +153,11 @@ def save_attention_figure(image: np.ndarray, words: Sequence[str], grids: np.nda
 def attention_gif_frames(image: np.ndarray, words: Sequence[str], grids: np.ndarray) -> list[np.ndarray]:
     """One S x S x 3 uint8 frame per word: the photo (3 x S x S) darkened where not attended, the caption so far
     along the bottom and a "word i/n" counter in the top right corner."""
-    rgb = image.transpose(1, 2, 0)
+    rgb = image.transpose(1, 2, 0).astype(np.float64)
     frames = []
     for i, grid in enumerate(grids[: len(words)]):
-        frame = Image.fromarray(attention_overlay(rgb, grid))
+        heat = smooth_attention(grid, rgb.shape[0])[..., None]
+        frame = Image.fromarray((rgb * (0.25 + 0.75 * heat)).astype(np.uint8))
         draw = ImageDraw.Draw(frame)
         text = " ".join(words[: i + 1])
         draw.rectangle((0, frame.height - 16, frame.width, frame.height), fill=(0, 0, 0))

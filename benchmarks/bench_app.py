@@ -1,0 +1,269 @@
+"""The web page's speed as a user sees it: time from dropping a photo to its caption shown, in a real browser.
+
+    python benchmarks/bench_app.py                                   # shipped model, 6 photos, CPU
+    python benchmarks/bench_app.py --screenshot docs/app_screenshot.png
+
+Starts ``app.py`` on a free localhost port, opens it in headless Chromium (Debian's ``chromium`` and
+``chromium-driver`` packages, driven by Selenium; nothing is downloaded), drops each photo on the page and times,
+inside the page, from the file input's ``change`` event to the caption appearing (polled every 5 ms). The page
+is cleared between photos. Prints one line per photo and the median; the first photo also pays for the model's
+first run. ``--screenshot`` saves the page with the first photo captioned and its fourth word chosen.
+
+The browser helpers here are also used by tests/test_app.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "motorcycle_left.png", "rocket.jpg", "camera.png")
+
+# Installed into the page: records when a file input receives a file (the user's drop) and, polling every
+# 5 ms, when the caption box first shows text after that.
+TIMER_JS = """
+window.__cameye = {dropped: null, shown: null};
+document.addEventListener('change', e => {
+  if (e.target.type === 'file') { window.__cameye = {dropped: performance.now(), shown: null}; }
+}, true);
+setInterval(() => {
+  const box = document.querySelector('#caption textarea');
+  const t = window.__cameye;
+  if (t.dropped !== null && t.shown === null && box && box.value) { t.shown = performance.now(); }
+}, 5);
+"""
+
+
+def skimage_photo(name: str) -> Path:
+    """A photo that ships inside scikit-image (an installed package: nothing to download)."""
+    import skimage.data
+
+    return Path(skimage.data.__file__).parent / name
+
+
+def browser_missing() -> str | None:
+    """Why no browser test can run here, or None: Selenium and Debian's chromium + chromium-driver are needed."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -r requirements-dev.txt)"
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not path.is_file():
+            return f"{path} not found (apt-get install {package})"
+    return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(*args: str, timeout: float = 180.0) -> Iterator[str]:
+    """Run ``python app.py --port FREE ARGS`` and yield its URL once it answers; stop it (SIGTERM) afterwards.
+
+    Raises RuntimeError with the server's output if it exits or does not answer within ``timeout`` seconds.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(REPO / "app.py"), "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with status {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"app.py did not answer on {url} within {timeout:.0f} s")
+            time.sleep(0.25)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+
+
+def chromium(width: int = 1300, height: int = 1150):
+    """Headless Chromium through chromedriver, both Debian's, logging every network request it makes.
+
+    The driver's path is given, so Selenium Manager never looks for (or downloads) a browser or driver.
+    """
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                f"--window-size={width},{height}", "--no-first-run", "--disable-extensions",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"):  # fmt: skip
+        options.add_argument(arg)  # --no-sandbox: Chromium refuses to run as root without it
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def open_page(driver, url: str, timeout: float = 60.0) -> None:
+    """Load the page in the current tab and wait until it can take a photo; install the timer."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    WebDriverWait(driver, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
+    driver.execute_script(TIMER_JS)
+
+
+def drop_photo(driver, path: Path) -> None:
+    """Give the page's photo input a file, as a drop or the file chooser does."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, "#photo input[type=file]").send_keys(str(path))
+
+
+def caption_text(driver) -> str:
+    return driver.execute_script("const b = document.querySelector('#caption textarea'); return b ? b.value : '';")
+
+
+def status_text(driver) -> str:
+    return driver.execute_script("const s = document.querySelector('#status'); return s ? s.innerText : '';")
+
+
+def wait_for(driver, condition, timeout: float = 60.0, what: str = "the page"):
+    """Poll ``condition(driver)`` every 50 ms until it returns something truthy; return that."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition, f"timed out waiting for {what}")
+
+
+def clear_photo(driver) -> None:
+    """Empty the photo input (its clear button) and wait until the caption box is empty."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, "#photo button[aria-label='Remove Image']").click()
+    wait_for(driver, lambda d: caption_text(d) == "", 30, "the cleared page")
+
+
+def seconds_to_caption(driver, path: Path, timeout: float = 60.0) -> tuple[str, float]:
+    """Drop a photo on a page showing no caption; return its caption and the seconds until it was shown."""
+    drop_photo(driver, path)
+    wait_for(driver, lambda d: d.execute_script("return window.__cameye.shown !== null"), timeout, "the caption")
+    t = driver.execute_script("return window.__cameye")
+    return caption_text(driver), (t["shown"] - t["dropped"]) / 1000
+
+
+def requested_urls(driver) -> list[str]:
+    """Every URL the browser requested (or opened a WebSocket to) since the last call, from its performance log."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+        elif message["method"] == "Network.webSocketCreated":
+            urls.append(message["params"]["url"])
+    return urls
+
+
+def off_host(urls: list[str]) -> list[str]:
+    """The URLs that went anywhere but 127.0.0.1 (inline data: and blob: URLs stay in the page)."""
+    return [u for u in urls if urlparse(u).scheme not in ("data", "blob") and urlparse(u).hostname != "127.0.0.1"]
+
+
+def save_screenshot(driver, path: Path) -> int:
+    """Save the browser window as a PNG of at most 256 colours (a few hundred KB); returns its size in bytes."""
+    import io
+
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO))
+    from utils import atomic_path
+
+    with Image.open(io.BytesIO(driver.get_screenshot_as_png())) as shot:
+        small = shot.convert("RGB").quantize(colors=256)
+    with atomic_path(path) as tmp:
+        small.save(tmp, format="PNG", optimize=True)
+    return path.stat().st_size
+
+
+def choose_word(driver, index: int, timeout: float = 30.0) -> str:
+    """Click word ``index`` of the caption and wait for its attention image; returns the image's URL."""
+    from selenium.webdriver.common.by import By
+
+    before = driver.execute_script("const i = document.querySelector('#attention img'); return i ? i.src : null;")
+    driver.find_elements(By.CSS_SELECTOR, "#words label")[index].click()
+    return wait_for(
+        driver,
+        lambda d: d.execute_script(
+            "const i = document.querySelector('#attention img');"
+            "return i && i.src !== arguments[0] && i.complete && i.naturalWidth > 0 ? i.src : null;",
+            before,
+        ),
+        timeout,
+        f"the attention image of word {index + 1}",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--photos", nargs="+", type=Path, default=[skimage_photo(n) for n in PHOTOS],
+                   help="photos to drop, one after another (default: six that ship inside scikit-image)")  # fmt: skip
+    p.add_argument("--screenshot", type=Path, default=None, help="save the page after the first photo (PNG)")
+    p.add_argument("--app-args", default="--device cpu", help="options for app.py, e.g. '--checkpoint x.pt'")
+    args = p.parse_args(argv)
+    missing = browser_missing()
+    if missing:
+        print(f"error: no browser: {missing}", file=sys.stderr)
+        return 2
+    with running_app(*args.app_args.split()) as url:
+        driver = chromium()
+        try:
+            open_page(driver, url)
+            times = []
+            for i, photo in enumerate(args.photos):
+                if i:
+                    clear_photo(driver)
+                text, seconds = seconds_to_caption(driver, photo)
+                times.append(seconds)
+                print(f"{photo.name}: {seconds:.3f} s from drop to caption: {text}", flush=True)
+                if i == 0 and args.screenshot:
+                    choose_word(driver, min(3, len(text.split()) - 1))
+                    time.sleep(0.5)  # let the image fade in
+                    size = save_screenshot(driver, args.screenshot)
+                    print(f"screenshot: {args.screenshot} ({size / 1024:.0f} KB)")
+            print(f"drop to caption shown, {len(times)} photos: median {statistics.median(times):.3f} s, "
+                  f"first {times[0]:.3f} s, max {max(times):.3f} s")  # fmt: skip
+            strays = off_host(requested_urls(driver))
+            print(f"requests to hosts other than 127.0.0.1: {len(strays)}", *strays[:5])
+        finally:
+            driver.quit()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""Tests for app.py, the CamEye web page.
+
+* Its functions, in-process with the session's tiny model (tests/_tiny_model.py): a photo in; caption, best
+  beams, per-word attention over the photo at its own aspect ratio, figure and GIF out; each bad input refused
+  in one line.
+* The served page through Gradio's own client (in-process server): empty submit, a text file and then a photo,
+  uploads deleted once decoded, a full queue answered with a message.
+* A real browser (headless Debian chromium through chromedriver, Selenium) on ``python app.py`` with the shipped
+  model: captions of real photos as caption.py writes them, a word's attention image, an error message while
+  the server keeps serving, two tabs at once, figure downloads, and every request going to 127.0.0.1. Skipped,
+  with the reason, where no browser is installed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from _tiny_model import SPECIAL_TOKENS, one_torch_thread, tiny_model
+from PIL import Image
+
+import app
+from benchmarks import bench_app as browser
+from caption import Captioner, caption_images, smooth_attention
+from utils import DEFAULT_CHECKPOINT, CamEyeError
+
+# Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates: its warning, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    return tiny_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def captioner(model: SimpleNamespace) -> Captioner:
+    return Captioner.load(model.checkpoint, "cpu")
+
+
+def png_with_size(png: bytes, width: int, height: int) -> bytes:
+    """A copy of a PNG whose header claims another size (its IHDR chunk rewritten, CRC included)."""
+    assert png[12:16] == b"IHDR"
+    body = b"IHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big") + png[24:29]
+    return png[:12] + body + zlib.crc32(body).to_bytes(4, "big") + png[33:]
+
+
+@pytest.fixture(scope="module")
+def photos(model: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A square synthetic photo, a 2:1 one, a JPEG stored 2:1 but rotated upright by EXIF, and bad files."""
+    root = tmp_path_factory.mktemp("app_photos")
+    square = root / "square.png"
+    shutil.copyfile(model.images / "000003.png", square)
+    with Image.open(model.images / "000005.png") as im:
+        wide = im.convert("RGB").resize((128, 64))
+    wide.save(root / "wide.png")
+    exif = Image.Exif()
+    exif[app.EXIF_ORIENTATION] = 6  # stored 128 x 64, shown rotated a quarter turn: 64 x 128
+    wide.save(root / "rotated.jpg", exif=exif.tobytes())
+    png = square.read_bytes()
+    (root / "notes.txt").write_text("not a photo\n")
+    (root / "truncated.png").write_bytes(png[: len(png) // 2])
+    (root / "empty.png").write_bytes(b"")
+    (root / "bomb.png").write_bytes(png_with_size(png, 20000, 20000))  # 400 M pixels claimed
+    (root / "big_bomb.png").write_bytes(png_with_size(png, 10000, 10000))  # over the warning limit only
+    with open(root / "huge.jpg", "wb") as f:  # sparse: 21 MB on paper, nothing on disk
+        f.truncate(21 * 1024 * 1024)
+    return SimpleNamespace(root=root, square=square, wide=root / "wide.png", rotated=root / "rotated.jpg")
+
+
+def check_words(words: list[str], captioner: Captioner) -> None:
+    assert words, "the tiny model captions every test photo with at least one word"
+    assert set(words) <= set(captioner.word_map) - SPECIAL_TOKENS, words
+
+
+# ------------------------------------------------------------------------------------------ the functions
+def test_a_photo_gives_its_caption_beams_and_a_map_per_word(captioner: Captioner, photos: SimpleNamespace) -> None:
+    answer = app.answer_photo(captioner, photos.wide, "wide.png", 3, 0.5)
+    check_words(answer.words, captioner)
+    # the caption caption.py writes for the same file, through the same code
+    [(_, cli_words, _, _)] = list(caption_images([photos.wide], captioner, beam_size=3, length_penalty=0.5))
+    assert answer.words == cli_words
+    size = captioner.config.image_size
+    assert answer.image.shape == (3, size, size) and answer.image.dtype == np.uint8
+    assert answer.photo.shape == (256, 512, 3), "shown at its own 2:1 aspect ratio, longest side 512"
+    grid = math.isqrt(answer.grids.shape[1] * answer.grids.shape[2])
+    assert answer.grids.shape == (len(answer.words), grid, grid)
+    np.testing.assert_allclose(answer.grids.sum(axis=(1, 2)), 1.0, rtol=1e-4)  # a distribution per word
+    # the best beams: 1..3, the first the caption itself, ranked by score / (words + <end>) ** 0.5
+    assert 1 <= len(answer.beams) <= 3 and answer.beams[0][0] == " ".join(answer.words)
+    normalised = [b[2] for b in answer.beams]
+    assert normalised == sorted(normalised, reverse=True)
+    for text, score, norm in answer.beams:
+        assert norm == pytest.approx(score / (len(text.split()) + 1) ** 0.5, abs=2e-3)
+    assert len({b[0] for b in answer.beams}) == len(answer.beams), "distinct beams"
+
+
+def test_beam_size_ten_gives_up_to_ten_beams(captioner: Captioner, photos: SimpleNamespace) -> None:
+    answer = app.answer_photo(captioner, photos.square, "square.png", 10, 2.0)
+    assert 1 <= len(answer.beams) <= 10
+    assert answer.photo.shape == (512, 512, 3)
+
+
+def test_exif_rotated_photo_is_shown_upright(captioner: Captioner, photos: SimpleNamespace) -> None:
+    answer = app.answer_photo(captioner, photos.rotated, "rotated.jpg", 1, 0.0)
+    assert answer.photo.shape == (512, 256, 3), "stored 2:1, shown 1:2 as its EXIF orientation says"
+
+
+@pytest.mark.parametrize(
+    ("beam", "penalty"),
+    [(0, 0.5), (11, 0.5), (2.5, 0.5), (3, -0.1), (3, 2.01), (3, float("nan")), ("three", 0.5), (None, 0.5)],
+)
+def test_controls_out_of_bounds_are_refused_in_one_line(captioner: Captioner, photos, beam, penalty) -> None:
+    with pytest.raises(CamEyeError) as err:
+        app.answer_photo(captioner, photos.square, "square.png", beam, penalty)
+    assert "\n" not in str(err.value) and ("beam size" in str(err.value) or "length penalty" in str(err.value))
+
+
+def test_controls_at_their_bounds_are_accepted() -> None:
+    assert app.check_controls(1, 0.0) == (1, 0.0)
+    assert app.check_controls(10.0, 2) == (10, 2.0)
+    assert app.check_controls("3", "0.5") == (3, 0.5)  # as an API call may send them
+
+
+BAD_FILES = {
+    "text file": ("notes.txt", "not an image"),
+    "truncated PNG": ("truncated.png", "unreadable image ("),
+    "empty file": ("empty.png", "not an image"),
+    "over 20 MB": ("huge.jpg", "the file is 21.0 MB; photos up to 20 MB are accepted"),
+    "decompression bomb": ("bomb.png", "unreadable image ("),
+    "over the bomb warning limit": ("big_bomb.png", "unreadable image ("),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_file_is_one_line_naming_the_users_file(captioner: Captioner, photos: SimpleNamespace, case: str) -> None:
+    name, reason = BAD_FILES[case]
+    path = photos.root / name
+    with pytest.raises(CamEyeError) as err:
+        app.answer_photo(captioner, path, f"my {name}", 3, 0.5)
+    message = str(err.value)
+    assert message.startswith(f"my {name}: {reason}"), message
+    assert "\n" not in message and str(photos.root) not in message, "the server's temporary path is not shown"
+    if "bomb" in case:
+        assert "decompression bomb" in message
+
+
+def test_word_overlay_is_the_figures_smoothing_stretched_to_the_photo() -> None:
+    grid = np.full((4, 4), 0.01)
+    grid[0, 3] = 1.0  # top-right cell
+    other = np.full((4, 4), 0.01)
+    other[3, 0] = 1.0  # bottom-left cell
+    grids = np.stack([grid, other]) / np.stack([grid, other]).sum(axis=(1, 2), keepdims=True)
+    square = np.zeros((3, 64, 64), dtype=np.uint8)
+
+    def answer(photo: np.ndarray) -> app.Answer:
+        return app.Answer("src", "name", photo, square, ["a", "b"], grids, [["a b", -1.0, -0.5]])
+
+    # A black square photo: the overlay is exactly the figure's gray map at alpha OVERLAY_ALPHA.
+    flat = app.word_overlay(answer(np.zeros((64, 64, 3), dtype=np.uint8)), 0)
+    expected = np.rint(0.65 * 255 * smooth_attention(grids[0], 64)).astype(np.uint8)
+    np.testing.assert_array_equal(flat[..., 0], expected)
+    # A black 2:1 photo: same shape as the photo, each word's peak in its own corner.
+    wide = answer(np.zeros((100, 200, 3), dtype=np.uint8))
+    for index, corner in ((0, (0, 1)), (1, (1, 0)), (7, (1, 0)), ("x", (0, 1))):  # out of range: the nearest
+        overlay = app.word_overlay(wide, index)
+        assert overlay.shape == (100, 200, 3) and overlay.dtype == np.uint8
+        row, col = np.unravel_index(np.argmax(overlay[..., 0]), overlay.shape[:2])
+        assert (row // 50, col // 100) == corner, index
+    assert app.word_overlay(None, 0) is None
+
+
+def test_figures_are_written_on_demand_with_safe_names(
+    captioner: Captioner, photos: SimpleNamespace, tmp_path: Path
+) -> None:
+    answer = app.answer_photo(captioner, photos.wide, "../../my photo (1).png", 3, 0.5)
+    png, gif = app.write_figures(answer, tmp_path)
+    assert (png.name, gif.name) == ("my_photo_1_attention.png", "my_photo_1_attention.gif")
+    assert png.parent == tmp_path and gif.parent == tmp_path
+    with Image.open(png) as im:
+        cols = min(5, len(answer.words) + 1)
+        assert im.format == "PNG" and im.size[0] == round(2.4 * 80 * cols)
+    with Image.open(gif) as im:
+        assert im.format == "GIF" and im.n_frames == len(answer.words)
+
+
+def test_model_summary_names_the_model_its_card_and_limits(captioner: Captioner) -> None:
+    text = app.model_summary(captioner)
+    assert "**last.pt**" in text and "no model card" in text and "Limits:" in text
+    shipped = SimpleNamespace(
+        checkpoint=DEFAULT_CHECKPOINT, config=captioner.config, word_map={}, device=captioner.device
+    )
+    text = app.model_summary(shipped)
+    card = (DEFAULT_CHECKPOINT.parent / "MODEL_CARD.md").resolve()
+    assert f"[model card](/gradio_api/file={card})" in text and "dogs" in text
+
+
+def test_example_photos_are_the_demo_photos_that_ship_with_scikit_image() -> None:
+    examples = app.example_photos()
+    assert [p.name for p in examples] == list(app.EXAMPLE_PHOTOS)
+    assert all(p.is_file() for p in examples)
+
+
+def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        app.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--checkpoint", "--device", "--host", "--port", "--beam-size", "--length-penalty", "--queue-size",
+                   "--keep-outputs"):  # fmt: skip
+        assert option in out
+    assert "127.0.0.1" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--beam-size", "11"], "error: beam size must be a whole number from 1 to 10, got 11"),
+     (["--length-penalty", "3"], "error: length penalty must be from 0.0 to 2.0, got 3.0"),
+     (["--checkpoint", "missing.pt"], "error: checkpoint not found: missing.pt")],
+)  # fmt: skip
+def test_bad_options_are_one_line_and_exit_2(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        app.main([*argv, "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [message]
+
+
+# ------------------------------------------------------------------------------- the page, Gradio's client
+@pytest.fixture(scope="module")
+def served(captioner: Captioner, tmp_path_factory: pytest.TempPathFactory):
+    """The page served in-process on a free port (queue of 1) with its own Gradio folder; Gradio's client on it."""
+    from gradio_client import Client
+
+    cache = tmp_path_factory.mktemp("gradio_cache")
+    before = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(cache)
+    page = app.build_page(captioner, queue_size=1)
+    try:
+        url = app.launch_page(page, captioner, port=browser.free_port())
+        client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
+        yield SimpleNamespace(page=page, client=client, cache=cache, url=url)
+    finally:
+        page.close()
+        if before is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = before
+
+
+def status_and_caption(result: tuple) -> tuple[str, str]:
+    return result[0], result[1]
+
+
+def test_empty_submit_gets_a_message(served: SimpleNamespace) -> None:
+    status, caption = status_and_caption(served.client.predict(None, 3, 0.5, api_name="/caption"))
+    assert status.startswith("**error:** no photo") and caption == ""
+
+
+def test_a_text_file_gets_a_message_then_a_photo_its_caption_and_neither_upload_is_kept(
+    served: SimpleNamespace, captioner: Captioner, photos: SimpleNamespace
+) -> None:
+    from gradio_client import handle_file
+
+    status, caption = status_and_caption(
+        served.client.predict(handle_file(str(photos.root / "notes.txt")), 3, 0.5, api_name="/caption")
+    )
+    assert status == "**error:** notes.txt: not an image (or an unsupported format)" and caption == ""
+    status, caption = status_and_caption(
+        served.client.predict(handle_file(str(photos.wide)), 3, 0.5, api_name="/caption")
+    )
+    assert status.startswith("wide.png: captioned in ") and status.endswith(" s (beam 3, length penalty 0.5)")
+    assert caption == " ".join(app.answer_photo(captioner, photos.wide, "wide.png", 3, 0.5).words)
+    kept = [p.name for p in served.cache.rglob("*") if p.is_file()]
+    assert "notes.txt" not in kept and "wide.png" not in kept, kept
+
+
+def test_a_full_queue_is_refused_with_a_message(
+    served: SimpleNamespace, captioner: Captioner, photos: SimpleNamespace
+) -> None:
+    from gradio_client import handle_file
+    from gradio_client.utils import Status
+
+    def wait_status(job, wanted: Status) -> None:
+        deadline = time.monotonic() + 30
+        while job.status().code != wanted:
+            assert time.monotonic() < deadline, f"job never reached {wanted}: {job.status()}"
+            time.sleep(0.05)
+
+    args = (handle_file(str(photos.square)), 1, 0.0)
+    with captioner._lock:  # hold the model: the first request waits inside decode, occupying the one worker
+        running = served.client.submit(*args, api_name="/caption")
+        wait_status(running, Status.PROCESSING)
+        waiting = served.client.submit(*args, api_name="/caption")
+        wait_status(waiting, Status.IN_QUEUE)  # the queue holds 1
+        refused = served.client.submit(*args, api_name="/caption")
+        with pytest.raises(Exception, match="Queue is full"):
+            refused.result(timeout=30)
+    for job in (running, waiting):  # both answered once the model is free
+        status, caption = status_and_caption(job.result(timeout=60))
+        assert status.startswith("square.png: captioned in") and caption
+
+
+# ----------------------------------------------------------------------------------------- a real browser
+@pytest.fixture(scope="module")
+def shipped_captions() -> dict[str, str]:
+    """caption.py's captions of two real photos with the shipped model, at the page's default settings."""
+    photos = [browser.skimage_photo("chelsea.png"), browser.skimage_photo("coffee.png")]
+    captioner = Captioner.load(DEFAULT_CHECKPOINT, "cpu")
+    return {path.name: " ".join(words) for path, words, _, _ in caption_images(photos, captioner, 3)}
+
+
+@pytest.mark.skipif(bool(browser.browser_missing()), reason=f"no browser: {browser.browser_missing()}")
+def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNamespace) -> None:
+    from selenium.webdriver.common.by import By
+
+    chelsea, coffee = browser.skimage_photo("chelsea.png"), browser.skimage_photo("coffee.png")
+    with browser.running_app("--device", "cpu") as url:
+        driver = browser.chromium()
+        try:
+            browser.open_page(driver, url)
+            first = driver.current_window_handle
+
+            # A real photo: its caption, as caption.py writes it, soon after the drop.
+            caption, seconds = browser.seconds_to_caption(driver, chelsea)
+            assert caption == shipped_captions["chelsea.png"]
+            print(f"\nbrowser: {seconds:.3f} s from drop to caption ({chelsea.name}, first photo)")
+
+            # A word: its attention image appears, at the photo's own aspect ratio (451 x 300 -> 512 x 341).
+            labels = driver.find_elements(By.CSS_SELECTOR, "#words label")
+            assert [lab.text.split(". ", 1)[1] for lab in labels] == caption.split()
+            src = browser.choose_word(driver, 3)
+            size = driver.execute_script(
+                "const i = document.querySelector('#attention img'); return [i.naturalWidth, i.naturalHeight];"
+            )
+            assert size == [512, 341] and urllib.request.urlopen(src).status == 200
+            assert browser.choose_word(driver, 1) != src, "another word, another image"
+
+            # The model card link is served by the page itself.
+            card = driver.find_element(By.CSS_SELECTOR, "#model a").get_attribute("href")
+            with urllib.request.urlopen(card) as response:
+                assert response.status == 200 and b"model card" in response.read()
+
+            # Figure and GIF on demand.
+            driver.find_element(By.ID, "make-figures").click()
+            names = browser.wait_for(
+                driver,
+                lambda d: sorted(e.text for e in d.find_elements(By.CSS_SELECTOR, "#downloads a") if e.text) or None,
+                what="the downloads",
+            )
+            assert [n.split()[0] for n in names] == ["chelsea_attention.gif", "chelsea_attention.png"]
+
+            # Not an image: a message in the page, and the server goes on answering.
+            browser.clear_photo(driver)
+            browser.drop_photo(driver, photos.root / "notes.txt")
+            message = browser.wait_for(driver, lambda d: "error" in browser.status_text(d) and browser.status_text(d))
+            assert "notes.txt: not an image" in message and browser.caption_text(driver) == ""
+            browser.clear_photo(driver)
+            caption, _ = browser.seconds_to_caption(driver, coffee)
+            assert caption == shipped_captions["coffee.png"]
+
+            # Two tabs at once: each gets the caption of its own photo.
+            driver.switch_to.new_window("tab")
+            second = driver.current_window_handle
+            browser.open_page(driver, url)
+            driver.switch_to.window(first)
+            browser.clear_photo(driver)
+            browser.drop_photo(driver, chelsea)
+            driver.switch_to.window(second)
+            browser.drop_photo(driver, coffee)
+            for handle, name in ((first, "chelsea.png"), (second, "coffee.png")):
+                driver.switch_to.window(handle)
+                browser.wait_for(driver, lambda d, n=name: browser.status_text(d).startswith(f"{n}: captioned"))
+                assert browser.caption_text(driver) == shipped_captions[name], name
+
+            # Every request the page made went to this machine's server.
+            urls = browser.requested_urls(driver)
+            assert any(u.startswith(url) for u in urls) and browser.off_host(urls) == []
+        finally:
+            driver.quit()
+
+
+def test_browser_helpers_find_requests_off_this_machine() -> None:
+    urls = ["http://127.0.0.1:7860/x", "data:image/png;base64,AA", "blob:http://127.0.0.1:7860/1",
+            "https://fonts.googleapis.com/css", "http://localhost:7860/"]  # fmt: skip
+    assert browser.off_host(urls) == ["https://fonts.googleapis.com/css", "http://localhost:7860/"]
+
+
+def test_page_uses_system_fonts_only() -> None:
+    """No font is fetched: the theme names system fonts, not Google's or Gradio's web fonts."""
+    theme = app.page_theme()
+    css = theme._get_theme_css() if hasattr(theme, "_get_theme_css") else ""
+    assert "googleapis" not in css and "@font-face" not in css
+    assert theme.font.startswith("system-ui")
