@@ -8,10 +8,17 @@ Reports, each labelled with how it was computed:
 * BLEU-1..4, METEOR, ROUGE-L and CIDEr from ``pycocoevalcap`` after its PTB tokenizer, against the original
   reference sentences (the numbers papers report; needs Java, skipped with a note without it);
 * on data with object boxes (the synthetic set), attention correctness: for each generated word that names
-  an object, the share of that step's attention inside the object's box, next to the uniform baseline.
+  an object, the share of that step's attention inside the object's box, next to the uniform baseline;
+* with ``--instances`` (COCO instance annotations of the split's photos): CHAIR-s and CHAIR-i, the share of
+  captions / of object mentions naming a COCO object that is in neither the photo's boxes nor its references,
+  and attention correctness inside the boxes of the objects the caption names;
+* with ``--bootstrap N``: 95% percentile intervals over images.
 
-Writes ``predictions_<split>.json`` (COCO results format), ``references_<split>.json`` (COCO caption
-annotations, so any COCO tool can re-score the predictions) and ``metrics_<split>.json`` to ``--out``.
+Writes ``predictions_<split>.json`` (COCO results format) and ``references_<split>.json`` (COCO caption
+annotations, so any COCO tool can re-score the predictions) to ``--out`` as soon as decoding ends, then
+``metrics_<split>.json`` after each family of metrics (and ``objects_<split>.json`` with ``--instances``). A
+metric that fails (Java that will not start) is reported in one line and recorded there; the others are still
+computed, and the exit status is 3.
 """
 
 from __future__ import annotations
@@ -19,26 +26,49 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets import CaptionDataset, collate_eval
-from metrics import coco_metrics, java_available, mean_attention_correctness, nltk_bleu
+from metrics import (
+    MetricError,
+    attention_in_box,
+    attention_in_boxes,
+    bootstrap_interval,
+    box_area_share,
+    boxes_area_share,
+    chair,
+    coco_mentions,
+    image_truth,
+    iter_coco_metrics,
+    java_available,
+    mean_attention_correctness,
+    nltk_bleu,
+)
+from metrics_data import COCO_SYNONYMS
 from models import Decoded, Preprocess, load_captioner
 from utils import (
+    CamEyeError,
     add_decoding_arguments,
     cli_errors,
+    handle_sigterm,
+    ignore_signals_in_worker,
     keep_freed_memory,
     non_negative_int,
     positive_int,
+    read_json,
     reverse_word_map,
     select_device,
     write_json,
 )
+
+EXIT_METRIC_FAILED = 3  # everything was written, but some metric could not be computed
 
 
 @torch.no_grad()
@@ -112,9 +142,215 @@ def json_safe(value):
     return value
 
 
-def coco_id(image_id: str, index: int) -> int:
-    """COCO tools want integer ids: COCO's own ids stay, others (Flickr file names) become the row index."""
-    return int(image_id) if image_id.isdigit() else index
+def coco_ids(image_ids: Sequence[str]) -> list[int]:
+    """COCO tools want unique integer ids: COCO's own ids stay; otherwise (Flickr file names, or ids that
+    repeat) every image gets its row index."""
+    # Fix: ids used to be chosen per image (its number, else its row), so in a split mixing numeric and other
+    # ids, or holding an id twice, two images could share an id and one silently vanished from the scores.
+    if all(i.isdigit() for i in image_ids) and len({int(i) for i in image_ids}) == len(image_ids):
+        return [int(i) for i in image_ids]
+    return list(range(len(image_ids)))
+
+
+def open_eval_split(data: Path, split: str) -> CaptionDataset:
+    """The split to evaluate, or one line saying why it cannot be (missing, not ours, empty)."""
+    path = data / f"{split}.hdf5"
+    dataset = CaptionDataset(path, "eval")  # a missing or foreign file is a one-line CamEyeError
+    if len(dataset) == 0:
+        raise CamEyeError(
+            f"{split}.hdf5 has no images: {path} (its source had no readable {split} images); "
+            "evaluate another --split or prepare the data again"
+        )
+    return dataset
+
+
+def check_writable(out: Path) -> None:
+    """Fail in one line now, not after decoding, when ``out`` cannot hold the results."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise CamEyeError(f"cannot write the results to {out}: {exc.strerror or exc}") from None
+
+
+def read_instances(path: Path, image_ids: Sequence[str], split: str) -> list[dict]:
+    """Boxes of every image of the split from COCO instance annotations, matched by COCO image id.
+
+    Returns, per image in split order, ``{"width", "height", "boxes": {category: [(x0, y0, x1, y1), ...]}}``
+    in pixels of the original photo. Raises :class:`CamEyeError` (one line) for a file that is not COCO
+    instance annotations, a category outside COCO's 80, a bad box, or split images the file does not cover.
+    """
+    data = read_json(path, "instances file")
+    try:
+        names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+        sizes = {int(im["id"]): (float(im["width"]), float(im["height"])) for im in data["images"]}
+        boxes: dict[int, dict[str, list]] = {}
+        for ann in data["annotations"]:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
+                raise ValueError(f"bad bbox {ann['bbox']} of annotation {ann.get('id')}")
+            category = names[int(ann["category_id"])]
+            boxes.setdefault(int(ann["image_id"]), {}).setdefault(category, []).append((x, y, x + w, y + h))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CamEyeError(f"{path}: not COCO instance annotations ({type(exc).__name__}: {exc})") from None
+    unknown = sorted(set(names.values()) - set(COCO_SYNONYMS))
+    if unknown:
+        raise CamEyeError(f"{path}: categories outside COCO's 80 ({', '.join(unknown[:3])}): CHAIR needs COCO's")
+    if any(not (w > 0 and h > 0) for w, h in sizes.values()):
+        raise CamEyeError(f"{path}: an image has a width or height that is not positive")
+    missing = [i for i in image_ids if not i.isdigit() or int(i) not in sizes]
+    if missing:
+        raise CamEyeError(
+            f"{len(missing)} of {len(image_ids)} {split} images are not in {path} (e.g. {', '.join(missing[:3])}): "
+            "--instances must describe the evaluated images, matched by COCO image id"
+        )
+    return [{"width": sizes[int(i)][0], "height": sizes[int(i)][1], "boxes": boxes.get(int(i), {})} for i in image_ids]
+
+
+def vocabulary_note(word_map: dict[str, int], data: Path, references: list[list[str]]) -> dict | None:
+    """How the model's vocabulary compares with the data's word map, when they differ (else None).
+
+    A different vocabulary is fine for evaluation: references are scored as text, never through word ids
+    (e.g. a Flickr8k model on COCO photos). The share of reference words the model cannot say is reported.
+    """
+    try:
+        data_map = read_json(data / "word_map.json", "word map")
+    except CamEyeError:
+        return None  # no word map beside the data: nothing to compare
+    if data_map == word_map:
+        return None
+    words = [w for refs in references for ref in refs for w in ref]
+    outside = sum(w not in word_map for w in words)
+    return {
+        "model_words": len(word_map),
+        "data_words": len(data_map) if isinstance(data_map, dict) else None,
+        "reference_words_outside_vocabulary": outside / len(words) if words else math.nan,
+    }
+
+
+def coco_attention_pairs(tokens: Sequence[str], alphas: torch.Tensor, image: dict):
+    """(share of attention inside, uniform baseline) for each generated word naming a COCO object of the image.
+
+    A mention's every word counts ("teddy" and "bear"), against the union of all boxes of its category
+    (three dogs: the three boxes); a mention of a category without boxes is a hallucination (CHAIR) or only
+    in the references, and has no box to look at.
+    """
+    grid = math.isqrt(alphas.shape[1])
+    size = (image["width"], image["height"])
+    for start, end, category in coco_mentions(tokens):
+        boxes = image["boxes"].get(category)
+        if not boxes:
+            continue
+        baseline = boxes_area_share(boxes, size)
+        for t in range(start, end):
+            yield attention_in_boxes(alphas[t].reshape(grid, grid).numpy(), boxes, size), baseline
+
+
+def summarise_attention(per_image: list[list[tuple[float, float]]]) -> dict:
+    """Mean attention share inside the boxes over all object words, beside the uniform baseline."""
+    pairs = [p for image in per_image for p in image]
+    return {
+        "attention_correctness": float(np.mean([p[0] for p in pairs])) if pairs else math.nan,
+        "uniform_baseline": float(np.mean([p[1] for p in pairs])) if pairs else math.nan,
+        "n_words": len(pairs),
+    }
+
+
+def intervals(per_image: dict[str, tuple], resamples: int, level: float = 0.95) -> dict:
+    """Bootstrap intervals over images of each statistic in ``per_image`` (name -> (numerators, denominators))."""
+    out: dict = {"resamples": resamples, "level": level, "unit": "images"}
+    for name, (numerators, denominators) in per_image.items():
+        out[name] = list(bootstrap_interval(numerators, denominators, resamples, level))
+    return out
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (MetricErrors are one line)."""
+    text = str(exc).strip().splitlines()
+    reason = text[0] if text else "no message"
+    return reason if isinstance(exc, MetricError) else f"{type(exc).__name__}: {reason}"
+
+
+class MetricsFile:
+    """The results of an evaluation, written to ``metrics_<split>.json`` again after every family of metrics.
+
+    A family that fails is recorded under ``"failed_metrics"`` with a one-line reason (also printed to
+    stderr) and the others still run, so a broken Java never costs the predictions or the other numbers.
+    ``per_image`` collects each statistic's per-image (numerators, denominators) for bootstrap intervals.
+    """
+
+    def __init__(self, results: dict, path: Path) -> None:
+        self.results, self.path = results, path
+        self.per_image: dict[str, tuple] = {}
+
+    def fail(self, family: str, reason: str) -> None:
+        self.results.setdefault("failed_metrics", {})[family] = reason
+        print(f"error: {family} not computed: {reason}", file=sys.stderr)
+
+    def save(self) -> None:
+        write_json(json_safe(self.results), self.path)  # NaN -> null: see json_safe
+
+    def run(self, family: str, compute: Callable[[], tuple[dict, dict]]) -> None:
+        """Add what ``compute()`` returns (results entries, per-image statistics), or its failure; then save."""
+        try:
+            entries, per_image = compute()
+        except Exception as exc:  # any failure of one metric must not lose the others
+            self.fail(family, one_line(exc))
+        else:
+            self.results.update(entries)
+            self.per_image.update(per_image)
+        self.save()
+
+
+def attention_statistics(pairs: list[list[tuple[float, float]]]) -> dict[str, tuple]:
+    """Per-image sums of (inside share, baseline) over object words, and word counts, for intervals."""
+    words = [len(image) for image in pairs]
+    return {
+        "attention_correctness": ([sum(p[0] for p in image) for image in pairs], words),
+        "uniform_baseline": ([sum(p[1] for p in image) for image in pairs], words),
+    }
+
+
+def synthetic_attention(dataset: CaptionDataset, indices: list[int], hyps: list, preds: list) -> tuple[dict, dict]:
+    """Attention correctness on data whose images carry object boxes (the synthetic set); else nothing."""
+    objects = [dataset.objects(i) for i in indices]
+    if not objects or not all(o is not None for o in objects):
+        return {}, {}
+    records = [list(object_word_records(h, p.alphas, o)) for h, p, o in zip(hyps, preds, objects)]
+    pairs = [[(attention_in_box(*r), box_area_share(r[1], r[2])) for r in image] for image in records]
+    return {"attention_correctness": mean_attention_correctness(r for image in records for r in image)}, (
+        attention_statistics(pairs)
+    )
+
+
+def object_scores(
+    hyps: list[list[str]], preds: list[Decoded], images: list[dict], references: list[list[str]]
+) -> tuple[dict, dict, list[dict]]:
+    """CHAIR and attention correctness against COCO instance boxes (``images`` from :func:`read_instances`).
+
+    Returns the results entries, the per-image statistics, and one record per image for ``objects_<split>.json``
+    (what the caption names, what of it is hallucinated, the categories in the boxes and in the references).
+    """
+    truths = [image_truth(image["boxes"], refs) for image, refs in zip(images, references)]
+    scores = chair(hyps, truths)
+    per_caption = scores.pop("per_image")
+    pairs = [list(coco_attention_pairs(h, p.alphas, image)) for h, p, image in zip(hyps, preds, images)]
+    statistics = {
+        "CHAIR-s": ([float(bool(p["hallucinated"])) for p in per_caption], None),
+        "CHAIR-i": ([len(p["hallucinated"]) for p in per_caption], [len(p["mentioned"]) for p in per_caption]),
+        **attention_statistics(pairs),
+    }
+    details = [
+        {
+            "mentioned": p["mentioned"],
+            "hallucinated": p["hallucinated"],
+            "in_boxes": sorted(image["boxes"]),
+            "in_references_only": sorted(truth - set(image["boxes"])),
+        }
+        for p, image, truth in zip(per_caption, images, truths)
+    ]
+    return {"chair": scores, "attention_correctness": summarise_attention(pairs)}, statistics, details
 
 
 def evaluate(
@@ -130,44 +366,101 @@ def evaluate(
     max_images: int = 0,
     workers: int = 2,
     coco: bool = True,
+    instances: Path | None = None,
+    bootstrap: int = 0,
 ) -> dict:
-    """Decode ``split`` with the checkpoint's model, score it and write predictions and metrics."""
+    """Decode ``split`` with the checkpoint's model, score it and write predictions and metrics to ``out``.
+
+    Inputs are checked before the model is loaded: the split (missing or empty), ``out`` (writable) and
+    ``instances`` (COCO boxes for every evaluated image). Predictions, references and nltk BLEU are written
+    as soon as decoding ends; ``metrics_<split>.json`` is rewritten after each further family of metrics, and
+    a family that fails (Java) is reported in one line under ``"failed_metrics"`` while the others still run.
+    ``bootstrap`` > 0 adds 95% percentile intervals over images (``"intervals"``). Returns the results.
+    """
+    dataset = open_eval_split(data, split)
+    count = min(max_images, len(dataset)) if max_images else len(dataset)
+    images = read_instances(instances, dataset.image_ids[:count], split) if instances is not None else None
+    check_writable(out)
     dev = select_device(device)
     encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev)
-    dataset = CaptionDataset(data / f"{split}.hdf5", "eval", Preprocess(cfg.backbone, cfg.input_size))
-    subset = Subset(dataset, range(min(max_images, len(dataset)))) if max_images else dataset
-    loader = DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval)
+    note = vocabulary_note(word_map, data, [dataset.references(i) for i in range(count)])
+    if note is not None:
+        print(
+            f"note: the model's vocabulary ({note['model_words']} words) differs from {data / 'word_map.json'} "
+            f"({note['data_words']}); fine for evaluation, which scores text: "
+            f"{100 * note['reference_words_outside_vocabulary']:.1f}% of the reference words are outside the model's",
+            file=sys.stderr,
+        )
+    dataset.transform = Preprocess(cfg.backbone, cfg.input_size)
+    subset = Subset(dataset, range(count)) if count < len(dataset) else dataset
+    loader = DataLoader(
+        subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval, worker_init_fn=quiet_worker
+    )
     preds, refs, indices = decode_loader(encoder, decoder, loader, dev, beam_size, max_len, length_penalty, True)
     rev = reverse_word_map(word_map)
     hyps = [[rev[i] for i in p.tokens] for p in preds]
-    ids = [coco_id(dataset.image_ids[i], i) for i in indices]
-    results = {
-        "checkpoint": str(checkpoint),
-        "split": split,
-        "images": len(preds),
-        "beam_size": beam_size,
-        "length_penalty": length_penalty,
-        "nltk_corpus_bleu": nltk_bleu(refs, hyps),
-    }
+    all_ids = coco_ids(dataset.image_ids)
+    ids = [all_ids[i] for i in indices]
     raw_refs = {cid: dataset.references(i, raw=True) for cid, i in zip(ids, indices)}
     predictions = {cid: " ".join(h) for cid, h in zip(ids, hyps)}
-    if coco and java_available():
-        results["coco_caption_metrics"] = coco_metrics(raw_refs, predictions)
-    else:
-        results["coco_caption_metrics_skipped"] = "no Java on this machine" if coco else "--no-coco"
-    objects = [dataset.objects(i) for i in indices]
-    if all(o is not None for o in objects):
-        records = [r for h, p, o in zip(hyps, preds, objects) for r in object_word_records(h, p.alphas, o)]
-        results["attention_correctness"] = mean_attention_correctness(records)
-    out.mkdir(parents=True, exist_ok=True)
+
+    # The decoded captions first: nothing after this point may lose them.
     names = file_names(dataset)
     write_json(
         [{"image_id": cid, "caption": predictions[cid], "file_name": names[i]} for cid, i in zip(ids, indices)],
         out / f"predictions_{split}.json",
     )
     write_json(references_as_coco(raw_refs, dataset, ids, indices), out / f"references_{split}.json")
-    write_json(json_safe(results), out / f"metrics_{split}.json")  # NaN -> null: see json_safe
+    results = {
+        "checkpoint": str(checkpoint),
+        "split": split,
+        "images": len(preds),
+        "beam_size": beam_size,
+        "length_penalty": length_penalty,
+    }
+    if note is not None:
+        results["vocabulary"] = note
+    metrics = MetricsFile(results, out / f"metrics_{split}.json")
+    metrics.run("nltk BLEU", lambda: ({"nltk_corpus_bleu": nltk_bleu(refs, hyps)}, {}))
+    metrics.run("attention correctness", lambda: synthetic_attention(dataset, indices, hyps, preds))
+    if images is not None:
+
+        def objects() -> tuple[dict, dict]:
+            picked = [images[i] for i in indices]
+            entries, statistics, details = object_scores(hyps, preds, picked, [raw_refs[c] for c in ids])
+            rows = [{"image_id": c, "caption": predictions[c], **d} for c, d in zip(ids, details)]
+            write_json(rows, out / f"objects_{split}.json")
+            return entries, statistics
+
+        metrics.run("CHAIR and attention correctness", objects)
+    if coco and java_available():
+        coco_metrics_into(metrics, raw_refs, predictions)
+    else:
+        results["coco_caption_metrics_skipped"] = "no Java on this machine" if coco else "--no-coco"
+    if bootstrap:
+        results["intervals"] = intervals(metrics.per_image, bootstrap)
+    metrics.save()
     return results
+
+
+def coco_metrics_into(metrics: MetricsFile, references: dict, predictions: dict) -> None:
+    """pycocoevalcap's metrics one family at a time into ``metrics`` (saved after each; failures recorded)."""
+    try:
+        for family in iter_coco_metrics(references, predictions):
+            if family.error is not None:
+                metrics.fail(family.family, family.error)
+            else:
+                metrics.results.setdefault("coco_caption_metrics", {}).update(family.scores)
+                metrics.per_image.update({name: (values, None) for name, values in family.per_image.items()})
+            metrics.save()
+    except Exception as exc:  # e.g. pycocoevalcap not installed: one line, the rest is kept
+        metrics.fail("COCO caption metrics", one_line(exc))
+        metrics.save()
+
+
+def quiet_worker(worker_id: int) -> None:
+    """DataLoader worker initialiser: SIGINT/SIGTERM are the main process's to handle (no worker tracebacks)."""
+    ignore_signals_in_worker()
 
 
 def references_as_coco(raw_refs: dict, dataset: CaptionDataset, ids: list[int], indices: list[int]) -> dict:
@@ -181,33 +474,60 @@ def references_as_coco(raw_refs: dict, dataset: CaptionDataset, ids: list[int], 
     return {"info": {}, "licenses": [], "type": "captions", "images": images, "annotations": anns}
 
 
+def _number(value: float | None, interval: list | None = None, scale: float = 100.0, digits: int = 1) -> str:
+    """``value`` scaled and rounded, with its bootstrap interval in brackets when there is one."""
+    if value is None or math.isnan(value):
+        return "nan"
+    text = f"{value * scale:.{digits}f}"
+    if interval and all(v is not None and not math.isnan(v) for v in interval):
+        text += f" [{interval[0] * scale:.{digits}f}, {interval[1] * scale:.{digits}f}]"
+    return text
+
+
 def format_results(results: dict) -> str:
-    """A small human-readable table of ``results``."""
+    """A small human-readable table of ``results``: scores x100 (CIDEr included, as papers report them),
+    bootstrap intervals in brackets when they were asked for, and the metrics that failed."""
     lines = [f"{results['split']}: {results['images']} images, beam {results['beam_size']}"]
+    spans = results.get("intervals", {})
     pretty = {
         "nltk_corpus_bleu": "nltk corpus_bleu (word lists, tutorial's way)",
         "coco_caption_metrics": "pycocoevalcap (PTB tokenizer; the standard COCO caption metrics)",
     }
     for key, title in pretty.items():
         if key in results:
-            scale = {k: 100 for k in results[key]}  # all x100, CIDEr included, as papers report
             lines.append(f"  {title}:")
-            lines.append("    " + "  ".join(f"{k} {v * scale[k]:.1f}" for k, v in results[key].items()))
+            # the interval names are pycocoevalcap's; nltk's numbers have none
+            named = {k: spans.get(k) if key == "coco_caption_metrics" else None for k in results[key]}
+            lines.append("    " + "  ".join(f"{k} {_number(v, named[k])}" for k, v in results[key].items()))
     if "coco_caption_metrics_skipped" in results:
         lines.append(f"  COCO caption metrics skipped: {results['coco_caption_metrics_skipped']}")
+    if "chair" in results:
+        c = results["chair"]
+        lines.append(
+            f"  object hallucination (lower is better): CHAIR-s {_number(c['CHAIR-s'], spans.get('CHAIR-s'))} "
+            f"(% of captions), CHAIR-i {_number(c['CHAIR-i'], spans.get('CHAIR-i'))} "
+            f"(% of {c['mentions']} object mentions)"
+        )
     if "attention_correctness" in results:
         a = results["attention_correctness"]
-        lines.append(
-            f"  attention correctness {a['attention_correctness']:.3f} vs uniform baseline "
-            f"{a['uniform_baseline']:.3f} over {a['n_words']} object words"
-        )
+        inside = _number(a["attention_correctness"], spans.get("attention_correctness"), 1, 3)
+        uniform = _number(a["uniform_baseline"], spans.get("uniform_baseline"), 1, 3)
+        lines.append(f"  attention correctness {inside} vs uniform baseline {uniform} over {a['n_words']} object words")
+    if spans:
+        level, resamples = 100 * spans["level"], spans["resamples"]
+        lines.append(f"  [low, high]: {level:.0f}% bootstrap intervals over images ({resamples} resamples)")
+    for family, reason in results.get("failed_metrics", {}).items():
+        lines.append(f"  {family} FAILED: {reason}")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Caption a prepared split with beam search and report BLEU, "
-        "METEOR, ROUGE-L, CIDEr (and attention correctness on synthetic data).",
+        description="Caption a prepared split with beam search and report BLEU, METEOR, ROUGE-L, CIDEr (and "
+        "attention correctness on synthetic data; CHAIR and attention correctness with --instances).",
+        epilog="Exit status: 0 when every metric was computed; 2 for bad input (nothing done); 3 when a metric "
+        "failed (e.g. Java would not start): the predictions, references and every other metric are written "
+        "anyway and the failure is recorded in metrics_<split>.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", type=Path, required=True, help="folder made by create_input_files.py")
@@ -217,22 +537,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=64, help="images encoded and decoded together")
     p.add_argument("--max-images", type=non_negative_int, default=0, help="evaluate only the first N images (0 = all)")
     p.add_argument("--no-coco", dest="coco", action="store_false", help="skip the pycocoevalcap metrics (Java)")
+    p.add_argument(
+        "--instances",
+        type=Path,
+        default=None,
+        help="COCO instance annotations (instances_*.json) of the split's images, matched by COCO image id: "
+        "adds CHAIR-s/CHAIR-i (object hallucination) and attention correctness inside the named objects' "
+        "boxes, and writes objects_<split>.json",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=non_negative_int,
+        default=0,
+        help="N > 0: 95%% bootstrap intervals over images (N resamples) for METEOR, ROUGE-L, CIDEr, CHAIR and "
+        "attention correctness (corpus BLEU has none)",
+    )
     p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    handle_sigterm()
     keep_freed_memory()
     with cli_errors():
         if not java_available() and args.coco:
             print("note: no Java found: METEOR, ROUGE-L, CIDEr and COCO BLEU are skipped", file=sys.stderr)
+        out = args.out or args.data / "results"
         results = evaluate(
             args.checkpoint,
             args.data,
             args.split,
-            args.out or args.data / "results",
+            out,
             args.beam_size,
             args.length_penalty,
             args.max_len,
@@ -241,8 +578,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.max_images,
             args.workers,
             args.coco,
+            args.instances,
+            args.bootstrap,
         )
         print(format_results(results))
+        if results.get("failed_metrics"):
+            print(
+                f"error: {len(results['failed_metrics'])} metric(s) failed (see above); the predictions and every "
+                f"other metric are in {out}",
+                file=sys.stderr,
+            )
+            return EXIT_METRIC_FAILED
+    return 0
 
 
 if __name__ == "__main__":
