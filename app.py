@@ -257,19 +257,11 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
     def figures(state: Answer | None):
         if state is None:
             return None
-        return [str(p) for p in write_figures(state, Path(tempfile.mkdtemp(dir=scratch)))]
+        # Written inside Gradio's cache, so it serves them as they are and deletes them after keep_outputs.
+        cache = Path(downloads.GRADIO_CACHE)
+        cache.mkdir(parents=True, exist_ok=True)
+        return [str(p) for p in write_figures(state, Path(tempfile.mkdtemp(dir=cache)))]
 
-    def remove_figures(files: Any) -> None:
-        # Gradio has copied them into its cache (deleted after keep_outputs); our originals go now.
-        for f in files or []:
-            folder = Path(f["path"] if isinstance(f, dict) else f).parent
-            if folder.parent == scratch:
-                shutil.rmtree(folder, ignore_errors=True)
-
-    from gradio.utils import get_upload_folder
-
-    scratch = Path(get_upload_folder()) / "cameye-figures"
-    scratch.mkdir(parents=True, exist_ok=True)
     with gr.Blocks(title="CamEye", analytics_enabled=False, delete_cache=(60, keep_outputs)) as page:
         state = gr.State(None)
         gr.Markdown(
@@ -314,9 +306,7 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
         submit.click(lambda *a: answer(*a, required=True), inputs, api_name="caption", **decode)
         photo_in.change(lambda *a: answer(*a, required=False), inputs, api_name="caption_new_photo", **decode)
         words.input(word_overlay, [state, words], overlay, api_name="show_word", concurrency_limit=4)
-        make_figures.click(figures, state, downloads, api_name="figures", concurrency_limit=2).then(
-            remove_figures, downloads, None, api_visibility="private"
-        )
+        make_figures.click(figures, state, downloads, api_name="figures", concurrency_limit=2)
     page.queue(default_concurrency_limit=1, max_size=queue_size)
     return page
 

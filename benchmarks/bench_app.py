@@ -155,6 +155,11 @@ def status_text(driver) -> str:
     return driver.execute_script("const s = document.querySelector('#status'); return s ? s.innerText : '';")
 
 
+def body_text(driver) -> str:
+    """All text the page shows, Gradio's error toasts included."""
+    return driver.execute_script("return document.body.innerText;")
+
+
 def wait_for(driver, condition, timeout: float = 60.0, what: str = "the page"):
     """Poll ``condition(driver)`` every 50 ms until it returns something truthy; return that."""
     from selenium.webdriver.support.ui import WebDriverWait

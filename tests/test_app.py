@@ -74,6 +74,7 @@ def photos(model: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> 
     wide.save(root / "rotated.jpg", exif=exif.tobytes())
     png = square.read_bytes()
     (root / "notes.txt").write_text("not a photo\n")
+    (root / "text.jpg").write_text("not a photo either\n")
     (root / "truncated.png").write_bytes(png[: len(png) // 2])
     (root / "empty.png").write_bytes(b"")
     (root / "bomb.png").write_bytes(png_with_size(png, 20000, 20000))  # 400 M pixels claimed
@@ -139,6 +140,7 @@ def test_controls_at_their_bounds_are_accepted() -> None:
 
 BAD_FILES = {
     "text file": ("notes.txt", "not an image"),
+    "text file named .jpg": ("text.jpg", "not an image"),
     "truncated PNG": ("truncated.png", "unreadable image ("),
     "empty file": ("empty.png", "not an image"),
     "over 20 MB": ("huge.jpg", "the file is 21.0 MB; photos up to 20 MB are accepted"),
@@ -357,18 +359,28 @@ def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNames
 
             # Figure and GIF on demand.
             driver.find_element(By.ID, "make-figures").click()
-            names = browser.wait_for(
+            links = browser.wait_for(
                 driver,
-                lambda d: sorted(e.text for e in d.find_elements(By.CSS_SELECTOR, "#downloads a") if e.text) or None,
+                lambda d: d.execute_script("return [...document.querySelectorAll('#downloads a')].map(a => a.href)"),
                 what="the downloads",
             )
-            assert [n.split()[0] for n in names] == ["chelsea_attention.gif", "chelsea_attention.png"]
+            assert sorted(link.rsplit("/", 1)[1] for link in links) == [
+                "chelsea_attention.gif",
+                "chelsea_attention.png",
+            ]
+            for link in links:
+                with urllib.request.urlopen(link) as response:
+                    assert response.status == 200 and response.read(4) in (b"GIF8", b"\x89PNG")
 
-            # Not an image: a message in the page, and the server goes on answering.
+            # Not an image: a message in the page, and the server goes on answering. A .txt file is refused by
+            # the page itself (Gradio checks the type); a text file named .jpg reaches the server, which says why.
             browser.clear_photo(driver)
             browser.drop_photo(driver, photos.root / "notes.txt")
+            browser.wait_for(driver, lambda d: "Invalid file type: notes.txt" in browser.body_text(d), what="a toast")
+            browser.drop_photo(driver, photos.root / "text.jpg")
             message = browser.wait_for(driver, lambda d: "error" in browser.status_text(d) and browser.status_text(d))
-            assert "notes.txt: not an image" in message and browser.caption_text(driver) == ""
+            assert message == "error: text.jpg: not an image (or an unsupported format)"
+            assert browser.caption_text(driver) == ""
             browser.clear_photo(driver)
             caption, _ = browser.seconds_to_caption(driver, coffee)
             assert caption == shipped_captions["coffee.png"]
