@@ -1,10 +1,11 @@
-# CamEye: `make demo` runs the main job, `make test` the test suite. Both create .venv if missing.
+# CamEye: `make demo` runs the main job, `make serve` the web page, `make test` the test suite. Each creates .venv
+# if missing (and reinstalls when a requirements file changes).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-synthetic test lint format bench clean
+.PHONY: demo demo-synthetic serve test lint format bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +29,10 @@ DEMO_PHOTOS  = astronaut.png coffee.png chelsea.png motorcycle_left.png camera.p
 demo: $(STAMP)
 	$(PY) caption.py $(addprefix $(SKIMAGE_DATA)/,$(DEMO_PHOTOS)) --out-dir outputs/demo
 	@echo "attention figures written to outputs/demo/"
+
+# The web page on http://127.0.0.1:7860 (shipped model; app.py --help for --host, --port, --checkpoint, --device).
+serve: $(STAMP)
+	$(PY) app.py $(SERVE_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
