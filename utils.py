@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import io
 import json
 import os
 import random
@@ -71,6 +72,10 @@ def cli_errors() -> Iterator[None]:
         raise SystemExit(130) from None
     except MemoryError:
         fail("out of memory: lower --batch-size (or --workers)")
+    except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA) and the CPU allocator's failure
+        if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc):
+            fail(f"out of memory ({str(exc).splitlines()[0][:120]}): lower --batch-size")
+        raise
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -202,10 +207,17 @@ def write_json(obj: Any, path: str | Path) -> None:
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
-    """``torch.save`` atomically and durably (used for checkpoints)."""
+    """``torch.save`` atomically and durably (used for checkpoints).
+
+    The checkpoint is serialised in memory first: torch's zip writer turns a full disk into an opaque
+    "unexpected pos" RuntimeError, while a plain write raises the OS's "no space left", which
+    :func:`atomic_path` reports in one line.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
 
@@ -369,3 +381,9 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-len", type=positive_int, default=50, help="longest caption, in words")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
+    p.add_argument(
+        "--encoder-weights",
+        default=None,
+        help="ImageNet weights for a checkpoint that holds only its fine-tuned encoder stages (a ResNet's): "
+        "a local state-dict file, or 'torchvision' to download (never taken from the checkpoint itself)",
+    )

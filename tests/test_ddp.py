@@ -77,7 +77,7 @@ def ddp_run(ddp_data: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleN
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
     command += [str(REPO / "train.py"), "--data", str(ddp_data), "--out", str(out), "--epochs", str(EPOCHS)]
     command += ["--batch-size", str(BATCH_SIZE), "--embed-dim", "16", "--attention-dim", "16", "--decoder-dim", "16"]
-    command += ["--workers", "0", "--no-tensorboard", "--val-images", "6", "--device", "cpu"]
+    command += ["--workers", "0", "--no-tensorboard", "--val-images", "6", "--device", "cpu", "--log-every", "1"]
     # A session of its own, so a hung run's workers die with torchrun instead of outliving the test.
     proc = subprocess.Popen(
         command,
@@ -109,7 +109,13 @@ def test_ddp_run_writes_checkpoints_that_load(ddp_run: SimpleNamespace) -> None:
         assert path.is_file(), f"the 2-process run did not write {name}"
         encoder, decoder, word_map, cfg = load_captioner(path)
         assert cfg.decoder_dim == 16 and cfg.vocab_size == len(word_map)
-    assert sorted(p.name for p in ddp_run.out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in ddp_run.out.iterdir()) == [
+        "best.pt",
+        "last.pt",
+        "metrics.jsonl",
+        "steps.jsonl",
+        "train.lock",
+    ]
     ckpt = _last(ddp_run)
     assert ckpt["epoch"] == EPOCHS - 1
     # The unwrapped decoder is saved, not the DistributedDataParallel wrapper ("module." keys).

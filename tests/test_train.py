@@ -8,17 +8,24 @@ and takes about 45 s on one CPU core.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import h5py
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import models
 import train
 from create_input_files import Options, create_input_files
 from datasets import CaptionDataset, FeatureDataset, collate_eval
@@ -327,6 +334,291 @@ def test_cli_without_data_is_a_usage_error(capsys: pytest.CaptureFixture) -> Non
         train.main([])
     assert info.value.code == 2
     assert "--data" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ interruptions and resumes
+CLI_MODEL = ["--embed-dim", "32", "--attention-dim", "32", "--decoder-dim", "32", "--input-size", "64"]
+CLI_RUN = ["--batch-size", "2", "--val-images", "4", "--workers", "0", "--no-tensorboard", "--max-decode-len", "20"]
+
+
+def _start_cli(data: Path, out: Path, *args: str) -> subprocess.Popen:
+    """train.py in a process of its own on one thread (so signals and kills hit only it)."""
+    argv = [sys.executable, "train.py", "--data", str(data), "--out", str(out), *CLI_MODEL, *CLI_RUN, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, status: int = 0) -> tuple[str, str]:
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == status, f"exit {proc.returncode}, expected {status}:\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return stdout, stderr
+
+
+def _wait_for_steps(proc: subprocess.Popen, log: Path, steps: int) -> None:
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and len(log.read_text().splitlines()) >= steps):
+        assert proc.poll() is None, f"training ended before step {steps}: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "training made no progress"
+        time.sleep(0.005)
+
+
+def _step_losses(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """Two epochs of 16 steps each, every step logged: the reference for the interrupted runs below."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data = root / "data"
+    shutil.copytree(tiny_data, data)
+    _finish(_start_cli(data, root / "run", "--epochs", "2", "--log-every", "1"))
+    steps = _step_losses(root / "run")
+    assert [(s["epoch"], s["step"]) for s in steps] == [(e, s) for e in (0, 1) for s in range(1, 17)]
+    return SimpleNamespace(data=data, steps=steps, metrics=(root / "run" / "metrics.jsonl").read_text())
+
+
+def test_sigkill_mid_epoch_then_resume_gives_exactly_the_per_step_losses(uninterrupted, tmp_path: Path) -> None:
+    """Issue 9: checkpoints inside an epoch (here after every step) and an exact mid-epoch resume: same data
+    order, RNG streams and optimiser state, so every step's loss equals the uninterrupted run's, bit for bit."""
+    kill_after = random.Random().randint(3, 28)  # a different step each run; printed for a failure's report
+    print(f"SIGKILL after step {kill_after} of 32")
+    out = tmp_path / "run"
+    proc = _start_cli(uninterrupted.data, out, "--epochs", "2", "--log-every", "1", "--checkpoint-minutes", "0")
+    _wait_for_steps(proc, out / "steps.jsonl", kill_after)
+    proc.kill()
+    proc.communicate()
+    progress = torch.load(out / "last.pt", weights_only=True)["progress"]
+    assert progress is None or 0 < progress["step"] <= 16, progress
+    stdout, _ = _finish(_start_cli(uninterrupted.data, out, "--epochs", "2", "--log-every", "1", "--resume"))
+    assert f"resumed from {out / 'last.pt'} at " in stdout
+    assert _step_losses(out) == uninterrupted.steps  # losses compared as exact floats
+    strip = lambda text: [{k: v for k, v in json.loads(x).items() if "second" not in k} for x in text.splitlines()]  # noqa: E731
+    assert strip((out / "metrics.jsonl").read_text()) == strip(uninterrupted.metrics)
+
+
+def test_sigterm_saves_at_the_current_step_and_says_how_to_resume(uninterrupted, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _start_cli(uninterrupted.data, out, "--epochs", "2", "--log-every", "1", "--checkpoint-minutes", "60")
+    _wait_for_steps(proc, out / "steps.jsonl", 5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = _finish(proc, status=143)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    logged = _step_losses(out)
+    assert ckpt["progress"] is not None, "no mid-epoch checkpoint was written"
+    stopped_at = (ckpt["progress"]["epoch"], ckpt["progress"]["step"])
+    assert (logged[-1]["epoch"], logged[-1]["step"]) == stopped_at and stopped_at[1] >= 5
+    lines = [line for line in stderr.splitlines() if "SIGTERM" in line]
+    assert len(lines) == 1, stderr[-2000:]
+    assert f"epoch {stopped_at[0]}, step {stopped_at[1]} of 16" in lines[0] and "--resume" in lines[0]
+    _finish(_start_cli(uninterrupted.data, out, "--epochs", "2", "--log-every", "1", "--resume"))
+    assert _step_losses(out) == uninterrupted.steps
+
+
+def test_an_earlier_run_is_kept_unless_resume_or_overwrite(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    train.train(*_configs(tiny_data, out, 1))
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(CamEyeError, match="--resume .*--overwrite") as info:
+        train.train(*_configs(tiny_data, out, 1))
+    _one_line(info)
+    assert (out / "last.pt").read_bytes() == before
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    train.train(*_configs(tiny_data, out, 1, overwrite=True))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # started again, not appended
+
+
+def test_two_runs_writing_into_one_folder_are_refused(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / "train.lock", "a+") as held:  # what a running train.py holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345\n")
+        held.flush()
+        with pytest.raises(CamEyeError, match="in use by another training run") as info:
+            train.train(*_configs(tiny_data, out, 1))
+        _one_line(info)
+    assert not (out / "last.pt").exists()
+
+
+def test_resume_continues_with_the_saved_options_unless_given_again(tiny_data: Path, tmp_path: Path) -> None:
+    """Issue 9: a run resumed with only --resume --epochs N used to continue with the command line's defaults."""
+    out = tmp_path / "run"
+    base = ["--data", str(tiny_data), "--out", str(out), *CLI_MODEL, *CLI_RUN]
+    train.main([*base, "--epochs", "1", "--batch-size", "4", "--decoder-lr", "0.01", "--seed", "7"])
+    train.main(["--data", str(tiny_data), "--out", str(out), "--resume", "--epochs", "2", "--no-tensorboard"])
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    saved = ckpt["train_config"]
+    assert (saved["batch_size"], saved["decoder_lr"], saved["seed"], saved["epochs"]) == (4, 0.01, 7, 2)
+    assert ckpt["config"]["embed_dim"] == 32 and ckpt["epoch"] == 1
+    assert ckpt["history"][1]["train_captions"] == 32 * 5
+    train.main(["--data", str(tiny_data), "--out", str(out), "--resume", "--epochs", "3", "--batch-size", "8"])
+    assert torch.load(out / "last.pt", weights_only=True)["train_config"]["batch_size"] == 8
+
+
+def test_resume_refuses_a_change_of_the_models_shape(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    train.main(["--data", str(tiny_data), "--out", str(out), *CLI_MODEL, *CLI_RUN, "--epochs", "1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        train.main(["--data", str(tiny_data), "--out", str(out), "--resume", "--epochs", "2", "--decoder-dim", "64"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--decoder-dim" in err[0] and "32" in err[0], err
+
+
+def test_resume_can_switch_on_fine_tuning(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    """The common two-stage recipe: decoder on a frozen encoder first, then fine-tune the top stage too."""
+    out = tmp_path / "run"
+    train.main(["--data", str(tiny_data), "--out", str(out), *CLI_MODEL, *CLI_RUN, "--epochs", "1"])
+    frozen = torch.load(out / "last.pt", weights_only=True)
+    train.main(["--data", str(tiny_data), "--out", str(out), "--resume", "--epochs", "2", "--fine-tune-stages", "1"])
+    assert "fresh optimiser" in capsys.readouterr().out
+    tuned = torch.load(out / "last.pt", weights_only=True)
+    assert tuned["config"]["fine_tune_stages"] == 1 and len(tuned["optimizers"]) == 2
+    changed = [
+        k for k, v in tuned["encoder"].items() if v.is_floating_point() and not torch.equal(v, frozen["encoder"][k])
+    ]
+    assert changed and all(k.startswith(("net._conv_head", "net._bn1")) for k in changed), changed
+
+
+def test_a_split_without_images_is_refused_before_any_work(tiny_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shutil.rmtree(data / "features", ignore_errors=True)  # other tests may have cached features there
+    with h5py.File(data / "val.hdf5", "a") as f:
+        for name in ("images", "captions", "caplens"):
+            shape, dtype = f[name].shape, f[name].dtype
+            del f[name]
+            f.create_dataset(name, (0, *shape[1:]), dtype)
+    with pytest.raises(CamEyeError, match="val.hdf5 has no images") as info:
+        train.train(*_configs(data, tmp_path / "run", 1))
+    _one_line(info)
+    assert not (tmp_path / "run").exists() and not (data / "features").exists()
+
+
+def test_features_that_overflow_float16_are_refused(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """Issue 9: a random-weights ResNet's features overflowed the float16 cache (3.5% inf) and training ran on NaN."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shutil.rmtree(data / "features", ignore_errors=True)  # other tests may have cached features there
+    original = train.Encoder.feature_map
+    monkeypatch.setattr(train.Encoder, "feature_map", lambda self, x: original(self, x) * 1e6)
+    with pytest.raises(CamEyeError, match="not finite in float16") as info:
+        train.train(*_configs(data, tmp_path / "run", 1))
+    _one_line(info)
+    assert not list((data / "features").glob("*.hdf5")) and not list((data / "features").glob(".*tmp"))
+
+
+def test_a_non_finite_loss_stops_training_before_it_reaches_a_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    train.train(*_configs(data, tmp_path / "run", 1))
+    good = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    cache = next((data / "features").glob("train-*.hdf5"))
+    with h5py.File(cache, "a") as f:
+        f["features"][:] = float("nan")  # the fingerprint stays, so the broken cache is used as it is
+    with pytest.raises(CamEyeError, match="loss became nan at epoch 1 step 1") as info:
+        train.train(*_configs(data, tmp_path / "run", 2, resume=True))
+    _one_line(info)
+    after = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert all(torch.equal(v, after["decoder"][k]) for k, v in good["decoder"].items())
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 24 MB tmpfs (as root, where mounting is allowed); skips elsewhere."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(folder)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.decode().strip() or 'not root'})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_training_onto_a_full_disk_is_refused_before_it_starts(tiny_data: Path, small_disk: Path) -> None:
+    with pytest.raises(CamEyeError, match="needs about .* GB but only .* GB is free") as info:
+        train.train(*_configs(tiny_data, small_disk / "run", 1))
+    _one_line(info)
+    assert not (small_disk / "run" / "last.pt").exists()
+
+
+def test_a_disk_that_fills_during_training_is_one_line(tiny_data: Path, small_disk: Path, monkeypatch) -> None:
+    monkeypatch.setattr(train, "check_free_space", lambda *a: None)  # the estimate said it fits; it did not
+    with pytest.raises(CamEyeError, match=f"no space left on {small_disk} while writing .*(last|best).pt") as info:
+        train.train(*_configs(tiny_data, small_disk / "run", 1))
+    _one_line(info)
+    if (small_disk / "run" / "last.pt").exists():  # written before the disk filled: whole, and it loads
+        load_captioner(small_disk / "run" / "last.pt")
+    assert not [p for p in (small_disk / "run").iterdir() if p.suffix == ".tmp"]
+
+
+# ------------------------------------------------------------------------------------- checkpoint contents
+def _altered(trained_run, tmp_path: Path, change) -> Path:
+    _, out, _, _ = trained_run
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    change(ckpt)
+    path = tmp_path / "altered.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("grid_size", "x"), ("dropout", "a"), ("input_size", 60000), ("image_size", -3), ("deep_output", "yes"),
+     ("fine_tune_stages", 2.5), ("backbone", "vgg"), ("embed_dim", True), ("dropout", float("nan"))],
+)  # fmt: skip
+def test_checkpoint_config_fields_are_checked_for_type_and_range(trained_run, tmp_path, field, value) -> None:
+    path = _altered(trained_run, tmp_path, lambda c: c["config"].__setitem__(field, value))
+    with pytest.raises(CamEyeError, match=f"invalid {field}") as info:
+        load_captioner(path)
+    _one_line(info)
+
+
+def test_checkpoint_with_non_finite_weights_is_refused(trained_run, tmp_path: Path) -> None:
+    path = _altered(trained_run, tmp_path, lambda c: c["decoder"]["fc.weight"].view(-1)[7].fill_(float("nan")))
+    with pytest.raises(CamEyeError, match="fc.weight is not finite") as info:
+        load_captioner(path)
+    _one_line(info)
+
+
+def test_checkpoint_from_a_newer_format_is_refused(trained_run, tmp_path: Path) -> None:
+    path = _altered(trained_run, tmp_path, lambda c: c.__setitem__("version", 99))
+    with pytest.raises(CamEyeError, match="newer CamEye") as info:
+        load_captioner(path)
+    _one_line(info)
+
+
+def test_checkpoint_never_makes_the_loader_read_a_file_or_download(trained_run, tmp_path, monkeypatch) -> None:
+    """A partial checkpoint (fine-tuned stages only) used to load the rest from its own `encoder_weights`: any
+    local path, or a download. Now only the offline package weights, or what the user passes, are used."""
+    secret = tmp_path / "secret.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, secret)
+
+    def resnet_partial(c):
+        c["config"].update(backbone="resnet50", encoder_weights=str(secret))
+        c["encoder_partial"] = True
+        c["encoder"] = {}
+
+    path = _altered(trained_run, tmp_path, resnet_partial)
+    monkeypatch.setattr(models, "_load_state_dict", lambda p: pytest.fail(f"the checkpoint made the loader read {p}"))
+    with pytest.raises(CamEyeError, match="pass --encoder-weights") as info:
+        load_captioner(path)
+    _one_line(info)
+
+
+def test_todays_and_the_shipped_checkpoints_still_load(trained_run) -> None:
+    _, out, _, _ = trained_run
+    assert torch.load(out / "last.pt", weights_only=True)["version"] == train.CHECKPOINT_VERSION
+    load_captioner(out / "last.pt")
+    shipped = REPO / "checkpoints" / "flickr8k" / "cameye-flickr8k.pt"
+    assert torch.load(shipped, weights_only=True)["version"] == 1  # the oldest format still read
+    encoder, decoder, word_map, cfg = load_captioner(shipped)
+    assert cfg.backbone == "efficientnet_lite0" and len(word_map) == cfg.vocab_size
 
 
 # --------------------------------------------------------------------------------------------- end to end

@@ -4,7 +4,9 @@ and the allocator setting."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import random
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import utils
 from utils import (
     DEFAULT_CHECKPOINT,
     SPECIAL_TOKENS,
@@ -303,3 +306,74 @@ def test_decoding_arguments_defaults_and_one_line_errors_for_bad_counts(capsys):
     assert positive_int("4") == 4 and non_negative_int("0") == 0
     with pytest.raises(argparse.ArgumentTypeError, match="must be 0 or more"):
         non_negative_int("-1")
+
+
+# ------------------------------------------------------------------------- temporaries, full disks, signals
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_atomic_path_removes_temporaries_of_dead_processes_only(tmp_path: Path) -> None:
+    """Issue 9: a killed run left full-size hidden temporaries that later runs never removed."""
+    stale = tmp_path / f".out.hdf5.pid{_dead_pid()}.abc123.tmp"
+    live = tmp_path / f".out.hdf5.pid{os.getppid()}.def456.tmp"  # a process that is still running
+    other = tmp_path / f".other.json.pid{_dead_pid()}.ghi789.tmp"  # another target: left to its own writer
+    for p in (stale, live, other):
+        p.write_bytes(b"x" * 100)
+    with utils.atomic_path(tmp_path / "out.hdf5") as tmp:
+        assert f".pid{os.getpid()}." in tmp.name
+        tmp.write_bytes(b"new")
+    assert not stale.exists() and live.exists() and other.exists()
+    assert (tmp_path / "out.hdf5").read_bytes() == b"new"
+    assert utils.remove_stale_temporaries(tmp_path) == [other]
+
+
+def test_a_full_disk_inside_atomic_path_is_one_line_and_keeps_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with pytest.raises(utils.CamEyeError) as info:
+        with utils.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    message = str(info.value)
+    assert message == f"no space left on {utils.mount_point(tmp_path)} while writing {target}"
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_check_free_space_refuses_what_does_not_fit(tmp_path: Path) -> None:
+    utils.check_free_space(tmp_path, 1, "a tiny file")
+    with pytest.raises(utils.CamEyeError, match="needs about .* GB but only .* GB is free"):
+        utils.check_free_space(tmp_path, 1 << 62, "a huge file")
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "says"),
+    [
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 43 GB"), 2, "--batch-size"),
+        (MemoryError(), 2, "--batch-size"),
+        (utils.Terminated(), 143, "terminated"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ],
+)
+def test_cli_errors_turns_failures_into_one_line(error, status: int, says: str, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        with utils.cli_errors():
+            raise error
+    assert info.value.code == status
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
+
+
+def test_sigterm_becomes_terminated_so_finally_blocks_run(tmp_path: Path) -> None:
+    script = (
+        "import os, signal, utils\n"
+        "utils.handle_sigterm()\n"
+        f"with utils.cli_errors(), utils.atomic_path({str(tmp_path / 'out.bin')!r}) as tmp:\n"
+        "    tmp.write_bytes(b'x' * 1000)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143 and result.stderr == "terminated (SIGTERM)\n", result.stderr
+    assert list(tmp_path.iterdir()) == []
