@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
@@ -155,7 +156,7 @@ def check_controls(beam_size: Any, length_penalty: Any) -> tuple[int, float]:
 
 
 def word_overlay(answer: Answer | None, index: Any) -> np.ndarray | None:
-    """The photo darkened where word ``index`` did not look (H x W x 3 uint8), or None without an answer.
+    """Word ``index``'s attention over the photo, brighter where it looked (H x W x 3 uint8); None without an answer.
 
     The attention is smoothed at the model's image size, exactly as in the attention figure, then stretched.
     """
@@ -182,7 +183,7 @@ def model_summary(captioner: Captioner) -> str:
     """Markdown: which model answers, a link to its model card (served by this page) and a line on its limits."""
     ckpt, cfg = captioner.checkpoint, captioner.config
     card = ckpt.parent / "MODEL_CARD.md"
-    link = f" · [model card](/gradio_api/file={card.resolve()})" if card.is_file() else " · no model card beside it"
+    link = f" · [model card](/gradio_api/file={quote(str(card.resolve()))})" if card.is_file() else " · no model card"
     limits = LIMITS.get(ckpt.name, "a Show, Attend and Tell model knows only the kinds of photos it was trained on.")
     return (
         f"Answered by **{ckpt.name}** ({cfg.backbone} encoder, LSTM decoder with soft attention, "
@@ -198,6 +199,12 @@ def upload_of(payload: Any) -> tuple[Path, str] | None:
         return None
     path = Path(payload["path"])
     return path, str(payload.get("orig_name") or path.name)
+
+
+def markdown_text(text: str) -> str:
+    """``text`` escaped for Markdown, so that a file name such as ``<img src=...>`` or ``a_b_c.jpg`` shows as typed
+    (and the page never loads what a name points to)."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~&])", r"\\\1", text)
 
 
 def page_theme():
@@ -238,11 +245,19 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
             else:
                 raise CamEyeError(f"{name}: the upload is no longer on the server; please add the photo again")
         except CamEyeError as err:
-            return f"**error:** {err}", "", gr.update(choices=[], value=None), None, None, None, None
+            return (
+                f"**error:** {markdown_text(str(err))}",
+                "",
+                gr.update(choices=[], value=None),
+                None,
+                None,
+                None,
+                None,
+            )
         finally:
             forget_upload(path)
         seconds = time.perf_counter() - started
-        status = f"{name}: captioned in {seconds:.2f} s (beam {beam}, length penalty {penalty:g})"
+        status = markdown_text(f"{name}: captioned in {seconds:.2f} s (beam {beam}, length penalty {penalty:g})")
         choices = [(f"{i + 1}. {w}", i) for i, w in enumerate(result.words)]
         return (
             status,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import time
 import urllib.request
@@ -75,6 +76,7 @@ def photos(model: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> 
     png = square.read_bytes()
     (root / "notes.txt").write_text("not a photo\n")
     (root / "text.jpg").write_text("not a photo either\n")
+    shutil.copyfile(root / "text.jpg", root / "text_<i>x*_.jpg")
     (root / "truncated.png").write_bytes(png[: len(png) // 2])
     (root / "empty.png").write_bytes(b"")
     (root / "bomb.png").write_bytes(png_with_size(png, 20000, 20000))  # 400 M pixels claimed
@@ -265,7 +267,8 @@ def served(captioner: Captioner, tmp_path_factory: pytest.TempPathFactory):
 
 
 def status_and_caption(result: tuple) -> tuple[str, str]:
-    return result[0], result[1]
+    """The status line (its Markdown escapes undone) and the caption from the page's outputs."""
+    return re.sub(r"\\(.)", r"\1", result[0]), result[1]
 
 
 def test_empty_submit_gets_a_message(served: SimpleNamespace) -> None:
@@ -377,9 +380,10 @@ def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNames
             browser.clear_photo(driver)
             browser.drop_photo(driver, photos.root / "notes.txt")
             browser.wait_for(driver, lambda d: "Invalid file type: notes.txt" in browser.body_text(d), what="a toast")
-            browser.drop_photo(driver, photos.root / "text.jpg")
+            # Its name is shown as typed, not as Markdown or HTML.
+            browser.drop_photo(driver, photos.root / "text_<i>x*_.jpg")
             message = browser.wait_for(driver, lambda d: "error" in browser.status_text(d) and browser.status_text(d))
-            assert message == "error: text.jpg: not an image (or an unsupported format)"
+            assert message == "error: text_<i>x*_.jpg: not an image (or an unsupported format)"
             assert browser.caption_text(driver) == ""
             browser.clear_photo(driver)
             caption, _ = browser.seconds_to_caption(driver, coffee)
@@ -412,9 +416,13 @@ def test_browser_helpers_find_requests_off_this_machine() -> None:
     assert browser.off_host(urls) == ["https://fonts.googleapis.com/css", "http://localhost:7860/"]
 
 
+def test_names_are_escaped_for_markdown() -> None:
+    assert app.markdown_text("a_b*<img src=x>.jpg (1)") == r"a\_b\*\<img src=x\>\.jpg \(1\)"
+
+
 def test_page_uses_system_fonts_only() -> None:
     """No font is fetched: the theme names system fonts, not Google's or Gradio's web fonts."""
     theme = app.page_theme()
-    css = theme._get_theme_css() if hasattr(theme, "_get_theme_css") else ""
+    css = theme._get_theme_css()  # the stylesheet Gradio serves as theme.css
     assert "googleapis" not in css and "@font-face" not in css
     assert theme.font.startswith("system-ui")
