@@ -218,9 +218,9 @@ def ptb_tokenize(captions: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, l
     except subprocess.TimeoutExpired:
         raise MetricError(f"the PTB tokenizer (Java) gave no answer within {_java_timeout(len(keys)):.0f} s") from None
     if done.returncode != 0:
-        raise MetricError(
-            f"the PTB tokenizer (Java) failed with exit status {done.returncode}: {_last_line(done.stderr)}"
-        )
+        # HotSpot prints why it could not start (e.g. no memory for its heap) on stdout, not stderr
+        reason = _last_line(done.stderr) if done.stderr.strip() else _last_line(done.stdout)
+        raise MetricError(f"the PTB tokenizer (Java) failed with exit status {done.returncode}: {reason}")
     lines = done.stdout.decode("utf-8", "replace").split("\n")
     if len(lines) == len(keys) + 1 and lines[-1] == "":
         lines.pop()  # a final newline
@@ -263,6 +263,8 @@ def _meteor_score(gts: dict, res: dict) -> tuple[float, list[float]]:
         meteor = GuardedMeteor()  # starts its JVM right away
     except OSError as exc:
         raise MetricError(f"METEOR could not start Java: {exc}") from None
+    # A JVM that fails to start prints its reason on stdout, where METEOR's scores are read: keep it.
+    output = meteor.meteor_p.stdout = _RecordingReader(meteor.meteor_p.stdout)
     # A JVM that is alive but never answers would block readline() forever; killing it ends the wait.
     watchdog = threading.Timer(_java_timeout(len(gts)), meteor.meteor_p.kill)
     watchdog.daemon = True
@@ -273,14 +275,41 @@ def _meteor_score(gts: dict, res: dict) -> tuple[float, list[float]]:
         # A dead JVM shows up as a broken pipe, or as an empty line that float() refuses: say why it died.
         meteor.meteor_p.kill()
         meteor.meteor_p.wait()
-        reason = _last_line(meteor.meteor_p.stderr.read()) if meteor.meteor_p.stderr else "no message"
+        errors = _last_line(meteor.meteor_p.stderr.read()) if meteor.meteor_p.stderr else "no message"
+        reason = errors if errors != "no message" else (output.other[-1][:300] if output.other else str(exc))
         status = meteor.meteor_p.returncode
-        raise MetricError(
-            f"METEOR's Java process failed (exit status {status}: {reason}; {type(exc).__name__}); is Java working?"
-        ) from exc
+        raise MetricError(f"METEOR's Java process failed (exit status {status}: {reason}); is Java working?") from exc
     finally:
         watchdog.cancel()
         _close_meteor(meteor)
+
+
+class _RecordingReader:
+    """METEOR's stdout, remembering the lines that are not scores (where a failing JVM says why)."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.other = stream, []
+
+    def readline(self) -> bytes:
+        line = self.stream.readline()
+        text = line.decode("utf-8", "replace").strip()
+        if text and not all(_is_number(token) for token in text.split()):
+            self.other.append(text)
+        return line
+
+    def read(self) -> bytes:
+        return self.stream.read()
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _score_family(family: str, gts: dict, res: dict) -> FamilyResult:
@@ -683,6 +712,7 @@ class CiderD:
             weights=np.minimum(c_value[entry], r_hit) * r_hit,
             minlength=len(pair_cand) * self.n,
         ).reshape(len(pair_cand), self.n)
+        dot = dot.astype(np.float64)  # bincount of no weights (an empty caption) is an integer array
 
         denominator = c_norm[pair_cand] * r_norm[pair_ref]
         similarity = np.divide(dot, denominator, out=dot.copy(), where=denominator != 0)

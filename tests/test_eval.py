@@ -9,8 +9,15 @@ loads while evaluate works. Without Java those tests are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,9 +32,12 @@ from nltk.translate.bleu_score import corpus_bleu
 import eval as cameye_eval
 from create_input_files import Options, create_input_files
 from metrics import attention_in_box, java_available
-from models import Decoded, DecoderWithAttention, Preprocess, load_captioner
+from models import Decoded, DecoderWithAttention, Preprocess, load_captioner, load_checkpoint_file
+from utils import CamEyeError
 
 REPO = Path(cameye_eval.__file__).resolve().parent
+COCO_DEV80 = REPO.parent / "shared" / "data" / "coco-dev80"
+SHIPPED = REPO / "checkpoints" / "flickr8k" / "cameye-flickr8k.pt"
 needs_java = pytest.mark.skipif(
     not java_available(), reason="no `java` on PATH: pycocoevalcap's PTB tokenizer and METEOR need Java"
 )
@@ -77,6 +87,26 @@ def stop_meteor(meteor) -> None:
     process.wait()
 
 
+def fake_java(folder: Path, script: str) -> Path:
+    """A ``java`` shell script in ``folder`` (to put first on PATH); ``REAL_JAVA`` in it is the real one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "java"
+    path.write_text("#!/bin/sh\n" + script.replace("REAL_JAVA", shutil.which("java") or "false"), encoding="utf-8")
+    path.chmod(0o755)
+    return folder
+
+
+@contextlib.contextmanager
+def path_first(folder: Path):
+    """``folder`` first on this process's PATH inside the block (for fixtures that cannot use monkeypatch)."""
+    before = os.environ["PATH"]
+    os.environ["PATH"] = f"{folder}{os.pathsep}{before}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -87,6 +117,19 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return tiny_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def eval_only(model: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An evaluation-only set prepared with the tiny model's word map: every image in test, val.hdf5 empty."""
+    folder = tmp_path_factory.mktemp("eval_only")
+    source = _hand_json(folder, model.images, HAND_IMAGES)
+    options = Options(
+        out=folder / "prepared", image_size=64, workers=1, word_map=model.data / "word_map.json", split="test"
+    )
+    counts = create_input_files([source], None, options)
+    assert counts["val"] == 0 and counts["test"] == len(HAND_IMAGES) + 1
+    return options.out
 
 
 @pytest.fixture(scope="module")
@@ -462,7 +505,7 @@ def test_object_word_records_ignores_words_naming_no_object(tokens: list[str]) -
 
 # ------------------------------------------------------------------------------------------- command line
 @pytest.fixture(scope="module")
-def cli_procs(model: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory):
+def cli_procs(model: SimpleNamespace, eval_only: Path, tmp_path_factory: pytest.TempPathFactory):
     """``python eval.py`` with --help and two bad inputs, started side by side before eval.evaluate runs (the
     ``evaluated`` fixture asks for them first), since each subprocess spends seconds importing torch."""
     tmp = tmp_path_factory.mktemp("eval_cli")
@@ -471,8 +514,20 @@ def cli_procs(model: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory):
         "help": ["--help"],
         "missing checkpoint": ["--checkpoint", str(tmp / "missing.pt"), "--data", str(model.data), *common],
         "missing data": ["--checkpoint", str(model.checkpoint), "--data", str(tmp / "no_such_folder"), *common],
+        "empty split": ["--checkpoint", str(model.checkpoint), "--data", str(eval_only), "--split", "val", *common],
     }
-    with started_cli("eval.py", commands, tmp) as procs:
+    # a `java` that exits 1 (pycocoevalcap's tokenizer and METEOR both run it); eval must still write everything
+    broken = fake_java(tmp / "bin", 'echo "Error: Could not create the Java Virtual Machine." >&2\nexit 1\n')
+    broken_out = tmp / "broken_java_out"
+    broken_command = {
+        "broken java": ["--checkpoint", str(model.checkpoint), "--data", str(model.data), "--max-len", "20"]
+        + ["--out", str(broken_out), "--workers", "0"]
+    }
+    with contextlib.ExitStack() as stack:
+        procs = stack.enter_context(started_cli("eval.py", commands, tmp))
+        with path_first(broken):  # started_cli copies the environment as it starts the processes
+            procs |= stack.enter_context(started_cli("eval.py", broken_command, tmp))
+        procs["broken java"].out = broken_out
         yield procs
 
 
@@ -481,7 +536,9 @@ def cli_runs(cli_procs: dict) -> dict:
     runs = {}
     for name, proc in cli_procs.items():
         stdout, stderr = proc.communicate(timeout=300)
-        runs[name] = SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
+        runs[name] = SimpleNamespace(
+            returncode=proc.returncode, stdout=stdout, stderr=stderr, out=getattr(proc, "out", None)
+        )
     return runs
 
 
@@ -509,3 +566,316 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(cli_runs: dict, case: str, m
     culprit = "missing.pt" if case == "missing checkpoint" else "no_such_folder/test.hdf5"
     assert culprit in lines[0] and "not found" in lines[0], "the message names what is missing"
     assert run.stdout == ""
+
+
+def test_cli_refuses_an_empty_split_in_one_line(cli_runs: dict, eval_only: Path) -> None:
+    run = cli_runs["empty split"]
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if not line.startswith("note: no Java")]
+    assert lines == [lines[0]] and lines[0].startswith("error: val.hdf5 has no images: ")
+    assert str(eval_only / "val.hdf5") in lines[0] and "Traceback" not in run.stderr
+    assert run.stdout == ""
+
+
+@needs_java
+def test_cli_with_a_broken_java_writes_everything_and_exits_3(cli_runs: dict, model: SimpleNamespace) -> None:
+    """`java` on PATH exits 1: each COCO metric family is one error line, nltk BLEU and the predictions are
+    written, the failures are recorded in the metrics file, and the exit status says something failed."""
+    run = cli_runs["broken java"]
+    assert run.returncode == cameye_eval.EXIT_METRIC_FAILED == 3, run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    reason = "the PTB tokenizer (Java) failed with exit status 1: Error: Could not create the Java Virtual Machine."
+    families = ["BLEU", "METEOR", "ROUGE-L", "CIDEr"]
+    assert errors[:4] == [f"error: {family} not computed: {reason}" for family in families]
+    assert len(errors) == 5 and "predictions and every other metric are in" in errors[4]
+    out = run.out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics_test.json",
+        "predictions_test.json",
+        "references_test.json",
+    ]
+    metrics = strict_json(out / "metrics_test.json")
+    assert metrics["failed_metrics"] == dict.fromkeys(families, reason)
+    assert set(metrics["nltk_corpus_bleu"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"}
+    assert "coco_caption_metrics" not in metrics and metrics["attention_correctness"]["n_words"] > 0
+    assert len(strict_json(out / "predictions_test.json")) == 6
+    assert "BLEU-4" in run.stdout and "METEOR FAILED" in run.stdout
+
+
+# ----------------------------------------------------------------------------- refused before any work
+def test_split_problems_are_refused_before_the_model_is_loaded(model: SimpleNamespace, eval_only: Path, tmp_path: Path):
+    """Each check runs before the checkpoint is read: the checkpoint here does not exist, so a check that came
+    after loading would fail with "checkpoint not found" instead."""
+    missing_checkpoint = tmp_path / "never_read.pt"
+    out = tmp_path / "out"
+    with pytest.raises(CamEyeError, match=r"^val\.hdf5 has no images: .*val\.hdf5"):
+        cameye_eval.evaluate(missing_checkpoint, eval_only, "val", out, device="cpu", workers=0)
+    with pytest.raises(CamEyeError, match="train.hdf5 not found"):
+        cameye_eval.evaluate(missing_checkpoint, tmp_path, "train", out, device="cpu", workers=0)
+    assert not out.exists(), "nothing may be written for a refused split"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x", encoding="utf-8")
+    with pytest.raises(CamEyeError, match="cannot write the results to"):
+        cameye_eval.evaluate(missing_checkpoint, eval_only, "test", a_file / "out", device="cpu", workers=0)
+
+
+def _instances(image_ids: list[int], **changes) -> dict:
+    data = {
+        "images": [{"id": i, "width": 640, "height": 480} for i in image_ids],
+        "annotations": [{"id": 1, "image_id": image_ids[0], "category_id": 18, "bbox": [10, 20, 100, 50]}],
+        "categories": [{"id": 18, "name": "dog"}, {"id": 17, "name": "cat"}],
+    }
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("instances", "message"),
+    [
+        (_instances([10, 11]), r"2 of 4 test images are not in .*instances\.json \(e\.g\. 0, 12\)"),
+        ({"images": []}, "not COCO instance annotations"),
+        (_instances([0, 10, 11, 12], categories=[{"id": 18, "name": "wolf"}]), "categories outside COCO's 80"),
+        (
+            _instances(
+                [0, 10, 11, 12], annotations=[{"id": 1, "image_id": 0, "category_id": 18, "bbox": [0, 0, -1, 5]}]
+            ),
+            "bad bbox",
+        ),
+    ],
+    ids=["ids not covered", "not instances", "unknown category", "negative box"],
+)
+def test_instances_that_do_not_fit_are_refused_before_the_model_is_loaded(
+    eval_only: Path, tmp_path: Path, instances: dict, message: str
+) -> None:
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(instances), encoding="utf-8")
+    with pytest.raises(CamEyeError, match=message):
+        cameye_eval.evaluate(
+            tmp_path / "never_read.pt", eval_only, "test", tmp_path / "out", device="cpu", workers=0, instances=path
+        )
+
+
+def test_read_instances_matches_coco_ids_and_turns_boxes_into_corners(tmp_path: Path) -> None:
+    data = _instances([7, 42])
+    data["annotations"] += [
+        {"id": 2, "image_id": 7, "category_id": 18, "bbox": [200, 100, 10.5, 20]},
+        {"id": 3, "image_id": 7, "category_id": 17, "bbox": [0, 0, 640, 480]},
+    ]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    images = cameye_eval.read_instances(path, ["42", "7"], "test")  # split order, not the file's
+    assert images[0] == {"width": 640.0, "height": 480.0, "boxes": {}}
+    assert images[1]["boxes"] == {"dog": [(10, 20, 110, 70), (200, 100, 210.5, 120)], "cat": [(0, 0, 640, 480)]}
+
+
+# ---------------------------------------------------------------------------------- metrics that fail
+@needs_java
+def test_a_failing_meteor_loses_no_other_metric(
+    evaluated: SimpleNamespace, model: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real JVM that cannot start for METEOR (an initial heap above METEOR's -Xmx2G): METEOR's reason in
+    one line; predictions, nltk BLEU, BLEU, ROUGE-L and CIDEr exactly as in a run where everything worked."""
+    fake = fake_java(
+        tmp_path / "bin", 'case " $* " in *" -jar "*) exec REAL_JAVA -Xms3G "$@";; esac\nexec REAL_JAVA "$@"\n'
+    )
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    results = cameye_eval.evaluate(
+        model.checkpoint, model.data, "test", out, beam_size=3, max_len=20, batch_size=4, device="cpu", workers=0
+    )
+    good = evaluated.results
+    assert set(results["failed_metrics"]) == {"METEOR"}
+    assert "Initial heap size set to a larger value than the maximum heap size" in results["failed_metrics"]["METEOR"]
+    assert results["nltk_corpus_bleu"] == good["nltk_corpus_bleu"]
+    assert results["coco_caption_metrics"] == {k: v for k, v in good["coco_caption_metrics"].items() if k != "METEOR"}
+    assert results["attention_correctness"] == good["attention_correctness"]
+    assert (out / "predictions_test.json").read_bytes() == (evaluated.out / "predictions_test.json").read_bytes()
+    assert strict_json(out / "metrics_test.json") == json.loads(json.dumps(cameye_eval.json_safe(results)))
+
+
+@needs_java
+def test_sigterm_while_meteor_hangs_keeps_predictions_and_finished_metrics(model: SimpleNamespace, tmp_path: Path):
+    """SIGTERM (SLURM, Kubernetes) while METEOR's JVM hangs: exit 143 with one line, the predictions and the
+    metrics finished so far stay, no temporary file is left, and the hung process is killed."""
+    pid_file = tmp_path / "meteor.pid"
+    fake = fake_java(
+        tmp_path / "bin",
+        f'case " $* " in *" -jar "*) echo $$ > {pid_file}; exec sleep 300;; esac\nexec REAL_JAVA "$@"\n',
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "eval.py"), "--checkpoint", str(model.checkpoint), "--data", str(model.data)]
+    proc = subprocess.Popen(
+        [*command, "--out", str(out), "--workers", "0", "--max-len", "20"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not pid_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pid_file.exists(), "METEOR's (fake) JVM never started"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "terminated (SIGTERM)"
+    metrics = strict_json(out / "metrics_test.json")
+    assert set(metrics["coco_caption_metrics"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"}, "BLEU came first"
+    assert "nltk_corpus_bleu" in metrics and len(strict_json(out / "predictions_test.json")) == 6
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary file may be left"
+    meteor_pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(meteor_pid, 0)
+
+
+# ----------------------------------------------------------------------------------- objects and CHAIR
+def test_coco_ids_stay_unique() -> None:
+    assert cameye_eval.coco_ids(["7", "42"]) == [7, 42]
+    assert cameye_eval.coco_ids(["1000268201_693b08cb0e.jpg", "99"]) == [0, 1]  # mixed: rows for all
+    assert cameye_eval.coco_ids(["5", "5", "6"]) == [0, 1, 2]  # a repeated id would merge two images
+    assert cameye_eval.coco_ids(["5", "05"]) == [0, 1]
+
+
+def _decoded(words: list[str], cells: list[int | None]) -> Decoded:
+    """A decoded caption whose step t looks at 2 x 2 cell ``cells[t]`` (None: uniform attention)."""
+    alphas = torch.full((len(words), 4), 0.25)
+    for t, cell in enumerate(cells):
+        if cell is not None:
+            alphas[t] = 0.0
+            alphas[t, cell] = 1.0
+    return Decoded(list(range(len(words))), 0.0, alphas)
+
+
+def test_object_scores_by_hand() -> None:
+    """CHAIR and attention correctness in the union of a category's boxes, worked out by hand.
+
+    Image A (200 x 100 px; the 2 x 2 grid's cells are 100 x 50): a cat box = the top-left cell; two couch
+    boxes covering the bottom half and the top-right cell. "a dog and a cat on a couch": the dog is
+    hallucinated (CHAIR-i 1/3); "cat" looks at the top-left cell: all of it inside (baseline 1/4); "couch"
+    attends uniformly: 3/4 inside, as its baseline (the union covers 3/4). Image B: "a man with a frisbee",
+    a person box only, the frisbee named by a reference: no hallucination; "man" looks at the bottom-right
+    cell, outside the person box (the top-left cell): 0 inside, baseline 1/4.
+    """
+    hyps = [["a", "dog", "and", "a", "cat", "on", "a", "couch"], ["a", "man", "with", "a", "frisbee"]]
+    preds = [_decoded(hyps[0], [None, 2, None, None, 0, None, None, None]), _decoded(hyps[1], [None, 3, 0, 0, 0])]
+    images = [
+        {
+            "width": 200,
+            "height": 100,
+            "boxes": {"cat": [(0, 0, 100, 50)], "couch": [(0, 50, 200, 100), (100, 0, 200, 50)]},
+        },
+        {"width": 64, "height": 64, "boxes": {"person": [(0, 0, 32, 32)]}},
+    ]
+    references = [["A cat on a sofa."], ["A man throws a Frisbee."]]
+    entries, statistics, details = cameye_eval.object_scores(hyps, preds, images, references)
+    chair = entries["chair"]
+    assert (chair["mentions"], chair["hallucinated"], chair["captions"]) == (5, 1, 2)
+    assert chair["CHAIR-i"] == pytest.approx(1 / 5) and chair["CHAIR-s"] == pytest.approx(1 / 2)
+    attention = entries["attention_correctness"]
+    assert attention["n_words"] == 3  # cat, couch, man: the hallucinated dog and the box-less frisbee have no box
+    assert attention["attention_correctness"] == pytest.approx((1 + 0.75 + 0) / 3)
+    assert attention["uniform_baseline"] == pytest.approx((0.25 + 0.75 + 0.25) / 3)
+    assert details[0] == {
+        "mentioned": ["dog", "cat", "couch"],
+        "hallucinated": ["dog"],
+        "in_boxes": ["cat", "couch"],
+        "in_references_only": [],
+    }
+    assert details[1]["hallucinated"] == [] and details[1]["in_references_only"] == ["frisbee"]
+    assert statistics["CHAIR-i"] == ([1, 0], [3, 2]) and statistics["CHAIR-s"] == ([1.0, 0.0], None)
+    assert statistics["attention_correctness"] == ([1.75, 0.0], [2, 1])
+
+
+def test_evaluate_notes_a_different_vocabulary(
+    model: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Data prepared with its own word map (not the model's) is fine for evaluation: a note says so, with the
+    share of reference words the model cannot say, and the results record it."""
+    results = _evaluate_with_fake_decoder(model, tmp_path, HAND_IMAGES, monkeypatch)
+    note = results["vocabulary"]
+    assert note["model_words"] == len(model.word_map) and note["data_words"] != note["model_words"]
+    refs = [w for e in HAND_IMAGES for r in e["refs"] for w in r.split()]
+    outside = sum(w not in model.word_map for w in refs) / len(refs)
+    assert note["reference_words_outside_vocabulary"] == pytest.approx(outside)
+    err = capsys.readouterr().err
+    assert "note: the model's vocabulary" in err and "fine for evaluation" in err
+
+
+def test_format_results_shows_intervals_and_failures() -> None:
+    results = {
+        "split": "test",
+        "images": 80,
+        "beam_size": 3,
+        "coco_caption_metrics": {"BLEU-4": 0.086, "CIDEr": 0.316},
+        "chair": {"CHAIR-s": 0.5625, "CHAIR-i": 0.4923, "mentions": 130},
+        "attention_correctness": {"attention_correctness": 0.45, "uniform_baseline": 0.319, "n_words": 58},
+        "intervals": {"resamples": 1000, "level": 0.95, "CIDEr": [0.25, 0.391], "CHAIR-s": [0.45, 0.6625]},
+        "failed_metrics": {"METEOR": "METEOR's Java process failed"},
+    }
+    text = cameye_eval.format_results(results)
+    assert "BLEU-4 8.6  CIDEr 31.6 [25.0, 39.1]" in text
+    assert "CHAIR-s 56.2 [45.0, 66.2]" in text and "CHAIR-i 49.2 (% of 130 object mentions)" in text
+    assert "attention correctness 0.450 vs uniform baseline 0.319 over 58 object words" in text
+    assert "95% bootstrap intervals over images (1000 resamples)" in text
+    assert "METEOR FAILED: METEOR's Java process failed" in text
+
+
+# --------------------------------------------------------------------------------- coco-dev80, real photos
+@pytest.fixture(scope="module")
+def coco_dev80(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """coco-dev80 prepared with the shipped model's word map (an evaluation-only set: all 80 photos in test)."""
+    if not (COCO_DEV80 / "instances.json").is_file():
+        pytest.skip(f"coco-dev80 is not at {COCO_DEV80} (real data, never shipped)")
+    if not SHIPPED.is_file():
+        pytest.skip(f"the shipped model is not at {SHIPPED}")
+    folder = tmp_path_factory.mktemp("coco_dev80")
+    word_map = folder / "word_map.json"
+    word_map.write_text(json.dumps(load_checkpoint_file(SHIPPED)["word_map"]), encoding="utf-8")
+    options = Options(out=folder / "prepared", workers=1, word_map=word_map, split="test")
+    counts = create_input_files([COCO_DEV80 / "captions.json"], COCO_DEV80 / "images", options)
+    assert counts["test"] == 80
+    return options.out
+
+
+def test_chair_and_attention_on_coco_dev80_with_the_shipped_model(coco_dev80: Path, tmp_path: Path) -> None:
+    """The real case: COCO ids of the prepared split match instances.json, and the written per-image objects
+    agree with the reported CHAIR (recomputed here from the objects file)."""
+    out = tmp_path / "out"
+    results = cameye_eval.evaluate(
+        SHIPPED,
+        coco_dev80,
+        "test",
+        out,
+        max_images=12,
+        device="cpu",
+        workers=0,
+        coco=False,
+        instances=COCO_DEV80 / "instances.json",
+        bootstrap=200,
+    )
+    rows = strict_json(out / "objects_test.json")
+    predictions = strict_json(out / "predictions_test.json")
+    assert [r["image_id"] for r in rows] == [p["image_id"] for p in predictions] and len(rows) == 12
+    instances = json.loads((COCO_DEV80 / "instances.json").read_text(encoding="utf-8"))
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    for row in rows:
+        boxed = {names[a["category_id"]] for a in instances["annotations"] if a["image_id"] == row["image_id"]}
+        assert set(row["in_boxes"]) == boxed, row["image_id"]
+        truth = boxed | set(row["in_references_only"])
+        assert row["hallucinated"] == [c for c in row["mentioned"] if c not in truth]
+    chair = results["chair"]
+    assert chair["mentions"] == sum(len(r["mentioned"]) for r in rows) > 0
+    assert chair["CHAIR-s"] == pytest.approx(sum(bool(r["hallucinated"]) for r in rows) / 12)
+    attention = results["attention_correctness"]
+    assert attention["n_words"] > 0 and 0 <= attention["attention_correctness"] <= 1
+    assert 0 < attention["uniform_baseline"] <= 1
+    for name, value in [("CHAIR-s", chair["CHAIR-s"]), ("attention_correctness", attention["attention_correctness"])]:
+        low, high = results["intervals"][name]
+        assert low <= value <= high, name

@@ -8,21 +8,47 @@ when Java is absent; everything else runs in well under a second.
 from __future__ import annotations
 
 import gc
+import json
 import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import metrics
 from metrics import (
+    COCO_FAMILIES,
+    CiderD,
     JavaNotFoundError,
+    MetricError,
     attention_in_box,
+    attention_in_boxes,
+    bootstrap_interval,
     box_area_share,
+    boxes_area_share,
+    caption_words,
+    chair,
+    cider_d_corpus,
+    coco_mentions,
     coco_metrics,
+    image_truth,
+    iter_coco_metrics,
     java_available,
     mean_attention_correctness,
     nltk_bleu,
+    ptb_tokenize,
 )
+from metrics_data import COCO_SYNONYMS
+
+REPO = Path(metrics.__file__).resolve().parent
+COCO_DEV80 = REPO.parent / "shared" / "data" / "coco-dev80"
 
 needs_java = pytest.mark.skipif(
     not java_available(), reason="no `java` on PATH: pycocoevalcap's PTB tokenizer and METEOR need Java"
@@ -161,8 +187,14 @@ def test_coco_metrics_disjoint_captions_score_zero_and_meteor_is_optional() -> N
         assert value == pytest.approx(0.0, abs=1e-6), key
 
 
+@pytest.fixture(scope="module")
+def mixed_scores() -> dict[str, float]:
+    """coco_metrics(REFS, MIXED_PREDICTIONS), computed once (METEOR's JVM takes ~10 s to load)."""
+    return coco_metrics(REFS, MIXED_PREDICTIONS)
+
+
 @needs_java
-def test_coco_metrics_equals_cocoevalcap(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_coco_metrics_equals_cocoevalcap(monkeypatch: pytest.MonkeyPatch, mixed_scores: dict[str, float]) -> None:
     """Same numbers as the official COCOEvalCap driven by pycocotools COCO objects (SPICE stubbed out)."""
     import pycocoevalcap.eval as coco_eval
     from pycocotools.coco import COCO
@@ -188,7 +220,7 @@ def test_coco_metrics_equals_cocoevalcap(monkeypatch: pytest.MonkeyPatch) -> Non
     official = coco_eval.COCOEvalCap(coco, coco_res)
     official.evaluate()
 
-    ours = coco_metrics(REFS, MIXED_PREDICTIONS)
+    ours = mixed_scores
     renamed = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4"}
     renamed |= {"METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr"}
     expected = {ours_key: float(official.eval[key]) for key, ours_key in renamed.items()}
@@ -213,6 +245,193 @@ def test_coco_metrics_reports_a_dead_meteor_jvm_and_does_not_hang(monkeypatch: p
     # compute_score died holding Meteor's lock; Meteor.__del__ takes that lock, so without the fresh lock
     # coco_metrics swaps in, this collection (or interpreter exit) would block forever.
     gc.collect()
+
+
+def fake_java(folder: Path, script: str) -> Path:
+    """A ``java`` shell script in ``folder`` (put it first on PATH); ``REAL_JAVA`` in it is the real one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "java"
+    path.write_text("#!/bin/sh\n" + script.replace("REAL_JAVA", shutil.which("java") or "false"), encoding="utf-8")
+    path.chmod(0o755)
+    return folder
+
+
+def put_first_on_path(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+
+@needs_java
+def test_meteor_that_cannot_start_loses_no_other_metric(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mixed_scores: dict[str, float]
+) -> None:
+    """A real JVM that cannot set up its heap for METEOR (initial heap above METEOR's -Xmx2G): METEOR is
+    reported in one line with Java's own reason; BLEU, ROUGE-L and CIDEr are computed and unchanged."""
+    # -Xms before METEOR's own -Xmx2G: "Initial heap size set to a larger value than the maximum heap size"
+    put_first_on_path(
+        monkeypatch,
+        fake_java(
+            tmp_path / "bin", 'case " $* " in *" -jar "*) exec REAL_JAVA -Xms3G "$@";; esac\nexec REAL_JAVA "$@"\n'
+        ),
+    )
+    families = {f.family: f for f in iter_coco_metrics(REFS, MIXED_PREDICTIONS)}
+    assert list(families) == list(COCO_FAMILIES)
+    meteor = families.pop("METEOR")
+    assert meteor.scores == {} and meteor.error is not None
+    assert "\n" not in meteor.error and "METEOR" in meteor.error
+    assert "Initial heap size set to a larger value than the maximum heap size" in meteor.error
+    for family in families.values():
+        assert family.error is None, family.error
+        for name, value in family.scores.items():
+            assert value == pytest.approx(mixed_scores[name], rel=1e-12), name
+    with pytest.raises(MetricError, match="METEOR"):  # the strict function raises instead
+        coco_metrics(REFS, MIXED_PREDICTIONS)
+    gc.collect()  # no Meteor.__del__ may block or complain
+
+
+@needs_java
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        ('echo "Error: could not create the Java Virtual Machine" >&2\nexit 1\n', "exit status 1: Error: could not"),
+        # a real JVM that cannot set up its heap (it says so on stdout)
+        ('exec REAL_JAVA -Xms3G -Xmx2G "$@"\n', "exit status 1: Initial heap size set to a larger value"),
+    ],
+    ids=["exits 1", "cannot allocate"],
+)
+def test_broken_java_fails_every_family_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], script: str, reason: str
+) -> None:
+    """A ``java`` on PATH that fails: the PTB tokenizer's failure is every family's, in one line, and nothing
+    raises or prints a traceback (not even Meteor.__del__ at garbage collection)."""
+    put_first_on_path(monkeypatch, fake_java(tmp_path / "bin", script))
+    assert java_available()
+    families = list(iter_coco_metrics(REFS, MIXED_PREDICTIONS))
+    assert [f.family for f in families] == list(COCO_FAMILIES)
+    for family in families:
+        assert family.scores == {} and family.error is not None
+        assert "PTB tokenizer" in family.error and reason in family.error and "\n" not in family.error
+    gc.collect()
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out and "Exception ignored" not in captured.err
+
+
+@needs_java
+def test_meteor_that_cannot_execute_is_one_line_without_a_destructor_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Java starts for the tokenizer but not for METEOR (exec fails inside Meteor.__init__): one line, and
+    the half-built Meteor's __del__ prints nothing ("Exception ignored in ... Meteor.__del__" before)."""
+    import pycocoevalcap.meteor.meteor as meteor_module
+
+    class Unstartable(meteor_module.Meteor):
+        def __init__(self) -> None:
+            raise FileNotFoundError(2, "No such file or directory", "java")
+
+    monkeypatch.setattr(meteor_module, "Meteor", Unstartable)
+    families = {f.family: f for f in iter_coco_metrics(REFS, MIXED_PREDICTIONS, use_meteor=True)}
+    assert families["METEOR"].error.startswith("METEOR could not start Java")
+    assert all(families[f].error is None for f in ("BLEU", "ROUGE-L", "CIDEr"))
+    gc.collect()
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
+# Captions a caption file may well hold: accents, another script, punctuation only, separators METEOR uses,
+# tabs, and line breaks that Java (not Python's split("\n")) treats as line ends.
+ODD_CAPTIONS = {
+    "cafe": ["A café, crème brûlée & jalapeño!", "the girl’s café"],
+    "chinese": ["一只猫坐在垫子上。", "猫在垫子上"],
+    "separator": ["a ||| b", "x\ty"],
+    "empty": ["...", ""],
+    "breaks": ["a dog\u2028runs on grass", "a dog\u2029runs\u0085fast\rnow", "two\x0bcats\x0csit"],
+}
+
+
+@needs_java
+def test_ptb_tokenize_equals_pycocoevalcap_and_keeps_odd_captions_on_their_images() -> None:
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    plain = {key: caps for key, caps in ODD_CAPTIONS.items() if key != "breaks"} | {k: caps for k, caps in REFS.items()}
+    theirs = PTBTokenizer().tokenize({k: [{"caption": c} for c in caps] for k, caps in plain.items()})
+    assert ptb_tokenize(plain) == theirs
+    ours = ptb_tokenize(ODD_CAPTIONS)
+    assert ours["cafe"] == ["a café crème brûlée & jalapeño", "the girl 's café"]
+    assert ours["chinese"] == [
+        "一只猫坐在垫子上 。",
+        "猫在垫子上",
+    ]  # "。" is no PTB punctuation: kept, as by pycocoevalcap
+    assert ours["empty"] == ["", ""]
+    # pycocoevalcap replaces only "\n": these would add lines in Java and shift every later caption
+    assert ours["breaks"] == ["a dog runs on grass", "a dog runs fast now", "two cats sit"]
+    assert list(ours) == list(ODD_CAPTIONS)
+
+
+@needs_java
+def test_coco_metrics_score_non_ascii_captions_on_the_right_images() -> None:
+    """Identical non-ASCII captions score 1 per image (METEOR and ROUGE-L), a wrong one 0: nothing shifted."""
+    references = {key: caps for key, caps in ODD_CAPTIONS.items() if key != "empty"} | {"other": ["a red bus"]}
+    predictions = {key: caps[0] for key, caps in references.items()} | {"other": "zebra"}
+    families = {f.family: f for f in iter_coco_metrics(references, predictions)}
+    assert all(f.error is None for f in families.values()), {k: f.error for k, f in families.items()}
+    for name in ("METEOR", "ROUGE-L"):
+        per_image = dict(zip(references, families[name].per_image[name]))
+        assert per_image.pop("other") == pytest.approx(0.0), name
+        assert all(v == pytest.approx(1.0, abs=1e-6) for v in per_image.values()), (name, per_image)
+
+
+@needs_java
+def test_coco_metrics_work_from_a_read_only_install(tmp_path: Path, mixed_scores: dict[str, float]) -> None:
+    """pycocoevalcap bind-mounted read-only (a shared install, a container): same numbers, METEOR included.
+
+    The mount lives in a private mount namespace (``unshare``), so other processes never see it; the shell
+    unmounts it on exit in any case. Skipped where mounting is not allowed (not root, no CAP_SYS_ADMIN)."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    package = Path(ptbtokenizer.__file__).resolve().parents[1]  # pycocoevalcap has no __init__.py
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to make a private mount namespace")
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"mount --bind '{package}' '{package}'"],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"mounting is not allowed here: {probe.stderr.strip()}")
+    script = tmp_path / "score.py"
+    script.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import pathlib\n"
+        "from metrics import coco_metrics\n"
+        f"target = pathlib.Path({str(package)!r}) / 'tokenizer' / 'probe.tmp'\n"
+        "try:\n"
+        "    target.write_text('x')\n"
+        "    read_only = False\n"
+        "except OSError:\n"
+        "    read_only = True\n"
+        f"refs = {json.dumps({str(k): v for k, v in REFS.items()})}\n"
+        f"preds = {json.dumps({str(k): v for k, v in MIXED_PREDICTIONS.items()})}\n"
+        "print(json.dumps({'read_only': read_only, 'scores': coco_metrics(refs, preds)}))\n",
+        encoding="utf-8",
+    )
+    before = sorted(p.relative_to(package) for p in package.rglob("*") if "__pycache__" not in p.parts)
+    shell = (
+        f"mount --bind '{package}' '{package}' && mount -o remount,bind,ro '{package}' || exit 99\n"
+        f"trap \"umount '{package}'\" EXIT\n"
+        f"'{sys.executable}' '{script}'\n"
+    )
+    run = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", shell], capture_output=True, text=True
+    )
+    if run.returncode == 99:
+        pytest.skip(f"a read-only remount is not allowed here: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout.strip().splitlines()[-1])
+    assert answer["read_only"], "the package was writable inside the namespace: the test proves nothing"
+    assert answer["scores"] == pytest.approx(mixed_scores, rel=1e-12)
+    after = sorted(p.relative_to(package) for p in package.rglob("*") if "__pycache__" not in p.parts)
+    assert after == before, "nothing may be left in the package folder"
+    probe_file = package / "tokenizer" / "probe.tmp"
+    assert not probe_file.exists()
 
 
 def test_coco_metrics_rejects_mismatched_keys() -> None:
@@ -322,3 +541,250 @@ def test_mean_attention_correctness_of_no_words_is_nan() -> None:
     result = mean_attention_correctness(iter([]))
     assert result["n_words"] == 0
     assert math.isnan(result["attention_correctness"]) and math.isnan(result["uniform_baseline"])
+
+
+def test_attention_in_boxes_of_one_box_equals_attention_in_box() -> None:
+    rng = np.random.default_rng(1)
+    alpha = rng.random((7, 5))
+    for box, size in [((10, 20, 63, 97), (100, 140)), ((-5, 0, 30, 500), (90, 120)), ((0, 0, 90, 120), (90, 120))]:
+        assert attention_in_boxes(alpha, [box], size) == pytest.approx(attention_in_box(alpha, box, size), abs=1e-12)
+        assert boxes_area_share([box], size) == pytest.approx(box_area_share(box, size), abs=1e-12)
+
+
+def test_attention_in_boxes_counts_overlapping_boxes_once_like_a_pixel_count() -> None:
+    # 4 x 6 grid over a 12 x 8 image scaled by 10: cells are 20 x 20 px, so the pixel map is exact.
+    rng = np.random.default_rng(2)
+    alpha = rng.random((4, 6))
+    boxes_px = [(5, 7, 61, 44), (30, 20, 95, 71), (30, 20, 40, 30), (100, 60, 200, 200)]  # overlapping, one clipped
+    scale = 10
+    pixels = np.repeat(np.repeat(alpha / alpha.sum() / 400, 20, axis=0), 20, axis=1)
+    union = np.zeros_like(pixels, dtype=bool)
+    for x0, y0, x1, y1 in boxes_px:
+        union[y0:y1, x0:x1] = True
+    boxes = [tuple(v / scale for v in b) for b in boxes_px]
+    assert attention_in_boxes(alpha, boxes, (12, 8)) == pytest.approx(pixels[union].sum(), abs=1e-12)
+    assert boxes_area_share(boxes, (12, 8)) == pytest.approx(union.mean(), abs=1e-12)
+    with pytest.raises(ValueError, match="at least one box"):
+        attention_in_boxes(alpha, [], (12, 8))
+
+
+# ---------------------------------------------------------------------------------------------- CIDEr-D
+def _random_corpus(seed: int, images: int, vocabulary: int = 25) -> tuple[list, list]:
+    """References (1-6 per image, 0-12 words, repeats common) and one candidate per image, as word lists."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocabulary)]
+
+    def sentence() -> list[str]:
+        return [rng.choice(words) for _ in range(rng.randint(0, 12))]
+
+    references = [[sentence() for _ in range(rng.randint(1, 6))] for _ in range(images)]
+    candidates = [sentence() for _ in range(images)]
+    candidates[0] = []  # an empty caption scores 0
+    candidates[1] = list(references[1][0])  # a caption equal to one of its references
+    candidates[2] = ["w0"]  # one word: no bigram, length 0 in the penalty
+    return references, candidates
+
+
+def _pycocoevalcap_cider(references: list, candidates: list) -> tuple[float, np.ndarray]:
+    from pycocoevalcap.cider.cider import Cider
+
+    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [" ".join(c)] for i, c in enumerate(candidates)}
+    score, per_image = Cider().compute_score(gts, res)
+    return float(score), np.asarray(per_image)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cider_d_corpus_equals_pycocoevalcap_cider(seed: int) -> None:
+    references, candidates = _random_corpus(seed, images=60)
+    expected, expected_per_image = _pycocoevalcap_cider(references, candidates)
+    score, per_image = cider_d_corpus(references, candidates)
+    assert score == pytest.approx(expected, abs=1e-6)
+    np.testing.assert_allclose(per_image, expected_per_image, rtol=0, atol=1e-6)
+    assert per_image[0] == 0.0 and per_image[1] > 0.0
+    assert 0.0 < score < 10.0
+
+
+def test_cider_d_with_fixed_document_frequencies_equals_pycocoevalcap() -> None:
+    """Document frequencies from one corpus (the "training references"), candidates scored against other
+    images' references: the same as pycocoevalcap's CiderScorer given those document frequencies and that
+    corpus size (fixed on a scorer subclass), including n-grams the corpus never saw."""
+    from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+    corpus, _ = _random_corpus(3, images=80)
+    references, candidates = _random_corpus(4, images=30, vocabulary=30)  # words w25..w29: unseen in corpus
+
+    document_frequency: dict[tuple, float] = defaultdict(float)
+    for refs in corpus:
+        for gram in {g for ref in refs for g in metrics._ngrams(ref, 4)}:
+            document_frequency[tuple(gram)] += 1
+
+    class FixedDocumentFrequency(CiderScorer):
+        ref_len = property(lambda self: np.log(float(len(corpus))), lambda self, value: None)
+
+        def compute_doc_freq(self) -> None:
+            self.document_frequency = defaultdict(float, document_frequency)
+
+    scorer = FixedDocumentFrequency(n=4, sigma=6.0)
+    for refs, cand in zip(references, candidates):
+        scorer += (" ".join(cand), [" ".join(r) for r in refs])
+    scorer.compute_doc_freq()
+    expected = np.asarray(scorer.compute_cider())
+    ours = CiderD(corpus).scores(candidates, references)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+    assert np.count_nonzero(expected) > 10
+
+
+def test_cider_d_groups_samples_by_image_and_takes_word_ids() -> None:
+    """Five samples per image scored with image_index equal each scored alone; integer tokens (word-map ids)
+    score as the words they stand for."""
+    references, candidates = _random_corpus(5, images=12)
+    scorer = CiderD(references)
+    samples = [candidates[(j + k) % 12] for j in range(12) for k in range(5)]
+    image_index = np.repeat(np.arange(12), 5)
+    grouped = scorer.scores(samples, references, image_index)
+    one_by_one = [scorer.scores([s], [references[j]])[0] for s, j in zip(samples, image_index)]
+    np.testing.assert_allclose(grouped, one_by_one, rtol=0, atol=1e-12)
+    ids = {w: i for i, w in enumerate(sorted({w for refs in references for r in refs for w in r} | {"w0"}))}
+    as_ids = CiderD([[[ids[w] for w in r] for r in refs] for refs in references])
+    np.testing.assert_allclose(
+        as_ids.scores(
+            [[ids[w] for w in s] for s in samples],
+            [[[ids[w] for w in r] for r in refs] for refs in references],
+            image_index,
+        ),
+        grouped,
+        rtol=0,
+        atol=1e-12,
+    )
+    with pytest.raises(ValueError, match="no references"):
+        scorer.scores([["w1"]], [[]])
+    with pytest.raises(ValueError, match="image_index"):
+        scorer.scores([["w1"]], references, [12])
+
+
+def test_cider_d_speed_for_a_training_step() -> None:
+    """320 sampled captions (5 for each of 64 images) against document frequencies of 6,000 images, as one
+    SCST step on Flickr8k would ask; prints the time (ms per 320 captions)."""
+    rng = random.Random(6)
+    words = [f"w{i}" for i in range(2500)]
+    zipf = [1 / (r + 1) for r in range(len(words))]
+
+    def sentence() -> list[str]:
+        return rng.choices(words, weights=zipf, k=rng.randint(8, 14))
+
+    corpus = [[sentence() for _ in range(5)] for _ in range(6000)]
+    scorer = CiderD(corpus)
+    batch = corpus[:64]
+    samples = [sentence() for _ in range(320)]
+    image_index = np.repeat(np.arange(64), 5)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        scores = scorer.scores(samples, batch, image_index)
+        times.append(time.perf_counter() - start)
+    print(
+        f"CiderD.scores: {1000 * min(times):.1f} ms per 320 captions (best of 5; median {1000 * np.median(times):.1f})"
+    )
+    assert scores.shape == (320,) and np.all(np.isfinite(scores))
+    assert min(times) < 1.0, "far slower than expected: a training step must not wait on its reward"
+
+
+# ------------------------------------------------------------------------------------------------- CHAIR
+def test_chair_on_the_examples_of_the_issue() -> None:
+    result = chair([caption_words("a man riding a motorcycle on a street")], [{"person", "motorcycle"}])
+    assert (result["CHAIR-s"], result["CHAIR-i"], result["mentions"]) == (0.0, 0.0, 2)
+    result = chair([caption_words("a dog and a cat on a couch")], [{"cat", "couch"}])
+    assert result["CHAIR-i"] == pytest.approx(1 / 3) and result["CHAIR-s"] == 1.0
+    assert result["per_image"] == [{"mentioned": ["dog", "cat", "couch"], "hallucinated": ["dog"]}]
+
+
+def test_chair_counts_over_captions_and_mentions() -> None:
+    captions = [
+        "a man riding a motorcycle on a street",  # person, motorcycle: both true
+        "a dog and a cat on a couch",  # dog hallucinated
+        "two dogs play with a dog",  # dog twice, both true: every mention counts
+        "a view of the sky",  # no object: counts for CHAIR-s, not CHAIR-i
+        "a pizza next to a laptop and a teddy bear",  # pizza and teddy bear hallucinated
+    ]
+    truths = [{"person", "motorcycle"}, {"cat", "couch"}, {"dog"}, {"airplane"}, {"laptop", "bear"}]
+    result = chair([caption_words(c) for c in captions], truths)
+    # mentions 2 + 3 + 2 + 0 + 3 = 10, hallucinated 0 + 1 + 0 + 0 + 2 = 3; captions with one: 2 of 5
+    assert (result["mentions"], result["hallucinated"], result["captions"]) == (10, 3, 5)
+    assert result["CHAIR-i"] == pytest.approx(3 / 10) and result["CHAIR-s"] == pytest.approx(2 / 5)
+    empty = chair([["a", "sky"]], [set()])
+    assert math.isnan(empty["CHAIR-i"]) and empty["CHAIR-s"] == 0.0
+    with pytest.raises(TypeError, match="list of words"):
+        chair(["a dog"], [{"dog"}])
+
+
+@pytest.mark.parametrize(
+    ("caption", "expected"),
+    [
+        ("two hot dogs and a dog", ["hot dog", "dog"]),  # the compound first, then the animal
+        ("a teddy bear next to a bear", ["teddy bear", "bear"]),
+        ("a stop sign near two cell phones", ["stop sign", "cell phone"]),
+        ("men, women and children on buses", ["person", "person", "person", "bus"]),  # plurals, irregular too
+        ("knives, wine glasses and mice", ["knife", "wine glass", "mouse"]),
+        ("a baby elephant and an adult giraffe", ["elephant", "giraffe"]),  # "baby" is no person here
+        ("a passenger train on the train tracks", ["train"]),  # no passenger; tracks are no train
+        ("a toilet with the seat up", ["toilet"]),  # the toilet's seat is no chair
+        ("a man on a seat", ["person", "chair"]),
+        ("a glass of water by the plant under a light", []),  # ambiguous words name nothing
+        ("a boy with a bow tie", ["person", "tie"]),
+        ("A Skier's POLES; a Snowboarder", ["person", "person"]),  # case, punctuation, possessive
+        ("the café has a sofa", ["couch"]),  # Unicode words do not break matching
+    ],
+)
+def test_coco_mentions_follow_the_papers_rules(caption: str, expected: list[str]) -> None:
+    assert [category for _, _, category in coco_mentions(caption_words(caption))] == expected
+
+
+def test_mentions_locate_their_words() -> None:
+    words = caption_words("a hot dog beside a dog")
+    assert coco_mentions(words) == [(1, 3, "hot dog"), (5, 6, "dog")]
+
+
+def test_image_truth_adds_objects_named_by_references() -> None:
+    truth = image_truth({"person": [(0, 0, 1, 1)]}, ["A man holding a frisbee.", "Someone with a Frisbee and a dog"])
+    assert truth == {"person", "frisbee", "dog"}
+
+
+def test_synonym_table_has_the_80_coco_categories() -> None:
+    assert len(COCO_SYNONYMS) == 80
+    words = [w for names in COCO_SYNONYMS.values() for w in names]
+    assert len(words) == len(set(words)), "a word must name one category"
+    for category in COCO_SYNONYMS:
+        assert coco_mentions(category.split()) == [(0, len(category.split()), category)], category
+    instances = COCO_DEV80 / "instances.json"
+    if instances.is_file():  # the real names, where the data is present
+        names = {c["name"] for c in json.loads(instances.read_text(encoding="utf-8"))["categories"]}
+        assert names == set(COCO_SYNONYMS)
+
+
+# --------------------------------------------------------------------------------------------- bootstrap
+def test_bootstrap_interval_of_a_mean_covers_the_truth_with_the_expected_width() -> None:
+    rng = np.random.default_rng(7)
+    flags = (rng.random(400) < 0.3).astype(float)
+    low, high = bootstrap_interval(flags, resamples=2000)
+    assert low < flags.mean() < high
+    assert low < 0.3 < high
+    expected_width = 2 * 1.96 * math.sqrt(0.3 * 0.7 / 400)  # the normal approximation
+    assert (high - low) == pytest.approx(expected_width, rel=0.2)
+    assert bootstrap_interval(flags, resamples=2000) == (low, high), "seeded: repeatable"
+    assert bootstrap_interval(np.full(50, 0.25)) == (0.25, 0.25)
+
+
+def test_bootstrap_interval_of_a_ratio_of_sums() -> None:
+    hallucinated = np.array([0, 1, 0, 2, 1, 0, 0, 3])
+    mentions = np.array([2, 2, 1, 3, 1, 0, 2, 4])
+    low, high = bootstrap_interval(hallucinated, mentions, resamples=3000)
+    assert low < hallucinated.sum() / mentions.sum() < high
+    # by hand: the same draws, ratio of sums per resample
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 8, size=(256, 8))
+    ratios = hallucinated[idx].sum(1) / mentions[idx].sum(1)
+    assert np.percentile(ratios, 2.5) == pytest.approx(bootstrap_interval(hallucinated, mentions, resamples=256)[0])
+    nan_low, nan_high = bootstrap_interval([0.0, 0.0], [0.0, 0.0])
+    assert math.isnan(nan_low) and math.isnan(nan_high)
+    assert all(math.isnan(v) for v in bootstrap_interval([]))
