@@ -303,6 +303,46 @@ class Attention(nn.Module):
         return e.mul_(2).add_(offset)
 
 
+class _GradientBuffer(torch.autograd.Function):
+    """Links a training forward's attention steps to ``projected``: its backward runs after every step's (each
+    step takes its output, the "anchor", as an input) and hands back the gradient they summed into ``buffer``.
+
+    Without it, each step's slice ``projected[:bt]`` made autograd allocate, zero, copy and add a full
+    N x P x A gradient per step: the largest cost of a training step on the CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, projected: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        ctx.buffer = buffer
+        return projected.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_anchor: torch.Tensor):
+        return ctx.buffer, None
+
+
+class _AttentionEnergies(torch.autograd.Function):
+    """s @ w with s = sigmoid(dh2 + projected[:bt]) (bt x P x A), for training; the half-energies of
+    :meth:`Attention._energies` (e = 2 s @ w + offset). Backward adds the gradient for ``projected[:bt]`` into
+    ``buffer`` in place (see :class:`_GradientBuffer`) and uses PyTorch's fused sigmoid backward."""
+
+    @staticmethod
+    def forward(ctx, dh2, w, anchor, projected, bt: int, buffer) -> torch.Tensor:
+        s = torch.sigmoid(dh2.to(projected.dtype).unsqueeze(1) + projected[:bt])
+        ctx.save_for_backward(s, w)
+        ctx.bt, ctx.buffer = bt, buffer
+        return s @ w.to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        s, w = ctx.saved_tensors
+        grad = grad.to(s.dtype)
+        grad_w = (grad.reshape(1, -1) @ s.reshape(-1, s.size(-1))).squeeze(0).to(w.dtype)
+        grad_x = torch.ops.aten.sigmoid_backward(grad.unsqueeze(2) * w.to(s.dtype), s)
+        ctx.buffer[: ctx.bt] += grad_x
+        return grad_x.sum(dim=1), grad_w, None, None, None, None
+
+
 # ------------------------------------------------------------------------------------------------ decoder
 @dataclass
 class Decoded:
@@ -349,6 +389,7 @@ class DecoderWithAttention(nn.Module):
             self.fc = nn.Linear(d, v)
         self.embedding.weight.data.uniform_(-0.1, 0.1)
         self.fc.bias.data.zero_()
+        self.fused_training = True  # teacher forcing through _teacher_forcing_fused (False: the plain loop)
 
     def load_pretrained_embeddings(self, embeddings: torch.Tensor, fine_tune: bool = True) -> None:
         """Use given word vectors (V x embed_dim), e.g. GloVe rows ordered by the word map."""
@@ -389,6 +430,7 @@ class DecoderWithAttention(nn.Module):
         captions: torch.Tensor,
         lengths: torch.Tensor,
         image_index: torch.Tensor | None = None,
+        fused: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher forcing.
 
@@ -398,6 +440,8 @@ class DecoderWithAttention(nn.Module):
             lengths: N_cap caption lengths including <start> and <end>.
             image_index: which image each caption describes (default: caption i <-> image i). Lets a batch
                 hold all captions of an image while the image-side work is done once per image.
+            fused: the fast path (:meth:`_teacher_forcing_fused`; default ``self.fused_training``) or the plain
+                step-by-step loop, which is the reference the fast path is tested against.
         Returns:
             ``(logits, targets, alphas)``: logits (T_total x V) and targets (T_total) for every real word
             position (packed, padding excluded), and alphas N_cap x max_steps x P (zeros past each caption's
@@ -412,6 +456,11 @@ class DecoderWithAttention(nn.Module):
         encoder_out, projected, captions = encoder_out[order], projected[order], captions[order]
         h, c = self.init_state(encoder_out)
         embeddings = self.embedding(captions)
+        targets = pack_padded_sequence(captions[:, 1:], decode_lengths, batch_first=True).data
+        fused = self.fused_training if fused is None else fused
+        if fused and torch.is_grad_enabled() and projected.requires_grad:
+            logits, alphas = self._teacher_forcing_fused(encoder_out, projected, embeddings, h, c, decode_lengths)
+            return logits, targets, alphas[order.argsort()]
         n, steps, p = captions.size(0), int(decode_lengths[0]), encoder_out.size(1)
         outs = embeddings.new_zeros(n, steps, self.fc.in_features)
         alphas = embeddings.new_zeros(n, steps, p)
@@ -421,9 +470,62 @@ class DecoderWithAttention(nn.Module):
             outs[:bt, t], alphas[:bt, t] = out, alpha
         # Only real positions go through the (large) output layer: pack first, then classify.
         packed = pack_padded_sequence(outs, decode_lengths, batch_first=True).data
-        targets = pack_padded_sequence(captions[:, 1:], decode_lengths, batch_first=True).data
         logits = self.fc(self.dropout(packed))
         return logits, targets, alphas[order.argsort()]
+
+    def _teacher_forcing_fused(self, encoder_out, projected, embeddings, h, c, decode_lengths):
+        """The same computation as the plain loop in :meth:`forward`, with fewer and larger operations.
+
+        * The embedding's share of the LSTM gates (W_e E y_{t-1} + biases) is one matrix product over every
+          position before the loop, and so are the deep output's L_h h_t and L_z z_t after it.
+        * Inside the loop, h_{t-1} goes through one product for the gate f_beta and attention's W_h together,
+          and [z_t; h_{t-1}] through one product for the rest of the LSTM gates (the cell's equations are
+          written out: PyTorch's CPU LSTMCell is made of the same operations).
+        * The attention energies accumulate their gradient for the projected regions in one buffer
+          (:class:`_GradientBuffer`).
+        Packed sequences are time-major: step t's rows are a contiguous block, so per-step results are
+        concatenated straight into the packed order the classifier and the targets use.
+        Returns ``(logits, alphas)`` in the length-sorted order of the inputs.
+        """
+        n, steps, p = embeddings.size(0), int(decode_lengths[0]), encoder_out.size(1)
+        e, cdim = self.cfg.embed_dim, encoder_out.size(2)
+        batch_sizes = (decode_lengths.unsqueeze(0) > torch.arange(steps).unsqueeze(1)).sum(dim=1).tolist()
+        packed_emb = pack_padded_sequence(embeddings, decode_lengths, batch_first=True).data
+        w_ih = self.lstm.weight_ih
+        emb_gates = F.linear(packed_emb, w_ih[:, :e], self.lstm.bias_ih + self.lstm.bias_hh)
+        w_rec = torch.cat([w_ih[:, e:], self.lstm.weight_hh], dim=1)
+        w_h = torch.cat([self.f_beta.weight, 2 * self.attention.decoder_att.weight])
+        if torch.is_autocast_enabled(projected.device.type):
+            # Autocast re-casts a weight at every use unless it is a parameter (those casts are cached): cast
+            # the two concatenated weights once, not once per step.
+            low = torch.get_autocast_dtype(projected.device.type)
+            w_rec, w_h = w_rec.to(low), w_h.to(low)
+        b_h = torch.cat([self.f_beta.bias, self.f_beta.bias.new_zeros(self.cfg.attention_dim)])
+        w = self.attention.full_att.weight[0]
+        offset = self.attention.full_att.bias - w.sum()
+        buffer = torch.zeros_like(projected, dtype=torch.float32)  # summed over steps: keep float32 under autocast
+        anchor = _GradientBuffer.apply(projected, buffer)
+        regions = projected.detach()
+        alphas = embeddings.new_zeros(n, steps, p)
+        hs, zs, start = [], [], 0
+        for t, bt in enumerate(batch_sizes):
+            h, c = h[:bt], c[:bt]
+            hw = F.linear(h, w_h, b_h)
+            energy = 2 * _AttentionEnergies.apply(hw[:, cdim:], w, anchor, regions, bt, buffer) + offset
+            alpha = torch.softmax(energy, dim=1)
+            z = torch.sigmoid(hw[:, :cdim]) * torch.bmm(alpha.unsqueeze(1), encoder_out[:bt]).squeeze(1)
+            gates = torch.addmm(emb_gates[start : start + bt], torch.cat([z, h], dim=1), w_rec.t())
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            hs.append(h)
+            zs.append(z)
+            alphas[:bt, t] = alpha
+            start += bt
+        out = torch.cat(hs)
+        if self.cfg.deep_output:
+            out = torch.tanh(packed_emb + self.out_h(out) + self.out_z(torch.cat(zs)))
+        return self.fc(self.dropout(out)), alphas
 
     # ---------------------------------------------------------------------------------------------- decoding
     @staticmethod
@@ -450,6 +552,7 @@ class DecoderWithAttention(nn.Module):
         allow_unk: bool = False,
         min_len: int = 1,
         n_best: int = 1,
+        block_trigrams: bool = False,
     ) -> list[Decoded]:
         """Beam search for a batch of images at once (the N*k beams advance together; see the loop for how
         finished beams and images stop costing work).
@@ -462,6 +565,8 @@ class DecoderWithAttention(nn.Module):
         ``<end>`` is not allowed before ``min_len`` words (default 1: never an empty caption), unless the
         vocabulary leaves no other choice. ``<pad>``, ``<start>`` (and ``<unk>`` unless ``allow_unk``) are never
         emitted: a beam with no real word left to extend with ends instead.
+        ``block_trigrams`` forbids a beam to repeat a word trigram it already contains (a hard block, against
+        "a man riding a motorcycle on a motorcycle"; Paulus et al., 2018, used it for summaries).
         With ``beam_size=1`` this is exactly greedy decoding. ``n_best`` (1..beam_size) fills each result's
         ``alternatives`` with the image's best finished beams, best first (for showing several captions).
 
@@ -499,6 +604,8 @@ class DecoderWithAttention(nn.Module):
             h_live, c_live, out = self._advance(self.embedding(words[live]), h[live], c[live], z[live])
             h, c = h.index_copy(0, live, h_live), c.index_copy(0, live, c_live)
             logits = self._mask(F.log_softmax(self.fc(out), dim=1), allow_unk)
+            if block_trigrams and seqs.size(1) >= 3:
+                self._block_repeated_trigrams(logits, seqs[live])
             if step < min_len:
                 end = logits[:, END_ID].clone()
                 logits[:, END_ID] = float("-inf")  # an empty caption says nothing about the photo
@@ -543,6 +650,19 @@ class DecoderWithAttention(nn.Module):
         rest = self._best_beams(scores, lengths, finished, seqs, alphas, length_penalty, n_best)
         results.update(zip(images.tolist(), rest))
         return [results[i] for i in range(n)]
+
+    @staticmethod
+    def _block_repeated_trigrams(logp: torch.Tensor, seqs: torch.Tensor) -> None:
+        """Set to -inf, in place, each word that would complete a trigram its row's sequence already holds.
+
+        ``logp``: rows x V next-word scores; ``seqs``: rows x L words so far. The next trigram is
+        (seq[-2], seq[-1], w): every earlier position where (seq[i], seq[i+1]) equals (seq[-2], seq[-1])
+        blocks w = seq[i+2].
+        """
+        last = seqs[:, -2:]
+        match = (seqs[:, :-2] == last[:, :1]) & (seqs[:, 1:-1] == last[:, 1:])
+        blocked = torch.where(match, seqs[:, 2:], PAD_ID)  # <pad> is never allowed anyway
+        logp.scatter_(1, blocked, float("-inf"))
 
     @staticmethod
     def _best_beams(

@@ -380,6 +380,12 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
         help="rank finished beams by score / length**P (0 = raw log-probability; 0.5 was best on Flickr8k val)",
     )
     p.add_argument("--max-len", type=positive_int, default=50, help="longest caption, in words")
+    p.add_argument(
+        "--block-trigrams",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="forbid a beam to repeat a word trigram it already contains",
+    )
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
     p.add_argument(
         "--encoder-weights",

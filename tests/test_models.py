@@ -645,3 +645,77 @@ def test_n_best_does_not_change_the_caption() -> None:
         assert a.tokens == b.tokens and a.score == b.score and b.alternatives[0].tokens == b.tokens
         scores = [alt.normalised_score for alt in b.alternatives]
         assert scores == sorted(scores, reverse=True) and len({tuple(x.tokens) for x in b.alternatives}) == len(scores)
+
+
+# --------------------------------------------------------------------------------- fused teacher forcing
+@pytest.mark.parametrize("deep_output", [True, False])
+def test_fused_teacher_forcing_equals_the_plain_loop(deep_output: bool) -> None:
+    """The fast training path (hoisted products, written-out LSTM cell, one gradient buffer for attention)
+    computes the plain loop's logits, alphas and every gradient, for images shared by several captions of
+    different lengths and for features that need gradients themselves (a fine-tuned encoder)."""
+    torch.manual_seed(3)
+    dec = DecoderWithAttention(_tiny_cfg(30, deep_output=deep_output, dropout=0.3), encoder_dim=8).train()
+    feats = torch.randn(4, 5, 8, requires_grad=True)
+    captions, lengths = _captions([9, 4, 7, 7, 3, 12, 5, 2], 30)
+    image_index = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(11)  # the same dropout mask
+        dec.zero_grad()
+        feats.grad = None
+        logits, targets, alphas = dec(feats, captions, lengths, image_index, fused=fused)
+        loss, _ = caption_loss(logits, targets, alphas, alpha_c=0.5)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in dec.named_parameters()}
+        results.append((logits.detach(), targets, alphas.detach(), grads, feats.grad.clone()))
+    (l0, t0, a0, g0, f0), (l1, t1, a1, g1, f1) = results
+    assert torch.equal(t0, t1)
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a1, a0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(f1, f0, atol=1e-6, rtol=1e-4)
+    for name, grad in g0.items():
+        # (full_att's bias shifts every energy equally, so softmax ignores it: both gradients are 0 up to rounding.)
+        torch.testing.assert_close(g1[name], grad, atol=1e-6, rtol=1e-4, msg=f"gradient of {name}")
+
+
+def test_fused_teacher_forcing_is_not_used_without_gradients() -> None:
+    """Under no_grad (validation losses) the plain loop runs: it needs no gradient buffer."""
+    dec = DecoderWithAttention(_tiny_cfg(30), encoder_dim=8).eval()
+    captions, lengths = _captions([6, 3], 30)
+    with torch.no_grad():
+        a = dec(torch.randn(2, 5, 8), captions, lengths)
+    assert a[0].shape[0] == int((lengths - 1).sum())
+
+
+def test_trigram_blocking_on_a_hand_worked_decoder() -> None:
+    """A decoder whose next-word distribution is fixed: p(a) = 0.6, p(b) = 0.3, p(<end>) = 0.1.
+
+    Greedy decoding repeats "a" to max_len. With trigram blocking, worked by hand:
+      a a a      (no earlier pair equals the last one yet)
+      a a a b    (last pair (a, a) occurred at 0: "a" would repeat (a, a, a), so b)
+      a a a b a  ((a, b) is new)     a a a b a a  ((b, a) is new)
+      then the last pair (a, a) occurred at 0 (followed by a) and 1 (followed by b): both blocked -> <end>.
+    """
+    a, b = 4, 5
+    dec = DecoderWithAttention(_tiny_cfg(6), encoder_dim=8).eval()
+    probs = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.6, 0.3])
+    with torch.no_grad():
+        dec.fc.weight.zero_()
+        dec.fc.bias.copy_(torch.where(probs > 0, probs.log(), torch.tensor(-1e4)))
+    enc = torch.randn(3, 5, 8)
+    assert [d.tokens for d in dec.beam_search(enc, beam_size=1, max_len=8)] == [[a] * 8] * 3
+    for k in (1, 3):
+        for d in dec.beam_search(enc, beam_size=k, max_len=8, block_trigrams=True, n_best=k):
+            if k == 1:
+                assert d.tokens == [a, a, a, b, a, a]
+            for alt in d.alternatives:
+                trigrams = list(zip(alt.tokens, alt.tokens[1:], alt.tokens[2:]))
+                assert len(trigrams) == len(set(trigrams)), alt.tokens
+
+
+def test_block_repeated_trigrams_masks_exactly_the_repeats() -> None:
+    seqs = torch.tensor([[7, 8, 9, 7, 8], [7, 8, 7, 8, 7], [4, 5, 6, 7, 8]])
+    logp = torch.zeros(3, 12)
+    DecoderWithAttention._block_repeated_trigrams(logp, seqs)
+    blocked = [set(torch.isinf(row).nonzero().flatten().tolist()) - {PAD_ID} for row in logp]
+    assert blocked == [{9}, {8}, set()]
