@@ -228,11 +228,11 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
                 path.parent.rmdir()
 
     def answer(payload: Any, beam: Any, penalty: Any, previous: Answer | None, required: bool):
-        """Event handler: (status, caption, words, beams, state, downloads, overlay)."""
+        """Event handler: (status, caption, words, beams, state, downloads); the first word's overlay follows."""
         upload = upload_of(payload)
         if upload is None:
             message = "**error:** no photo: upload, drop, paste or take one, or pick an example" if required else ""
-            return message, "", gr.update(choices=[], value=None), None, None, None, None
+            return message, "", gr.update(choices=[], value=None), None, None, None
         path, name = upload
         started = time.perf_counter()
         try:
@@ -266,7 +266,6 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
             result.beams,
             result,
             None,
-            word_overlay(result, 0),
         )
 
     def figures(state: Answer | None):
@@ -305,21 +304,26 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
                 overlay = gr.Image(label="attention of the chosen word", interactive=False, format="jpeg",
                                    elem_id="attention")  # fmt: skip
                 beams = gr.Dataframe(
-                    headers=["caption", "log-probability", "normalised score"],
+                    headers=["caption", "log-prob", "normalised"],
                     label="best beams (ranked by normalised score)",
                     interactive=False,
                     wrap=True,
-                    column_widths=["64%", "18%", "18%"],
+                    column_widths=["66%", "17%", "17%"],
                     elem_id="beams",
                 )
                 make_figures = gr.Button("Attention figure and GIF", elem_id="make-figures")
                 downloads = gr.File(label="downloads", file_count="multiple", interactive=False, elem_id="downloads")
 
-        outputs = [status, caption_out, words, beams, state, downloads, overlay]
+        outputs = [status, caption_out, words, beams, state, downloads]
         decode = {"outputs": outputs, "preprocess": False, "concurrency_id": "decode", "concurrency_limit": 1}
         inputs = [photo_in, beam_in, penalty_in, state]
-        submit.click(lambda *a: answer(*a, required=True), inputs, api_name="caption", **decode)
-        photo_in.change(lambda *a: answer(*a, required=False), inputs, api_name="caption_new_photo", **decode)
+        # The caption is shown as soon as it is decoded; the first word's attention image follows.
+        first_word = {"fn": lambda result: word_overlay(result, 0), "inputs": state, "outputs": overlay,
+                      "api_visibility": "private", "concurrency_limit": 4}  # fmt: skip
+        submit.click(lambda *a: answer(*a, required=True), inputs, api_name="caption", **decode).then(**first_word)
+        photo_in.change(lambda *a: answer(*a, required=False), inputs, api_name="caption_new_photo", **decode).then(
+            **first_word
+        )
         words.input(word_overlay, [state, words], overlay, api_name="show_word", concurrency_limit=4)
         make_figures.click(figures, state, downloads, api_name="figures", concurrency_limit=2)
     page.queue(default_concurrency_limit=1, max_size=queue_size)

@@ -112,7 +112,7 @@ def running_app(*args: str, timeout: float = 180.0) -> Iterator[str]:
         proc.stdout.close()
 
 
-def chromium(width: int = 1300, height: int = 1150):
+def chromium(width: int = 1300, height: int = 1350):
     """Headless Chromium through chromedriver, both Debian's, logging every network request it makes.
 
     The driver's path is given, so Selenium Manager never looks for (or downloads) a browser or driver.
@@ -216,19 +216,26 @@ def save_screenshot(driver, path: Path) -> int:
     return path.stat().st_size
 
 
+def attention_image(driver) -> str | None:
+    """The URL of the attention image the page shows, once loaded (None while there is none)."""
+    return driver.execute_script(
+        "const i = document.querySelector('#attention img');"
+        "return i && i.complete && i.naturalWidth > 0 ? i.src : null;"
+    )
+
+
 def choose_word(driver, index: int, timeout: float = 30.0) -> str:
-    """Click word ``index`` of the caption and wait for its attention image; returns the image's URL."""
+    """Click word ``index`` of the caption and wait for its attention image; returns the image's URL.
+
+    Waits first for the image the caption came with (the first word's), so that image is not taken for this one.
+    """
     from selenium.webdriver.common.by import By
 
-    before = driver.execute_script("const i = document.querySelector('#attention img'); return i ? i.src : null;")
+    before = wait_for(driver, attention_image, timeout, "the first word's attention image")
     driver.find_elements(By.CSS_SELECTOR, "#words label")[index].click()
     return wait_for(
         driver,
-        lambda d: d.execute_script(
-            "const i = document.querySelector('#attention img');"
-            "return i && i.src !== arguments[0] && i.complete && i.naturalWidth > 0 ? i.src : null;",
-            before,
-        ),
+        lambda d: (src := attention_image(d)) != before and src,
         timeout,
         f"the attention image of word {index + 1}",
     )
