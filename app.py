@@ -227,12 +227,16 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
             with contextlib.suppress(OSError):  # Gradio's folder for this one upload, now empty
                 path.parent.rmdir()
 
+    def cleared(status_line: str) -> tuple:
+        """The answer's outputs for no caption: a status line, everything else empty."""
+        return status_line, "", gr.update(choices=[], value=None), None, None, None
+
     def answer(payload: Any, beam: Any, penalty: Any, previous: Answer | None, required: bool):
         """Event handler: (status, caption, words, beams, state, downloads); the first word's overlay follows."""
         upload = upload_of(payload)
         if upload is None:
             message = "**error:** no photo: upload, drop, paste or take one, or pick an example" if required else ""
-            return message, "", gr.update(choices=[], value=None), None, None, None
+            return cleared(message)
         path, name = upload
         started = time.perf_counter()
         try:
@@ -245,15 +249,7 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
             else:
                 raise CamEyeError(f"{name}: the upload is no longer on the server; please add the photo again")
         except CamEyeError as err:
-            return (
-                f"**error:** {markdown_text(str(err))}",
-                "",
-                gr.update(choices=[], value=None),
-                None,
-                None,
-                None,
-                None,
-            )
+            return cleared(f"**error:** {markdown_text(str(err))}")
         finally:
             forget_upload(path)
         seconds = time.perf_counter() - started

@@ -34,7 +34,12 @@ from caption import Captioner, caption_images, smooth_attention
 from utils import DEFAULT_CHECKPOINT, CamEyeError
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates: its warning, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
+# A handler returning more or fewer values than the page has outputs is only a warning to Gradio: an error here.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
+    pytest.mark.filterwarnings("error:A function returned too many output values"),
+    pytest.mark.filterwarnings("error:A function didn't return enough output values"),
+]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
