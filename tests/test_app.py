@@ -37,8 +37,8 @@ from utils import DEFAULT_CHECKPOINT, CamEyeError
 # A handler returning more or fewer values than the page has outputs is only a warning to Gradio: an error here.
 pytestmark = [
     pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
-    pytest.mark.filterwarnings("error:A function returned too many output values"),
-    pytest.mark.filterwarnings("error:A function didn't return enough output values"),
+    pytest.mark.filterwarnings("error:A +function.* returned too many output values"),
+    pytest.mark.filterwarnings("error:A +function.* didn't return enough output values"),
 ]
 
 
