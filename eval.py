@@ -152,6 +152,12 @@ def coco_ids(image_ids: Sequence[str]) -> list[int]:
     return list(range(len(image_ids)))
 
 
+def coco_id(image_id: str, index: int) -> int:
+    """One image's id for COCO tools: its number, else its row index (kept for benchmarks/sweep_decoding.py;
+    use :func:`coco_ids`, which also keeps ids unique across a split)."""
+    return int(image_id) if image_id.isdigit() else index
+
+
 def open_eval_split(data: Path, split: str) -> CaptionDataset:
     """The split to evaluate, or one line saying why it cannot be (missing, not ours, empty)."""
     path = data / f"{split}.hdf5"
@@ -368,6 +374,7 @@ def evaluate(
     coco: bool = True,
     instances: Path | None = None,
     bootstrap: int = 0,
+    skip_images: int = 0,
 ) -> dict:
     """Decode ``split`` with the checkpoint's model, score it and write predictions and metrics to ``out``.
 
@@ -375,15 +382,21 @@ def evaluate(
     ``instances`` (COCO boxes for every evaluated image). Predictions, references and nltk BLEU are written
     as soon as decoding ends; ``metrics_<split>.json`` is rewritten after each further family of metrics, and
     a family that fails (Java) is reported in one line under ``"failed_metrics"`` while the others still run.
-    ``bootstrap`` > 0 adds 95% percentile intervals over images (``"intervals"``). Returns the results.
+    ``bootstrap`` > 0 adds 95% percentile intervals over images (``"intervals"``). Only the images from row
+    ``skip_images`` on are evaluated, at most ``max_images`` of them (0: all). Returns the results.
     """
     dataset = open_eval_split(data, split)
-    count = min(max_images, len(dataset)) if max_images else len(dataset)
-    images = read_instances(instances, dataset.image_ids[:count], split) if instances is not None else None
+    if skip_images >= len(dataset):
+        raise CamEyeError(f"--skip-images {skip_images} leaves none of the {len(dataset)} images of {split}.hdf5")
+    stop = min(skip_images + max_images, len(dataset)) if max_images else len(dataset)
+    rows = range(skip_images, stop)
+    if instances is not None:
+        boxes = read_instances(instances, [dataset.image_ids[i] for i in rows], split)
+        images = dict(zip(rows, boxes))
     check_writable(out)
     dev = select_device(device)
     encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev)
-    note = vocabulary_note(word_map, data, [dataset.references(i) for i in range(count)])
+    note = vocabulary_note(word_map, data, [dataset.references(i) for i in rows])
     if note is not None:
         print(
             f"note: the model's vocabulary ({note['model_words']} words) differs from {data / 'word_map.json'} "
@@ -392,7 +405,7 @@ def evaluate(
             file=sys.stderr,
         )
     dataset.transform = Preprocess(cfg.backbone, cfg.input_size)
-    subset = Subset(dataset, range(count)) if count < len(dataset) else dataset
+    subset = Subset(dataset, rows) if len(rows) < len(dataset) else dataset
     loader = DataLoader(
         subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval, worker_init_fn=quiet_worker
     )
@@ -423,7 +436,7 @@ def evaluate(
     metrics = MetricsFile(results, out / f"metrics_{split}.json")
     metrics.run("nltk BLEU", lambda: ({"nltk_corpus_bleu": nltk_bleu(refs, hyps)}, {}))
     metrics.run("attention correctness", lambda: synthetic_attention(dataset, indices, hyps, preds))
-    if images is not None:
+    if instances is not None:
 
         def objects() -> tuple[dict, dict]:
             picked = [images[i] for i in indices]
@@ -536,6 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_decoding_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images encoded and decoded together")
     p.add_argument("--max-images", type=non_negative_int, default=0, help="evaluate only the first N images (0 = all)")
+    p.add_argument(
+        "--skip-images",
+        type=non_negative_int,
+        default=0,
+        help="start at image N of the split (with --max-images: a range; e.g. coco-dev80, sorted by COCO id: "
+        "--max-images 40 is its first half, --skip-images 40 the other)",
+    )
     p.add_argument("--no-coco", dest="coco", action="store_false", help="skip the pycocoevalcap metrics (Java)")
     p.add_argument(
         "--instances",
@@ -580,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.coco,
             args.instances,
             args.bootstrap,
+            args.skip_images,
         )
         print(format_results(results))
         if results.get("failed_metrics"):

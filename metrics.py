@@ -1,21 +1,30 @@
-"""Caption and attention metrics for CamEye.
+"""Caption, hallucination and attention metrics for CamEye.
 
-Three families of numbers live here, and they answer different questions:
+The families of numbers here answer different questions:
 
 * :func:`nltk_bleu` -- corpus BLEU-1..4 computed the way most PyTorch captioning tutorials do it (sgrvinod's
   "a-PyTorch-Tutorial-to-Image-Captioning"): ``nltk.translate.bleu_score.corpus_bleu`` on lists of words, no
   smoothing. It needs nothing but Python, so it is always available, which makes it the number to watch
   during training. It is *not* the number papers report.
-* :func:`coco_metrics` -- the official MS-COCO caption metrics from ``pycocoevalcap`` (BLEU-1..4, METEOR,
-  ROUGE-L, CIDEr), computed exactly as ``COCOEvalCap.evaluate`` does: both sides go through the Stanford
-  PTB tokenizer first (lower-cased, punctuation removed). These are the numbers papers report. They need
-  Java, and they cost a few seconds of JVM start-up per call, so they belong at the end of an evaluation,
-  not in every validation step. COCO BLEU differs from nltk BLEU: the tokenisation differs, and the COCO
-  brevity penalty uses the "closest" reference length with a tiny smoothing of its own.
-* :func:`attention_in_box` and friends -- "attention correctness" on the synthetic dataset, whose images
-  come with the bounding box of every object: when the decoder emits the word naming an object, how much
-  of that step's attention lies inside the object's box? :func:`box_area_share` is the score a model that
+* :func:`coco_metrics` / :func:`iter_coco_metrics` -- the official MS-COCO caption metrics from
+  ``pycocoevalcap`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr), computed exactly as ``COCOEvalCap.evaluate`` does:
+  both sides go through the Stanford PTB tokenizer first (lower-cased, punctuation removed; :func:`ptb_tokenize`
+  runs it without writing into the package, so read-only installs work). These are the numbers papers report.
+  They need Java and cost a few seconds of JVM start-up, so they belong at the end of an evaluation. The
+  iterator gives one scorer ("family") at a time, so a METEOR whose JVM fails costs nothing else. COCO BLEU
+  differs from nltk BLEU: the tokenisation differs, and the COCO brevity penalty uses the "closest"
+  reference length with a tiny smoothing of its own.
+* :class:`CiderD` / :func:`cider_d_corpus` -- CIDEr-D on token lists without Java, equal to pycocoevalcap's
+  ``Cider`` given the same references and document frequencies: fast per-caption rewards for self-critical
+  training (document frequencies fixed from the training references), or a corpus score.
+* :func:`chair` -- CHAIR-s and CHAIR-i (Rohrbach et al., EMNLP 2018): the share of captions / of object mentions
+  naming a COCO object that is neither in the image's instance boxes nor in its reference captions, with the
+  80 COCO categories and their synonyms (metrics_data.py).
+* :func:`attention_in_box`, :func:`attention_in_boxes` and friends -- "attention correctness": when the decoder
+  emits a word naming an object, how much of that step's attention lies inside the object's box (the synthetic
+  set's boxes, or the union of a COCO category's boxes)? :func:`box_area_share` is the score a model that
   attends uniformly would get, the baseline that makes the first number meaningful.
+* :func:`bootstrap_interval` -- percentile intervals over images for any of these (few test images, e.g. 80).
 
 BLEU-n in both families is *cumulative*: the geometric mean of the modified 1..n-gram precisions, times a
 brevity penalty. All scores are fractions in 0..1 except CIDEr, which is usually between 0 and ~3 (it is
@@ -266,7 +275,8 @@ def _meteor_score(gts: dict, res: dict) -> tuple[float, list[float]]:
     # A JVM that fails to start prints its reason on stdout, where METEOR's scores are read: keep it.
     output = meteor.meteor_p.stdout = _RecordingReader(meteor.meteor_p.stdout)
     # A JVM that is alive but never answers would block readline() forever; killing it ends the wait.
-    watchdog = threading.Timer(_java_timeout(len(gts)), meteor.meteor_p.kill)
+    timeout, timed_out = _java_timeout(len(gts)), threading.Event()
+    watchdog = threading.Timer(timeout, lambda: (timed_out.set(), meteor.meteor_p.kill()))
     watchdog.daemon = True
     watchdog.start()
     try:
@@ -275,6 +285,8 @@ def _meteor_score(gts: dict, res: dict) -> tuple[float, list[float]]:
         # A dead JVM shows up as a broken pipe, or as an empty line that float() refuses: say why it died.
         meteor.meteor_p.kill()
         meteor.meteor_p.wait()
+        if timed_out.is_set():
+            raise MetricError(f"METEOR's Java process gave no answer within {timeout:.0f} s and was stopped") from exc
         errors = _last_line(meteor.meteor_p.stderr.read()) if meteor.meteor_p.stderr else "no message"
         reason = errors if errors != "no message" else (output.other[-1][:300] if output.other else str(exc))
         status = meteor.meteor_p.returncode

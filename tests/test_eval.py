@@ -618,6 +618,8 @@ def test_split_problems_are_refused_before_the_model_is_loaded(model: SimpleName
     a_file.write_text("x", encoding="utf-8")
     with pytest.raises(CamEyeError, match="cannot write the results to"):
         cameye_eval.evaluate(missing_checkpoint, eval_only, "test", a_file / "out", device="cpu", workers=0)
+    with pytest.raises(CamEyeError, match="--skip-images 4 leaves none of the 4 images of test.hdf5"):
+        cameye_eval.evaluate(missing_checkpoint, eval_only, "test", out, device="cpu", workers=0, skip_images=4)
 
 
 def _instances(image_ids: list[int], **changes) -> dict:
@@ -854,6 +856,7 @@ def test_chair_and_attention_on_coco_dev80_with_the_shipped_model(coco_dev80: Pa
         "test",
         out,
         max_images=12,
+        skip_images=68,  # the last 12 photos by COCO id
         device="cpu",
         workers=0,
         coco=False,
@@ -862,7 +865,10 @@ def test_chair_and_attention_on_coco_dev80_with_the_shipped_model(coco_dev80: Pa
     )
     rows = strict_json(out / "objects_test.json")
     predictions = strict_json(out / "predictions_test.json")
-    assert [r["image_id"] for r in rows] == [p["image_id"] for p in predictions] and len(rows) == 12
+    all_ids = sorted(
+        im["id"] for im in json.loads((COCO_DEV80 / "captions.json").read_text(encoding="utf-8"))["images"]
+    )
+    assert [r["image_id"] for r in rows] == [p["image_id"] for p in predictions] == all_ids[68:]
     instances = json.loads((COCO_DEV80 / "instances.json").read_text(encoding="utf-8"))
     names = {c["id"]: c["name"] for c in instances["categories"]}
     for row in rows:

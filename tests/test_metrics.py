@@ -335,6 +335,22 @@ def test_meteor_that_cannot_execute_is_one_line_without_a_destructor_traceback(
     assert "Exception ignored" not in capfd.readouterr().err
 
 
+@needs_java
+def test_a_hung_meteor_is_stopped_and_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A METEOR JVM that never answers would block the evaluation forever: it is killed after the timeout
+    (shortened here), reported in one line, and the other families are kept."""
+    script = f'case " $* " in *" -jar "*) echo $$ > {tmp_path / "pid"}; exec sleep 300;; esac\nexec REAL_JAVA "$@"\n'
+    put_first_on_path(monkeypatch, fake_java(tmp_path / "bin", script))
+    monkeypatch.setattr(metrics, "_java_timeout", lambda n_lines: 2.0)
+    start = time.monotonic()
+    families = {f.family: f for f in iter_coco_metrics(REFS, MIXED_PREDICTIONS)}
+    assert time.monotonic() - start < 60
+    assert families["METEOR"].error == "METEOR's Java process gave no answer within 2 s and was stopped"
+    assert all(families[f].error is None for f in ("BLEU", "ROUGE-L", "CIDEr"))
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((tmp_path / "pid").read_text()), 0)
+
+
 # Captions a caption file may well hold: accents, another script, punctuation only, separators METEOR uses,
 # tabs, and line breaks that Java (not Python's split("\n")) treats as line ends.
 ODD_CAPTIONS = {
@@ -363,6 +379,8 @@ def test_ptb_tokenize_equals_pycocoevalcap_and_keeps_odd_captions_on_their_image
     # pycocoevalcap replaces only "\n": these would add lines in Java and shift every later caption
     assert ours["breaks"] == ["a dog runs on grass", "a dog runs fast now", "two cats sit"]
     assert list(ours) == list(ODD_CAPTIONS)
+    # a lone surrogate (JSON allows "\\ud800") would make pycocoevalcap's .encode() raise; here it becomes "?"
+    assert ptb_tokenize({"x": ["a b\ud800c"]}) == {"x": ["a b?c"]}
 
 
 @needs_java
