@@ -272,7 +272,9 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
         cache.mkdir(parents=True, exist_ok=True)
         return [str(p) for p in write_figures(state, Path(tempfile.mkdtemp(dir=cache)))]
 
-    with gr.Blocks(title="CamEye", analytics_enabled=False, delete_cache=(60, keep_outputs)) as page:
+    # Every min(60 s, keep_outputs) Gradio deletes the files it made for this page that are older than keep_outputs.
+    delete_cache = (min(60, keep_outputs), keep_outputs)
+    with gr.Blocks(title="CamEye", analytics_enabled=False, delete_cache=delete_cache) as page:
         state = gr.State(None)
         gr.Markdown(
             "# CamEye: where does it look?\n"
@@ -308,7 +310,8 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
                     elem_id="beams",
                 )
                 make_figures = gr.Button("Attention figure and GIF", elem_id="make-figures")
-                downloads = gr.File(label="downloads", file_count="multiple", interactive=False, elem_id="downloads")
+                downloads = gr.File(label="downloads", file_count="multiple", interactive=False, height=120,
+                                    elem_id="downloads")  # fmt: skip
 
         outputs = [status, caption_out, words, beams, state, downloads]
         decode = {"outputs": outputs, "preprocess": False, "concurrency_id": "decode", "concurrency_limit": 1}
@@ -368,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_decoding_arguments(p)
+    p.set_defaults(device="cpu")  # a demo server: predictable, and the GPU stays free for training
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the page to the network)")
     p.add_argument("--port", type=positive_int, default=7860, help="port to listen on")
     p.add_argument("--queue-size", type=positive_int, default=16, help="requests that may wait while one decodes")
@@ -388,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm_up(captioner)
         # Everything Gradio writes (uploads, outputs) goes to a folder of this process, removed when it stops.
         cache = tempfile.mkdtemp(prefix="cameye-app-")
+        print(f"uploads and outputs go to {cache} (removed when the server stops)", flush=True)
         os.environ["GRADIO_TEMP_DIR"] = cache
         os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
         try:

@@ -23,10 +23,12 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlparse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,8 +78,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(*args: str, timeout: float = 180.0) -> Iterator[str]:
-    """Run ``python app.py --port FREE ARGS`` and yield its URL once it answers; stop it (SIGTERM) afterwards.
+def running_app(*args: str, timeout: float = 180.0) -> Iterator[SimpleNamespace]:
+    """Run ``python app.py --port FREE ARGS`` until the block ends, then stop it with SIGTERM as a service manager
+    would. Yields a namespace: ``url`` (once it answers), ``proc``, and after the block ``output`` (all it printed).
 
     Raises RuntimeError with the server's output if it exits or does not answer within ``timeout`` seconds.
     """
@@ -85,31 +88,39 @@ def running_app(*args: str, timeout: float = 180.0) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(REPO / "app.py"), "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"app.py exited with status {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"app.py did not answer on {url} within {timeout:.0f} s")
-            time.sleep(0.25)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        proc.stdout.close()
+    with tempfile.TemporaryDirectory(prefix="cameye-app-log-") as tmp:
+        log = Path(tmp) / "app.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        server = SimpleNamespace(url=url, proc=proc, output="")
+        try:
+            wait_until_serving(url, proc, log, timeout)
+            yield server
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            server.output = log.read_text()
+
+
+def wait_until_serving(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with status {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"app.py did not answer on {url} within {timeout:.0f} s:\n{log.read_text()}")
+        time.sleep(0.25)
 
 
 def chromium(width: int = 1300, height: int = 1350):
@@ -252,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: no browser: {missing}", file=sys.stderr)
         return 2
-    with running_app(*args.app_args.split()) as url:
+    with running_app(*args.app_args.split()) as app:
+        url = app.url
         driver = chromium()
         try:
             open_page(driver, url)

@@ -252,13 +252,14 @@ def test_bad_options_are_one_line_and_exit_2(argv: list[str], message: str, caps
 # ------------------------------------------------------------------------------- the page, Gradio's client
 @pytest.fixture(scope="module")
 def served(captioner: Captioner, tmp_path_factory: pytest.TempPathFactory):
-    """The page served in-process on a free port (queue of 1) with its own Gradio folder; Gradio's client on it."""
+    """The page served in-process on a free port (queue of 1, outputs kept 2 s) with its own Gradio folder, and
+    Gradio's client on it (one session: the page's state carries over from one call to the next)."""
     from gradio_client import Client
 
     cache = tmp_path_factory.mktemp("gradio_cache")
     before = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(cache)
-    page = app.build_page(captioner, queue_size=1)
+    page = app.build_page(captioner, queue_size=1, keep_outputs=2)
     try:
         url = app.launch_page(page, captioner, port=browser.free_port())
         client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
@@ -297,6 +298,22 @@ def test_a_text_file_gets_a_message_then_a_photo_its_caption_and_neither_upload_
     assert caption == " ".join(app.answer_photo(captioner, photos.wide, "wide.png", 3, 0.5).words)
     kept = [p.name for p in served.cache.rglob("*") if p.is_file()]
     assert "notes.txt" not in kept and "wide.png" not in kept, kept
+
+
+def test_figures_are_made_on_demand_and_outputs_deleted_after_keep_outputs(
+    served: SimpleNamespace, photos: SimpleNamespace
+) -> None:
+    from gradio_client import handle_file
+
+    served.client.predict(handle_file(str(photos.square)), 3, 0.5, api_name="/caption")
+    files = served.client.predict(api_name="/figures")
+    paths = [Path(f["path"] if isinstance(f, dict) else f) for f in files]
+    assert sorted(p.name for p in paths) == ["square_attention.gif", "square_attention.png"]
+    assert all(p.is_file() and served.cache in p.parents for p in paths), "served from Gradio's cache as written"
+    deadline = time.monotonic() + 15  # kept 2 s, swept every 2 s
+    while any(p.exists() for p in paths):
+        assert time.monotonic() < deadline, "outputs outlived --keep-outputs"
+        time.sleep(0.25)
 
 
 def test_a_full_queue_is_refused_with_a_message(
@@ -339,7 +356,8 @@ def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNames
     from selenium.webdriver.common.by import By
 
     chelsea, coffee = browser.skimage_photo("chelsea.png"), browser.skimage_photo("coffee.png")
-    with browser.running_app("--device", "cpu") as url:
+    with browser.running_app() as server:
+        url = server.url
         driver = browser.chromium()
         try:
             browser.open_page(driver, url)
@@ -413,6 +431,11 @@ def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNames
             assert any(u.startswith(url) for u in urls) and browser.off_host(urls) == []
         finally:
             driver.quit()
+    # Stopped by SIGTERM: exit status 143, no traceback, and its folder of uploads and outputs is gone.
+    log = server.output
+    assert server.proc.returncode == 143 and "Traceback" not in log, log
+    [folder] = re.findall(r"uploads and outputs go to (\S+) ", log)
+    assert not Path(folder).exists()
 
 
 def test_browser_helpers_find_requests_off_this_machine() -> None:
