@@ -81,6 +81,7 @@ def decode_loader(
     max_len: int = 50,
     length_penalty: float = 1.0,
     progress: bool = False,
+    block_trigrams: bool = False,
 ) -> tuple[list[Decoded], list, list[int]]:
     """Caption every item of an eval-mode loader (images, or cached features when ``encoder`` is None).
 
@@ -93,7 +94,7 @@ def decode_loader(
     for images, refs, index in tqdm(loader, desc="decoding", unit="batch", disable=not progress):
         images = images.to(device)
         feats = encoder(images) if encoder is not None else images
-        predictions += decoder.beam_search(feats, beam_size, max_len, length_penalty)
+        predictions += decoder.beam_search(feats, beam_size, max_len, length_penalty, block_trigrams=block_trigrams)
         references += refs
         indices += index
     return predictions, references, indices
@@ -375,6 +376,8 @@ def evaluate(
     instances: Path | None = None,
     bootstrap: int = 0,
     skip_images: int = 0,
+    block_trigrams: bool = False,
+    encoder_weights: str | None = None,
 ) -> dict:
     """Decode ``split`` with the checkpoint's model, score it and write predictions and metrics to ``out``.
 
@@ -383,7 +386,8 @@ def evaluate(
     as soon as decoding ends; ``metrics_<split>.json`` is rewritten after each further family of metrics, and
     a family that fails (Java) is reported in one line under ``"failed_metrics"`` while the others still run.
     ``bootstrap`` > 0 adds 95% percentile intervals over images (``"intervals"``). Only the images from row
-    ``skip_images`` on are evaluated, at most ``max_images`` of them (0: all). Returns the results.
+    ``skip_images`` on are evaluated, at most ``max_images`` of them (0: all). ``block_trigrams`` and
+    ``encoder_weights`` go to beam search and ``load_captioner``. Returns the results.
     """
     dataset = open_eval_split(data, split)
     if skip_images >= len(dataset):
@@ -395,7 +399,7 @@ def evaluate(
         images = dict(zip(rows, boxes))
     check_writable(out)
     dev = select_device(device)
-    encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev)
+    encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev, encoder_weights)
     note = vocabulary_note(word_map, data, [dataset.references(i) for i in rows])
     if note is not None:
         print(
@@ -409,7 +413,9 @@ def evaluate(
     loader = DataLoader(
         subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval, worker_init_fn=quiet_worker
     )
-    preds, refs, indices = decode_loader(encoder, decoder, loader, dev, beam_size, max_len, length_penalty, True)
+    preds, refs, indices = decode_loader(
+        encoder, decoder, loader, dev, beam_size, max_len, length_penalty, True, block_trigrams
+    )
     rev = reverse_word_map(word_map)
     hyps = [[rev[i] for i in p.tokens] for p in preds]
     all_ids = coco_ids(dataset.image_ids)
@@ -430,6 +436,7 @@ def evaluate(
         "images": len(preds),
         "beam_size": beam_size,
         "length_penalty": length_penalty,
+        "block_trigrams": block_trigrams,
     }
     if note is not None:
         results["vocabulary"] = note
@@ -601,6 +608,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.instances,
             args.bootstrap,
             args.skip_images,
+            args.block_trigrams,
+            args.encoder_weights,
         )
         print(format_results(results))
         if results.get("failed_metrics"):

@@ -368,7 +368,7 @@ def _evaluate_with_fake_decoder(model, folder: Path, entries: list[dict], monkey
     create_input_files([source], None, Options(out=folder / "prepared", min_word_freq=1, image_size=64, workers=1))
     queue = list(entries)
 
-    def fake_beam_search(self, encoder_out, beam_size=3, max_len=50, length_penalty=1.0, allow_unk=False):
+    def fake_beam_search(self, encoder_out, beam_size=3, max_len=50, length_penalty=1.0, **options):
         decoded = []
         for _ in range(encoder_out.shape[0]):
             entry = queue.pop(0)
@@ -885,3 +885,20 @@ def test_chair_and_attention_on_coco_dev80_with_the_shipped_model(coco_dev80: Pa
     for name, value in [("CHAIR-s", chair["CHAIR-s"]), ("attention_correctness", attention["attention_correctness"])]:
         low, high = results["intervals"][name]
         assert low <= value <= high, name
+
+
+def test_decoding_options_reach_beam_search(model: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """--block-trigrams (shared with caption.py) is passed to beam search and recorded, not silently ignored."""
+    seen = []
+    original = DecoderWithAttention.beam_search
+
+    def recording(self, encoder_out, *args, **kwargs):
+        seen.append(kwargs.get("block_trigrams"))
+        return original(self, encoder_out, *args, **kwargs)
+
+    monkeypatch.setattr(DecoderWithAttention, "beam_search", recording)
+    results = cameye_eval.evaluate(
+        model.checkpoint, model.data, "test", tmp_path, max_len=20, device="cpu", workers=0, coco=False,
+        max_images=2, block_trigrams=True,
+    )  # fmt: skip
+    assert seen == [True] and results["block_trigrams"] is True and results["images"] == 2
