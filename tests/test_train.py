@@ -716,3 +716,37 @@ def test_lr_drop_epochs_multiply_the_learning_rate(synthetic_prepared, tmp_path)
                              val_images=4, early_stop=100)  # fmt: skip
     history = train.train(mcfg, tcfg)
     assert [h["decoder_lr"] for h in history] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+
+
+# ----------------------------------------------------------------------------------------------------- SCST
+@pytest.mark.slow
+def test_scst_after_cross_entropy_raises_validation_cider(tmp_path: Path) -> None:
+    """Issue 11: a short seeded self-critical stage, started from a brief cross-entropy run's weights, raises
+    validation CIDEr-D (200 synthetic images, 32-wide decoder; about 40 s on one core)."""
+    data = _prepare(tmp_path, 200, 64, 64, splits=(0.7, 0.15, 0.15))
+    mcfg = lambda: ModelConfig(vocab_size=0, input_size=64, dropout=0.0, **TINY_DIMS)  # noqa: E731
+    common = dict(batch_size=8, lr_patience=100, early_stop=100, workers=0, tensorboard=False, max_decode_len=20)
+    ce = train.train(
+        mcfg(), train.TrainConfig(data=str(data), out=str(tmp_path / "ce"), epochs=6, decoder_lr=1e-2, **common)
+    )
+    scst_cfg = train.TrainConfig(
+        data=str(data), out=str(tmp_path / "scst"), epochs=4, decoder_lr=1e-3, scst=True,
+        init_from=str(tmp_path / "ce" / "last.pt"), **common,
+    )  # fmt: skip
+    scst = train.train(mcfg(), scst_cfg)
+    before, after = ce[-1]["val_CIDEr"], scst[-1]["val_CIDEr"]
+    print(f"validation CIDEr-D: {before:.1f} after cross-entropy, {after:.1f} after SCST")
+    print(f"mean reward of the drawn captions per SCST epoch: {[round(h['train_reward'], 3) for h in scst]}")
+    assert after >= before + 10, (before, after)
+    assert scst[-1]["train_reward"] > scst[0]["train_reward"]
+    assert scst[-1]["val_bad_endings"] <= ce[-1]["val_bad_endings"] + 0.05
+    ckpt = torch.load(tmp_path / "scst" / "last.pt", weights_only=True)
+    assert ckpt["train_config"]["scst"] and ckpt["select_on"] == "cider"
+
+
+def test_scst_refuses_what_it_cannot_do(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        train.main(["--data", str(tiny_data), "--scst", "--scst-samples", "1"])
+    assert "--scst-samples" in capsys.readouterr().err
+    with pytest.raises(CamEyeError, match="exported model|not found"):
+        train.train(*_configs(tiny_data, tmp_path / "run", 1, scst=True, init_from=str(tmp_path / "nothing.pt")))
