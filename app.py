@@ -118,20 +118,22 @@ def decode_upload(path: Path, name: str, captioner: Captioner) -> tuple[np.ndarr
     return image, photo
 
 
-def answer_photo(captioner: Captioner, path: Path, name: str, beam_size: Any, length_penalty: Any) -> Answer:
-    """Decode and caption one photo file (see :func:`caption_answer`).
+def answer_photo(captioner: Captioner, path: Path, name: str, beam_size: Any, length_penalty: Any,
+                 **search: Any) -> Answer:  # fmt: skip
+    """Decode and caption one photo file (see :func:`caption_answer`, which takes ``search``).
 
     Raises :class:`CamEyeError` (one line) for an unusable file or a beam size / length penalty out of bounds.
     """
     beam_size, length_penalty = check_controls(beam_size, length_penalty)
     image, photo = decode_upload(path, name, captioner)
-    return caption_answer(captioner, str(path), name, image, photo, beam_size, length_penalty)
+    return caption_answer(captioner, str(path), name, image, photo, beam_size, length_penalty, **search)
 
 
 def caption_answer(captioner: Captioner, source: str, name: str, image: np.ndarray, photo: np.ndarray,
-                   beam_size: int, length_penalty: float) -> Answer:  # fmt: skip
+                   beam_size: int, length_penalty: float, max_len: int = MAX_LEN,
+                   block_trigrams: bool = False) -> Answer:  # fmt: skip
     """Caption a decoded photo: its words, per-word attention grids and all ``beam_size`` best beams."""
-    [decoded] = captioner.decode([image], beam_size, MAX_LEN, length_penalty, n_best=beam_size)
+    [decoded] = captioner.decode([image], beam_size, max_len, length_penalty, beam_size, block_trigrams)
     beams = [
         [" ".join(captioner.words(d)), round(d.score, 3), round(d.normalised_score, 3)]
         for d in decoded.alternatives or [decoded]
@@ -215,9 +217,11 @@ def page_theme():
 
 
 def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float = 0.5, queue_size: int = 16,
-               keep_outputs: int = 300):  # fmt: skip
-    """The Gradio Blocks of the page (not launched). ``queue_size`` requests may wait while one decodes;
-    outputs (overlays, figures) are deleted ``keep_outputs`` seconds after they were made."""
+               keep_outputs: int = 300, max_len: int = MAX_LEN, block_trigrams: bool = False):  # fmt: skip
+    """The Gradio Blocks of the page (not launched). ``beam_size`` and ``length_penalty`` are the sliders' first
+    values; ``max_len`` and ``block_trigrams`` hold for every request. ``queue_size`` requests may wait while one
+    decodes; outputs (overlays, figures) are deleted ``keep_outputs`` seconds after they were made."""
+    search = {"max_len": max_len, "block_trigrams": block_trigrams}
     import gradio as gr
 
     def forget_upload(path: Path) -> None:
@@ -243,9 +247,11 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
             beam, penalty = check_controls(beam, penalty)
             if previous is not None and previous.source == str(path) and not path.exists():
                 # The same photo again (new settings): its upload was deleted after the first answer.
-                result = caption_answer(captioner, previous.source, name, previous.image, previous.photo, beam, penalty)
+                result = caption_answer(
+                    captioner, previous.source, name, previous.image, previous.photo, beam, penalty, **search
+                )
             elif path.is_file():
-                result = answer_photo(captioner, path, name, beam, penalty)
+                result = answer_photo(captioner, path, name, beam, penalty, **search)
             else:
                 raise CamEyeError(f"{name}: the upload is no longer on the server; please add the photo again")
         except CamEyeError as err:
@@ -388,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handle_sigterm()  # so that stopping the server still removes its folder of uploads and outputs
         check_controls(args.beam_size, args.length_penalty)
         keep_freed_memory()
-        captioner = Captioner.load(args.checkpoint, args.device)
+        captioner = Captioner.load(args.checkpoint, args.device, encoder_weights=args.encoder_weights)
         warm_up(captioner)
         # Everything Gradio writes (uploads, outputs) goes to a folder of this process, removed when it stops.
         cache = tempfile.mkdtemp(prefix="cameye-app-")
@@ -396,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["GRADIO_TEMP_DIR"] = cache
         os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
         try:
-            page = build_page(captioner, args.beam_size, args.length_penalty, args.queue_size, args.keep_outputs)
+            page = build_page(captioner, args.beam_size, args.length_penalty, args.queue_size, args.keep_outputs,
+                              args.max_len, args.block_trigrams)  # fmt: skip
             launch_page(page, captioner, args.host, args.port)
             try:
                 while True:  # serve until Ctrl-C or SIGTERM (cli_errors turns them into exit status 130 / 143)

@@ -205,11 +205,13 @@ class Captioner:
         self.preprocess = Preprocess(self.config.backbone, self.config.input_size)
 
     @classmethod
-    def load(cls, checkpoint: Path, device: str = "auto", word_map_path: Path | None = None) -> Captioner:
+    def load(cls, checkpoint: Path, device: str = "auto", word_map_path: Path | None = None,
+             encoder_weights: str | None = None) -> Captioner:  # fmt: skip
         """Load a checkpoint in eval mode on ``device``; one-line :class:`CamEyeError` if it cannot be used
-        (or if ``word_map_path`` names a word map other than the model's)."""
+        (or if ``word_map_path`` names a word map other than the model's). ``encoder_weights``: see
+        ``models.load_captioner`` (for a checkpoint holding only its fine-tuned encoder stages)."""
         dev = select_device(device)
-        encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev)
+        encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev, encoder_weights)
         if word_map_path is not None:
             given = validate_word_map(read_json(word_map_path, "word map"))
             if given != word_map:
@@ -220,15 +222,18 @@ class Captioner:
         """The image file decoded as the model expects it: uint8 3 x S x S (S = the model's image size)."""
         return read_image(path, self.config.image_size)
 
-    def decode(self, images: Sequence[np.ndarray], beam_size: int = 3, max_len: int = 50,
-               length_penalty: float = 0.5, n_best: int = 1) -> list[Decoded]:  # fmt: skip
+    def decode(self, images: Sequence[np.ndarray], beam_size: int = 3, max_len: int = 50, length_penalty: float = 0.5,
+               n_best: int = 1, block_trigrams: bool = False) -> list[Decoded]:  # fmt: skip
         """Beam-search captions for images from :meth:`read` (each 3 x S x S uint8), in input order; each
         result's ``alternatives`` holds its ``n_best`` best beams (see ``DecoderWithAttention.beam_search``)."""
         if not images:
             return []
         with self._lock, torch.no_grad():
             x = self.preprocess(torch.from_numpy(np.stack(images))).to(self.device)
-            return self.decoder.beam_search(self.encoder(x), beam_size, max_len, length_penalty, n_best=n_best)
+            features = self.encoder(x)
+            return self.decoder.beam_search(
+                features, beam_size, max_len, length_penalty, n_best=n_best, block_trigrams=block_trigrams
+            )
 
     def words(self, decoded: Decoded) -> list[str]:
         """The caption's words."""
@@ -238,6 +243,7 @@ class Captioner:
 def caption_images(
     paths: Sequence[Path], model: Captioner | Path, beam_size: int = 3, batch_size: int = 16, max_len: int = 50,
     length_penalty: float = 0.5, device: str = "auto", word_map_path: Path | None = None,
+    block_trigrams: bool = False,
 ) -> Iterator[tuple[Path, list[str] | CamEyeError, Decoded | None, np.ndarray | None]]:  # fmt: skip
     """Yield ``(path, words, decoded, image)`` per usable image, or ``(path, CamEyeError, None, None)``.
 
@@ -252,7 +258,7 @@ def caption_images(
                 batch.append(path)
             except CamEyeError as err:
                 yield path, err, None, None
-        decoded = captioner.decode(images, beam_size, max_len, length_penalty)
+        decoded = captioner.decode(images, beam_size, max_len, length_penalty, block_trigrams=block_trigrams)
         for path, image, d in zip(batch, images, decoded):
             yield path, captioner.words(d), d, image
 
@@ -289,9 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = 0
     with cli_errors():
         paths = collect_images(args.images)
-        captioner = Captioner.load(args.checkpoint, args.device, args.word_map)
+        captioner = Captioner.load(args.checkpoint, args.device, args.word_map, args.encoder_weights)
         used: set[str] = set()
-        results = caption_images(paths, captioner, args.beam_size, args.batch_size, args.max_len, args.length_penalty)
+        results = caption_images(paths, captioner, args.beam_size, args.batch_size, args.max_len, args.length_penalty,
+                                 block_trigrams=args.block_trigrams)  # fmt: skip
         for path, words, decoded, image in results:
             if isinstance(words, CamEyeError):
                 print(f"error: {words}", file=sys.stderr)

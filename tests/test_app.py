@@ -124,6 +124,19 @@ def test_beam_size_ten_gives_up_to_ten_beams(captioner: Captioner, photos: Simpl
     assert answer.photo.shape == (512, 512, 3)
 
 
+def trigrams(words: list[str]) -> list[tuple[str, ...]]:
+    return list(zip(words, words[1:], words[2:]))
+
+
+def test_server_wide_search_settings_reach_the_beam_search(captioner: Captioner, photos: SimpleNamespace) -> None:
+    short = app.answer_photo(captioner, photos.wide, "wide.png", 3, 0.5, max_len=2)
+    assert 1 <= len(short.words) <= 2 and all(len(b[0].split()) <= 2 for b in short.beams)
+    blocked = app.answer_photo(captioner, photos.wide, "wide.png", 5, 0.0, block_trigrams=True)
+    for text, _, _ in blocked.beams:
+        grams = trigrams(text.split())
+        assert len(grams) == len(set(grams)), f"a repeated trigram in {text!r}"
+
+
 def test_exif_rotated_photo_is_shown_upright(captioner: Captioner, photos: SimpleNamespace) -> None:
     answer = app.answer_photo(captioner, photos.rotated, "rotated.jpg", 1, 0.0)
     assert answer.photo.shape == (512, 256, 3), "stored 2:1, shown 1:2 as its EXIF orientation says"

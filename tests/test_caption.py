@@ -144,6 +144,17 @@ def test_word_map_option_accepts_the_models_own_word_map(
     assert not (tmp_path / "figs").exists(), "--no-figures writes nothing"
 
 
+def test_block_trigrams_option_reaches_the_search(
+    model: SimpleNamespace, photos: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(photos.one), str(photos.two), "--block-trigrams", "--beam-size", "5", "--length-penalty", "0"]
+    run = run_main([*argv, "--no-figures", *base_args(model, tmp_path)], capsys)
+    assert run.status == 0 and run.err == []
+    for _, words in parse_lines(run.out):
+        grams = list(zip(words, words[1:], words[2:]))
+        assert len(grams) == len(set(grams)), words
+
+
 # ---------------------------------------------------------------------------------------------- figures
 def _image_and_grids(steps: int, grid: int = 2, repeat: bool = False) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
