@@ -378,6 +378,7 @@ def evaluate(
     skip_images: int = 0,
     block_trigrams: bool = False,
     encoder_weights: str | None = None,
+    precision: str = "float32",
 ) -> dict:
     """Decode ``split`` with the checkpoint's model, score it and write predictions and metrics to ``out``.
 
@@ -399,7 +400,7 @@ def evaluate(
         images = dict(zip(rows, boxes))
     check_writable(out)
     dev = select_device(device)
-    encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev, encoder_weights)
+    encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev, encoder_weights, precision)
     note = vocabulary_note(word_map, data, [dataset.references(i) for i in rows])
     if note is not None:
         print(
@@ -437,6 +438,7 @@ def evaluate(
         "beam_size": beam_size,
         "length_penalty": length_penalty,
         "block_trigrams": block_trigrams,
+        "encoder_precision": encoder.precision,
     }
     if note is not None:
         results["vocabulary"] = note
@@ -610,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.skip_images,
             args.block_trigrams,
             args.encoder_weights,
+            args.precision,
         )
         print(format_results(results))
         if results.get("failed_metrics"):

@@ -60,6 +60,7 @@ from models import (
     Preprocess,
     build_captioner,
     load_checkpoint_file,
+    resolve_precision,
 )
 from utils import (
     CamEyeError,
@@ -115,6 +116,7 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0  # also write last.pt inside an epoch this often (0 = after every step)
     log_every: int = 10  # append the loss of every N-th step to steps.jsonl
     feature_memory_gb: float = 4.0  # read the feature cache into memory up to this size, lazily beyond
+    encoder_precision: str = "float32"  # of the frozen encoder that fills the feature cache (auto/float32/bfloat16)
     select_on: str = "cider"  # validation score that selects best.pt and drives the plateau rule: cider or bleu4
     init_from: str = ""  # start a new run from this checkpoint's weights (e.g. SCST after cross-entropy)
     scst: bool = False  # self-critical training on CIDEr-D instead of cross-entropy
@@ -124,14 +126,15 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------ feature cache
-def features_path(cfg: ModelConfig, data: Path, split: str) -> Path:
-    """Where the cached features of ``split`` for this encoder configuration live."""
+def features_path(cfg: ModelConfig, data: Path, split: str, precision: str = "float32") -> Path:
+    """Where the cached features of ``split`` for this encoder configuration (and precision) live."""
     weights = (
         cfg.encoder_weights
         if cfg.encoder_weights in ("package", "torchvision", "none")
         else "file-" + Path(cfg.encoder_weights).stem
     )
-    return data / "features" / f"{split}-{cfg.backbone}-{weights}-in{cfg.input_size}-grid{cfg.grid_size}.hdf5"
+    low = "-bf16" if precision == "bfloat16" else ""
+    return data / "features" / f"{split}-{cfg.backbone}-{weights}-in{cfg.input_size}-grid{cfg.grid_size}{low}.hdf5"
 
 
 def source_fingerprint(cfg: ModelConfig, split_file: Path) -> str:
@@ -282,8 +285,12 @@ def make_loaders(mcfg: ModelConfig, tcfg: TrainConfig, use_cache: bool, world: i
     data = Path(tcfg.data)
     if use_cache:
         memory = int(tcfg.feature_memory_gb * (1 << 30))
-        train_set = FeatureDataset(data / "train.hdf5", features_path(mcfg, data, "train"), "train", memory)
-        val_set = FeatureDataset(data / "val.hdf5", features_path(mcfg, data, "val"), "eval", memory)
+        train_set = FeatureDataset(
+            data / "train.hdf5", features_path(mcfg, data, "train", tcfg.encoder_precision), "train", memory
+        )
+        val_set = FeatureDataset(
+            data / "val.hdf5", features_path(mcfg, data, "val", tcfg.encoder_precision), "eval", memory
+        )
         workers = 0  # features are in memory: worker processes would only add copying
     else:
         pre = Preprocess(mcfg.backbone, mcfg.input_size)
@@ -722,6 +729,7 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     with open_split(data / "train.hdf5") as f:
         mcfg.image_size = int(f.attrs["image_size"])  # caption.py resizes new photos the same way
         num_train = f["images"].shape[0]
+    tcfg = dataclasses.replace(tcfg, encoder_precision=resolve_precision(tcfg.encoder_precision, device))
     seed_everything(tcfg.seed)
     encoder, decoder = build_captioner(mcfg)
     if tcfg.embeddings and ckpt is None:
@@ -730,10 +738,14 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
         decoder.load_pretrained_embeddings(vectors)
         print(f"pretrained embeddings: {found} of {len(word_map)} words found in {tcfg.embeddings}")
     if init is not None:
-        if init.get("encoder_partial"):
-            raise CamEyeError(f"{tcfg.init_from} is an exported model: start from a training checkpoint (last/best.pt)")
-        encoder.load_state_dict(init["encoder"])
-        decoder.load_state_dict(init["decoder"])
+        # An exported model (export_model.py) holds float16 weights and only the encoder stages it fine-tuned;
+        # the frozen rest is the backbone's pretrained weights, which build_captioner has just loaded.
+        partial = init.get("encoder_partial", False) is True
+        try:
+            encoder.load_state_dict({k: v.float() for k, v in init["encoder"].items()}, strict=not partial)
+            decoder.load_state_dict({k: v.float() for k, v in init["decoder"].items()})
+        except RuntimeError as exc:
+            raise CamEyeError(f"{tcfg.init_from}: weights do not fit ({str(exc).splitlines()[0]})") from None
         print(f"weights from {tcfg.init_from} (epoch {init.get('epoch')})")
     encoder.to(device)
     decoder.to(device)
@@ -741,7 +753,9 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     if rank == 0:
         cleanup.callback(claim_run_folder(out, tcfg.resume, tcfg.overwrite).close)
     stale = [
-        s for s in ("train", "val") if not cache_is_current(mcfg, data / f"{s}.hdf5", features_path(mcfg, data, s))
+        s
+        for s in ("train", "val")
+        if not cache_is_current(mcfg, data / f"{s}.hdf5", features_path(mcfg, data, s, tcfg.encoder_precision))
     ]
     if rank == 0:
         with open_split(data / "val.hdf5") as f:
@@ -760,7 +774,8 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
         # RNG where it was, so the seed alone decides the run.
         rng = get_rng_state()
         for split in stale if rank == 0 else ():
-            path = features_path(mcfg, data, split)
+            path = features_path(mcfg, data, split, tcfg.encoder_precision)
+            encoder.precision = tcfg.encoder_precision
             cache_features(encoder, mcfg, data / f"{split}.hdf5", path, device, workers=tcfg.workers)
         set_rng_state(rng)
         if world > 1:
@@ -898,7 +913,9 @@ def scst_setup(mcfg, tcfg: TrainConfig, decoder, device, rev_word_map, world: in
         raise CamEyeError("--scst trains the decoder on cached features: use a frozen encoder (--fine-tune-stages 0)")
     data = Path(tcfg.data)
     memory = int(tcfg.feature_memory_gb * (1 << 30))
-    dataset = FeatureDataset(data / "train.hdf5", features_path(mcfg, data, "train"), "eval", memory)
+    dataset = FeatureDataset(
+        data / "train.hdf5", features_path(mcfg, data, "train", tcfg.encoder_precision), "eval", memory
+    )
     references = [dataset.references(i) for i in range(len(dataset))]
     scorer = CiderD([[[*ref, "<end>"] for ref in refs] for refs in references])
     loader = DataLoader(
@@ -1100,6 +1117,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("machine")
     r.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     r.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    r.add_argument(
+        "--encoder-precision",
+        choices=["auto", "float32", "bfloat16"],
+        default="float32",
+        help="precision of the frozen encoder filling the feature cache ('auto': bfloat16 where the CPU or GPU "
+        "has bfloat16 matrix units); a cache of each precision is kept apart",
+    )
     r.add_argument("--workers", type=int, default=2, help="DataLoader worker processes when reading images")
     r.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, dropout)")
     r.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="do not write TensorBoard events")

@@ -381,6 +381,13 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-len", type=positive_int, default=50, help="longest caption, in words")
     p.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        default="float32",
+        help="the encoder's precision: bfloat16 runs it on the bfloat16 matrix units of recent CPUs and GPUs; "
+        "'auto' picks bfloat16 where the hardware has them (the decoder always runs in float32)",
+    )
+    p.add_argument(
         "--block-trigrams",
         action=argparse.BooleanOptionalAction,
         default=False,
