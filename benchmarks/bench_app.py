@@ -179,10 +179,11 @@ def wait_for(driver, condition, timeout: float = 60.0, what: str = "the page"):
 
 
 def clear_photo(driver) -> None:
-    """Empty the photo input (its clear button) and wait until the caption box is empty."""
+    """Empty the photo input (its remove button, if it holds anything) and wait until the caption box is empty."""
     from selenium.webdriver.common.by import By
 
-    driver.find_element(By.CSS_SELECTOR, "#photo button[aria-label='Remove Image']").click()
+    for button in driver.find_elements(By.CSS_SELECTOR, "#photo button[aria-label='Remove Image']"):
+        button.click()
     wait_for(driver, lambda d: caption_text(d) == "", 30, "the cleared page")
 
 

@@ -421,6 +421,14 @@ def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNames
             message = browser.wait_for(driver, lambda d: "error" in browser.status_text(d) and browser.status_text(d))
             assert message == "error: text_<i>x*_.jpg: not an image (or an unsupported format)"
             assert browser.caption_text(driver) == ""
+            # Over 20 MB: refused by the page before uploading (the server would refuse it too).
+            browser.clear_photo(driver)
+            browser.drop_photo(driver, photos.root / "huge.jpg")
+            browser.wait_for(
+                driver,
+                lambda d: 'exceed the maximum allowed size of 20.0 Mb: "huge.jpg"' in browser.body_text(d),
+                what="the size toast",
+            )
             browser.clear_photo(driver)
             caption, _ = browser.seconds_to_caption(driver, coffee)
             assert caption == shipped_captions["coffee.png"]
