@@ -471,7 +471,12 @@ def _hdf5_for_writing(path: Path) -> Iterator[h5py.File]:
 
 
 def write_split(
-    h5_path: Path, split: str, records: list[ImageRecord], word_map: dict[str, int], opt: Options, pool
+    h5_path: Path,
+    split: str,
+    records: list[ImageRecord],
+    word_map: dict[str, int],
+    opt: Options,
+    decode: ImageDecoder,
 ) -> tuple[int, list[tuple[str, str]]]:
     """Write one split's HDF5 file; returns the number of images kept and the (file, reason) of skips."""
     n, s, c, width = len(records), opt.image_size, opt.captions_per_image, opt.max_len + 2
@@ -483,8 +488,7 @@ def write_split(
     with _hdf5_for_writing(h5_path) as h5:
         h5.attrs.update(captions_per_image=c, max_len=opt.max_len, image_size=s, seed=opt.seed)
         images = h5.create_dataset("images", (n, 3, s, s), np.uint8, maxshape=(None, 3, s, s), chunks=(1, 3, s, s))
-        jobs = ((str(r.path), s) for r in records)
-        results = pool.imap(_load_job, jobs, chunksize=4) if pool else map(_load_job, jobs)
+        results = decode((str(r.path) for r in records), s)
         for record, (array, reason) in tqdm(zip(records, results), total=n, desc=split, unit="img"):
             if array is None:
                 skipped.append((str(record.path), reason))
@@ -516,16 +520,100 @@ def _write_references(h5: h5py.File, kept: list[ImageRecord]) -> None:
         h5.create_dataset("objects", data=[json.dumps(r.objects) for r in kept], dtype=text)
 
 
-def start_pool(workers: int, start_method: str | None = None):
-    """A pool of ``workers`` image decoders (None for 1: decode in this process).
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
-    ``start_method`` None is multiprocessing's default for the platform ("fork" on Linux, "spawn" on Windows
-    and macOS, which have no safe fork). Workers ignore Ctrl-C/SIGTERM: the parent stops them, so they print
-    no tracebacks.
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Block Ctrl-C and SIGTERM in this thread (and threads and processes started here); they arrive after."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _start_worker() -> None:
+    """Pool initialiser: leave Ctrl-C and SIGTERM to the parent (utils), then unblock them (see ImageDecoder)."""
+    ignore_signals_in_worker()
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class ImageDecoder:
+    """Decodes and resizes images in ``workers`` processes, in order (in this process for 1 worker).
+
+    ``start_method`` None is multiprocessing's default for the platform ("fork" on Linux, "spawn" on Windows and
+    macOS, which have no safe fork). Workers ignore Ctrl-C and die quietly on SIGTERM: the parent stops them. A
+    context manager: the pool is closed on success and terminated at once on an exception (an interruption).
     """
-    if workers < 2:
-        return None
-    return multiprocessing.get_context(start_method).Pool(workers, initializer=ignore_signals_in_worker)
+
+    def __init__(self, workers: int, start_method: str | None = None) -> None:
+        self.pool = None
+        self.workers: list[multiprocessing.process.BaseProcess] = []
+        if workers > 1:
+            before = set(multiprocessing.active_children())
+            context = multiprocessing.get_context(start_method)
+            # Workers, and the pool's threads that start replacements, begin with Ctrl-C and SIGTERM blocked: a
+            # worker forked before its initializer ran would otherwise raise the parent's Terminated, with a
+            # traceback, and signals go to the main thread, which stops the pool.
+            with _stop_signals_blocked():
+                self.pool = context.Pool(workers, initializer=_start_worker)
+            self.workers = [p for p in multiprocessing.active_children() if p not in before]
+
+    def __enter__(self) -> ImageDecoder:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self.pool is None:
+            return
+        if exc_type is None:
+            self.pool.close()
+            self.pool.join()
+            return
+        # Stop decoding now, not after the queue. A worker killed by a signal while it held one of the pool's
+        # queue locks makes Pool.terminate() wait forever, so it gets a few seconds before the workers are killed.
+        stopper = threading.Thread(target=self.pool.terminate, daemon=True)
+        stopper.start()
+        stopper.join(timeout=5)
+        if stopper.is_alive():
+            for p in self.workers:
+                p.kill()
+
+    def __call__(self, paths: Iterable[str], size: int) -> Iterator[tuple[np.ndarray | None, str]]:
+        """``(image, "")`` or ``(None, reason)`` for each path, as :func:`_load_job`."""
+        jobs = ((path, size) for path in paths)
+        if self.pool is None:
+            yield from map(_load_job, jobs)
+            return
+        # chunksize 1: a larger one makes imap return a plain generator, which cannot wait with a timeout; each
+        # result (an image) costs far more to send back than its task
+        results = self.pool.imap(_load_job, jobs, chunksize=1)
+        while True:
+            try:
+                yield results.next(timeout=1.0)
+            except StopIteration:
+                return
+            except multiprocessing.TimeoutError:
+                self._check_workers()
+
+    def _check_workers(self) -> None:
+        """Raise if a worker died: the pool would wait forever for the images it was decoding.
+
+        SIGTERM sent to the whole process group (SLURM, Kubernetes) kills the workers; the parent's own
+        Terminated can be lost when Python runs its handler inside a finalizer, so the workers' death says it.
+        """
+        for p in self.workers:
+            if p.exitcode == -signal.SIGTERM:
+                raise Terminated()
+            if p.exitcode is not None:
+                raise CamEyeError(
+                    f"an image-decoding worker process died (exit status {p.exitcode}; out of memory?): "
+                    "try fewer --workers"
+                )
 
 
 @contextlib.contextmanager
@@ -629,38 +717,29 @@ def create_input_files(sources: Sequence[Path], image_folder: Path | None, opt: 
     check_free_space(opt.out, estimate_output_bytes(records, opt), f"preparing {len(records)} images")
     counts: dict[str, int] = {}
     all_skipped: list[tuple[str, str]] = []
-    pool = start_pool(opt.workers, opt.start_method)
-    try:
-        # Renames happen in reverse order of entering, so the word map (entered first) is renamed last, with
-        # signals held until all are done.
-        with (
-            _deferred_signals() as hold_signals,
-            atomic_path(opt.out / "word_map.json") as word_map_tmp,
-            atomic_path(opt.out / "train.hdf5") as train_tmp,
-            atomic_path(opt.out / "val.hdf5") as val_tmp,
-            atomic_path(opt.out / "test.hdf5") as test_tmp,
-        ):
-            for split, tmp in zip(SPLITS, (train_tmp, val_tmp, test_tmp)):
-                split_records = [r for r in records if r.split == split]
-                with disk_full_errors(opt.out / f"{split}.hdf5"):  # name this file, not the last one entered
-                    counts[split], skipped = write_split(tmp, split, split_records, word_map, opt, pool)
-                all_skipped += skipped
-                if split_records and not counts[split] and (split == "train" or eval_only):
-                    raise _failed_reading(split, skipped, opt.out)
-            if given_map is not None:
-                shutil.copyfile(opt.word_map, word_map_tmp)
-            else:
-                with open(word_map_tmp, "w", encoding="utf-8") as f:
-                    json.dump(word_map, f, indent=1)
-            hold_signals()
-    except BaseException:
-        if pool is not None:
-            pool.terminate()  # stop decoding at once (an interruption or an error), not after the queue
-        raise
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    # Renames happen in reverse order of entering, so the word map (entered first) is renamed last, with signals
+    # held until all are done.
+    with (
+        ImageDecoder(opt.workers, opt.start_method) as decode,
+        _deferred_signals() as hold_signals,
+        atomic_path(opt.out / "word_map.json") as word_map_tmp,
+        atomic_path(opt.out / "train.hdf5") as train_tmp,
+        atomic_path(opt.out / "val.hdf5") as val_tmp,
+        atomic_path(opt.out / "test.hdf5") as test_tmp,
+    ):
+        for split, tmp in zip(SPLITS, (train_tmp, val_tmp, test_tmp)):
+            split_records = [r for r in records if r.split == split]
+            with disk_full_errors(opt.out / f"{split}.hdf5"):  # name this file, not the last one entered
+                counts[split], skipped = write_split(tmp, split, split_records, word_map, opt, decode)
+            all_skipped += skipped
+            if split_records and not counts[split] and (split == "train" or eval_only):
+                raise _failed_reading(split, skipped, opt.out)
+        if given_map is not None:
+            shutil.copyfile(opt.word_map, word_map_tmp)
+        else:
+            with open(word_map_tmp, "w", encoding="utf-8") as f:
+                json.dump(word_map, f, indent=1)
+        hold_signals()
     summary = ", ".join(f"{k} {v}" for k, v in counts.items())
     print(f"wrote {opt.out}: {summary} images; skipped {len(all_skipped)} unreadable file(s)")
     if eval_only:

@@ -6,9 +6,13 @@ when ../shared/data/flickr8k exists.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -1064,3 +1068,137 @@ def test_unknown_karpathy_split_is_named_in_a_warning(tmp_path, capsys):
     prepare([write_karpathy(tmp_path / "d.json", entries)], tmp_path / "out")
     err = capsys.readouterr().err
     assert "ignored images whose split is not train/val/test/restval: 'Test' (1), 'dev' (2)" in err
+
+
+# ------------------------------------------------------------------------------------------ interruptions
+def slow_source(folder, n=100):
+    """``n`` entries of one large noise JPEG (~0.1 s each to decode), so preparation takes a few seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "big.jpg", quality=90)
+    entries = [
+        {
+            "filename": "big.jpg",
+            "imgid": i,
+            "split": "val" if i % 10 == 0 else "train",
+            "sentences": [sentence("a dog")],
+        }
+        for i in range(n)
+    ]
+    return write_karpathy(folder / "dataset_slow.json", entries)
+
+
+def small_source(folder):
+    for i in range(3):
+        solid(folder / f"{i}.png", colour_of(i))
+    entries = [{"filename": f"{i}.png", "imgid": i, "split": s, "sentences": [sentence("a dog")]} for i, s in
+               enumerate(["train", "val", "test"])]  # fmt: skip
+    return write_karpathy(folder / "dataset_small.json", entries)
+
+
+def worker_pids(pid):
+    """Child processes of ``pid`` (Linux /proc), e.g. its pool workers."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def running(pid):
+    """True while ``pid`` exists and is not a zombie (an orphan's zombie may wait for a reaper that never comes)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(condition, what, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find the pool workers")
+@pytest.mark.parametrize("how", ["SIGTERM to the process group", "Ctrl-C (SIGINT to the group)", "SIGKILL"])
+def test_interrupted_preparation_leaves_no_temporary_and_keeps_earlier_output(tmp_path, how):
+    out = tmp_path / "out"
+    prepare([small_source(tmp_path / "small")], out, captions_per_image=1)
+    before = snapshot(out)
+    source = slow_source(tmp_path / "slow")
+    log_out, log_err = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")
+    args = [sys.executable, str(SCRIPT), source, "--out", out, "--workers", 2, "--min-word-freq", 1]
+    proc = subprocess.Popen(list(map(str, args)), stdout=log_out, stderr=log_err, cwd=ROOT, start_new_session=True)
+    try:
+        # Mid-way: the training split's temporary file holds a few images (256 px: 196 kB each).
+        big_temporary = lambda: any(p.stat().st_size > 1_000_000 for p in out.glob(f".train.hdf5.pid{proc.pid}.*.tmp"))  # noqa: E731
+        wait_for(big_temporary, "a partly written train.hdf5", proc)
+        workers = worker_pids(proc.pid)
+        assert len(workers) == 2
+        if how == "SIGKILL":
+            os.kill(proc.pid, signal.SIGKILL)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log_out.seek(0), log_err.seek(0)
+    stdout, stderr = log_out.read(), log_err.read()
+    assert "Traceback" not in stdout + stderr and "Error" not in stderr  # no worker tracebacks, no BrokenPipeError
+    deadline = time.monotonic() + 30
+    while any(running(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(running(p) for p in workers), "pool workers outlived their parent"
+    visible = {name: data for name, data in snapshot(out).items() if not name.startswith(".")}
+    assert visible == before  # earlier outputs intact
+
+    if how == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+        assert temporaries(out)  # a killed process cannot clean up: the next run does
+        prepare([small_source(tmp_path / "small")], out, captions_per_image=1)
+    else:
+        status, what = (143, "terminated (SIGTERM)") if how.startswith("SIGTERM") else (130, "interrupted")
+        assert proc.returncode == status, stderr
+        last = [line for line in re.split(r"[\r\n]", stderr) if line.strip() and "img/s" not in line]
+        assert last == [f"{what} while preparing {out}: nothing was half-written there; run again"]
+    assert temporaries(out) == [] and snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------------- full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs mounted at ``tmp_path/disk``; skips where mounting is not allowed; always unmounted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux mount(8) to make a small tmpfs")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_full_disk_is_one_line_and_keeps_earlier_output(small_disk, synthetic_prepared):
+    out = small_disk / "out"
+    source = synthetic_prepared.json
+    prepare([source], out, image_size=16)  # 60 images at 16 px fit in 2 MB
+    before = snapshot(out)
+    args = [source, "--out", out, "--min-word-freq", 1, "--image-size", 128, "--workers", 2]  # 3 MB of images
+
+    # Checked before starting, from the estimated size.
+    line = one_error_line(run_cli(*args))
+    assert line.startswith("error: preparing 60 images needs about") and f"is free on {small_disk}" in line
+    assert snapshot(out) == before
+
+    # When the estimate fits but the disk fills anyway (another job writes): the write that fails is reported
+    # in one line, HDF5 is closed cleanly (it used to segfault at exit, status 139), and nothing is half-written.
+    code = "import sys, create_input_files as c; c.check_free_space = lambda *a: None; c.main(sys.argv[1:])"
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    assert one_error_line(result) == f"error: no space left on {small_disk} while writing {out / 'train.hdf5'}"
+    assert snapshot(out) == before and temporaries(out) == []

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +266,74 @@ def test_cli_writes_dataset_and_summary(tmp_path: Path) -> None:
     assert "train 8, val 1, test 1" in result.stdout
     data = json.loads((tmp_path / "dataset_synthetic.json").read_text())
     assert len(data["images"]) == 10 and data["images"][0]["width"] == 48
+
+
+# ------------------------------------------------------------------------------------ interruptions, full disk
+def progress_free_lines(stderr: str) -> list[str]:
+    """stderr without tqdm's progress bar (redrawn with carriage returns)."""
+    return [line for line in re.split(r"[\r\n]", stderr) if line.strip() and "img/s" not in line and "img]" not in line]
+
+
+def test_stale_temporary_of_a_killed_run_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    images = tmp_path / "images"
+    images.mkdir()
+    stale = images / f".000000.png.pid{int(dead.stdout)}.k9x2.tmp"  # what SIGKILL leaves behind
+    stale.write_bytes(b"half a png")
+    running = images / f".000000.png.pid{os.getpid()}.a1b2.tmp"  # a run still going (this process)
+    running.write_bytes(b"being written")
+    generate_dataset(tmp_path, num_images=2, seed=0)
+    assert not stale.exists() and running.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs POSIX process groups")
+def test_sigterm_stops_generation_in_one_line_without_temporary_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--num-images", "100000", "--image-size", "256"]
+    with open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while len(list(out.glob("images/*.png"))) < 10:
+                assert proc.poll() is None and time.monotonic() < deadline, "generation did not get going"
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        err.seek(0)
+        stderr = err.read()
+    assert proc.returncode == 143 and progress_free_lines(stderr) == ["terminated (SIGTERM)"], stderr
+    assert not [p.name for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    assert not (out / "dataset_synthetic.json").exists()  # never a JSON that lists images not written
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2 MB tmpfs mounted at ``tmp_path/disk``; skips where mounting is not allowed; always unmounted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux mount(8) to make a small tmpfs")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_full_disk_is_one_line_without_temporary_files(small_disk: Path) -> None:
+    cmd = [sys.executable, str(SCRIPT), "--out", str(small_disk), "--num-images", "2000", "--image-size", "128"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = progress_free_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert re.fullmatch(
+        rf"error: no space left on {small_disk} while writing {small_disk}/images/\d{{6}}\.png", lines[0]
+    )
+    assert not [p.name for p in small_disk.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
