@@ -782,7 +782,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest caption in words: longer captions are left out when the image has a shorter one, "
         "and cut to this length when it has none (all captions stay in the references)",
     )
-    p.add_argument("--image-size", type=positive_int, default=256, help="images are resized to this square size")
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=256,
+        help="images are resized to this square size (the images take N x 3 x S x S bytes on disk)",
+    )
     p.add_argument("--workers", type=positive_int, default=2, help="processes that decode and resize images")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing captions per image")
     p.add_argument(
@@ -790,14 +795,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="use this word map (e.g. a trained model's word_map.json) instead of building one; it is copied to "
-        "--out. A source without training images is then an evaluation-only set: every image goes to --split",
+        "--out. A source without training images is then an evaluation-only set, all in one split (test "
+        "unless --split says otherwise)",
     )
     p.add_argument(
         "--split",
         choices=SPLITS,
         default=None,
-        help="put every image into this split (default: the source's own splits; COCO files by name: train -> "
-        "train, val -> halved into val and test; test for an evaluation-only set)",
+        help="put every image into this split; without it the source's own splits are used (COCO files by "
+        "name: train -> train, val -> halved into val and test), or test for an evaluation-only set",
     )
     return p
 
