@@ -543,6 +543,7 @@ class DecoderWithAttention(nn.Module):
             # the two concatenated weights once, not once per step.
             low = torch.get_autocast_dtype(projected.device.type)
             w_rec, w_h = w_rec.to(low), w_h.to(low)
+            encoder_out = encoder_out.to(low)  # else every step's context product casts its slice again
         b_h = torch.cat([self.f_beta.bias, self.f_beta.bias.new_zeros(self.cfg.attention_dim)])
         w = self.attention.full_att.weight[0]
         offset = self.attention.full_att.bias - w.sum()

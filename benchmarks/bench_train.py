@@ -1,16 +1,20 @@
 """Decoder training throughput on cached features, and how much of the machine's matmul speed it uses.
 
-    python benchmarks/bench_train.py [--grid 10] [--vocab 2600] [--batch-images 32] [--steps 10]
+    python benchmarks/bench_train.py [--grid 10] [--vocab 2600] [--batch-images 32] [--steps 10] [--repeats 3]
 
 Prints captions/s of full training steps (forward, backward, clipping, Adam) of the default decoder on
-random "cached" features shaped like EfficientNet-Lite0's (P x 1280, five captions per image), the FLOPs of
-one step (counted by torch.utils.flop_counter), the achieved FLOP/s, and the machine's dense float32 matmul
-FLOP/s measured here, so the ratio says how close the training loop gets to the hardware.
+random "cached" features shaped like EfficientNet-Lite0's (P x 1280, five captions per image), for the plain
+step-by-step loop and the fused path (models.DecoderWithAttention._teacher_forcing_fused), each in float32
+and under bfloat16 autocast (what ``train.py --amp`` does on a CPU). Modes are timed back to back in each
+repeat and the median and best of the repeats are printed. Also the FLOPs of one step (counted by
+torch.utils.flop_counter) and the machine's dense matmul FLOP/s in float32 and bfloat16 measured here, so the
+ratios say how close the training loop gets to the hardware.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,10 +28,13 @@ from models import DecoderWithAttention, ModelConfig  # noqa: E402
 from train import caption_loss  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
+MODES = {"plain float32": (False, False), "fused float32": (True, False), "plain bfloat16": (False, True),
+         "fused bfloat16": (True, True)}  # fmt: skip
 
-def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
-    """Measured dense float32 matmul FLOP/s (n x n x n, best of ``repeats``)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+
+def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """Measured dense matmul FLOP/s (n x n x n, best of ``repeats``) in ``dtype``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -53,43 +60,50 @@ def main() -> None:
     p.add_argument("--grid", type=int, default=10, help="feature grid side (10 = Lite0 at 320 px)")
     p.add_argument("--vocab", type=int, default=2600, help="vocabulary size (Flickr8k at min freq 5: ~2.6k)")
     p.add_argument("--batch-images", type=int, default=32, help="images per step (5 captions each)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per mode and repeat (after a warm-up step)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of every mode, interleaved")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = p.parse_args()
     keep_freed_memory()  # as train.py does
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    decoder = DecoderWithAttention(ModelConfig(vocab_size=args.vocab), 1280)
+    decoder = DecoderWithAttention(ModelConfig(vocab_size=args.vocab), 1280).train()
     opt = torch.optim.Adam(decoder.parameters(), lr=4e-4)
     batch = make_batch(args.batch_images, 5, args.grid, args.vocab)
+    captions = batch[1].shape[0]
 
-    def step() -> None:
-        logits, targets, alphas = decoder(*batch)
-        loss, _ = caption_loss(logits, targets, alphas, 0.01, 0.1)
+    def step(fused: bool, low: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            logits, targets, alphas = decoder(*batch, fused=fused)
+            loss, _ = caption_loss(logits.float(), targets, alphas.float(), 0.01, 0.1)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 5.0)
         opt.step()
 
-    decoder.train()
-    for _ in range(2):
-        step()
+    for mode in MODES.values():
+        step(*mode)
     with FlopCounterMode(display=False) as counter:
-        step()
+        step(False, False)
     flops = counter.get_total_flops()
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    seconds = (time.perf_counter() - t) / args.steps
-    captions = batch[1].shape[0]
-    peak = matmul_flops()
+    speeds: dict[str, list[float]] = {name: [] for name in MODES}
+    for _ in range(args.repeats):
+        for name, mode in MODES.items():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step(*mode)
+            speeds[name].append(captions * args.steps / (time.perf_counter() - t))
+    peak32, peak16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
     print(f"threads: {torch.get_num_threads()}, grid {args.grid}x{args.grid}, vocab {args.vocab}, "
-          f"{args.batch_images} images x 5 captions per step")  # fmt: skip
-    print(f"decoder training: {captions / seconds:.1f} captions/s ({seconds * 1000:.0f} ms/step)")
-    print(f"step FLOPs (fwd+bwd, counted): {flops / 1e9:.2f} GFLOP -> {flops / seconds / 1e9:.1f} GFLOP/s achieved")
-    print(f"dense float32 matmul on this machine: {peak / 1e9:.1f} GFLOP/s")
-    print(f"share of matmul FLOP/s achieved: {flops / seconds / peak:.1%}")
+          f"{args.batch_images} images x 5 captions per step, {args.repeats} repeats x {args.steps} steps")  # fmt: skip
+    print(f"step FLOPs (fwd+bwd, counted): {flops / 1e9:.2f} GFLOP ({flops / captions / 1e6:.0f} MFLOP per caption)")
+    print(f"dense matmul on this machine: {peak32 / 1e9:.0f} GFLOP/s float32, {peak16 / 1e9:.0f} GFLOP/s bfloat16")
+    for name, values in speeds.items():
+        median = statistics.median(values)
+        achieved = median * flops / captions
+        print(f"{name:15s} median {median:6.1f} captions/s (best {max(values):6.1f}); "
+              f"{achieved / peak32:6.1%} of float32 peak, {achieved / peak16:6.1%} of bfloat16 peak")  # fmt: skip
 
 
 if __name__ == "__main__":
