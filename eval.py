@@ -53,6 +53,7 @@ from metrics import (
 )
 from metrics_data import COCO_SYNONYMS
 from models import Decoded, Preprocess, load_captioner
+from object_prior import ObjectPrior
 from utils import (
     CamEyeError,
     add_decoding_arguments,
@@ -82,8 +83,11 @@ def decode_loader(
     length_penalty: float = 1.0,
     progress: bool = False,
     block_trigrams: bool = False,
+    prior: ObjectPrior | None = None,
 ) -> tuple[list[Decoded], list, list[int]]:
     """Caption every item of an eval-mode loader (images, or cached features when ``encoder`` is None).
+
+    ``prior`` adds its per-image bonuses on object words to beam search (see object_prior.py).
 
     Returns the decoded captions, each image's references and the dataset indices, in loader order.
     """
@@ -94,7 +98,10 @@ def decode_loader(
     for images, refs, index in tqdm(loader, desc="decoding", unit="batch", disable=not progress):
         images = images.to(device)
         feats = encoder(images) if encoder is not None else images
-        predictions += decoder.beam_search(feats, beam_size, max_len, length_penalty, block_trigrams=block_trigrams)
+        bonus = prior.bonus(feats) if prior is not None else None
+        predictions += decoder.beam_search(
+            feats, beam_size, max_len, length_penalty, block_trigrams=block_trigrams, word_bonus=bonus
+        )
         references += refs
         indices += index
     return predictions, references, indices
@@ -379,6 +386,7 @@ def evaluate(
     block_trigrams: bool = False,
     encoder_weights: str | None = None,
     precision: str = "float32",
+    object_prior: float = 0.0,
 ) -> dict:
     """Decode ``split`` with the checkpoint's model, score it and write predictions and metrics to ``out``.
 
@@ -414,8 +422,9 @@ def evaluate(
     loader = DataLoader(
         subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval, worker_init_fn=quiet_worker
     )
+    prior = ObjectPrior(cfg.backbone, word_map, object_prior) if object_prior else None
     preds, refs, indices = decode_loader(
-        encoder, decoder, loader, dev, beam_size, max_len, length_penalty, True, block_trigrams
+        encoder, decoder, loader, dev, beam_size, max_len, length_penalty, True, block_trigrams, prior
     )
     rev = reverse_word_map(word_map)
     hyps = [[rev[i] for i in p.tokens] for p in preds]
@@ -439,6 +448,7 @@ def evaluate(
         "length_penalty": length_penalty,
         "block_trigrams": block_trigrams,
         "encoder_precision": encoder.precision,
+        "object_prior": object_prior,
     }
     if note is not None:
         results["vocabulary"] = note
@@ -613,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.block_trigrams,
             args.encoder_weights,
             args.precision,
+            args.object_prior,
         )
         print(format_results(results))
         if results.get("failed_metrics"):

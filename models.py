@@ -638,6 +638,7 @@ class DecoderWithAttention(nn.Module):
         min_len: int = 1,
         n_best: int = 1,
         block_trigrams: bool = False,
+        word_bonus: torch.Tensor | None = None,
     ) -> list[Decoded]:
         """Beam search for a batch of images at once (the N*k beams advance together; see the loop for how
         finished beams and images stop costing work).
@@ -652,6 +653,8 @@ class DecoderWithAttention(nn.Module):
         emitted: a beam with no real word left to extend with ends instead.
         ``block_trigrams`` forbids a beam to repeat a word trigram it already contains (a hard block, against
         "a man riding a motorcycle on a motorcycle"; Paulus et al., 2018, used it for summaries).
+        ``word_bonus`` (N x V) is added to each image's next-word log-probabilities at every step (and so to the
+        scores), e.g. :class:`object_prior.ObjectPrior`'s bonuses on object words.
         With ``beam_size=1`` this is exactly greedy decoding. ``n_best`` (1..beam_size) fills each result's
         ``alternatives`` with the image's best finished beams, best first (for showing several captions).
 
@@ -688,7 +691,10 @@ class DecoderWithAttention(nn.Module):
             live = (~finished).nonzero().squeeze(1)
             h_live, c_live, out = self._advance(self.embedding(words[live]), h[live], c[live], z[live])
             h, c = h.index_copy(0, live, h_live), c.index_copy(0, live, c_live)
-            logits = self._mask(F.log_softmax(self.fc(out), dim=1), allow_unk)
+            logits = F.log_softmax(self.fc(out), dim=1)
+            if word_bonus is not None:
+                logits = logits + word_bonus.repeat_interleave(k, dim=0)[live]
+            logits = self._mask(logits, allow_unk)
             if block_trigrams and seqs.size(1) >= 3:
                 self._block_repeated_trigrams(logits, seqs[live])
             if step < min_len:
@@ -728,6 +734,7 @@ class DecoderWithAttention(nn.Module):
                 )
                 results.update(zip(images[done].tolist(), picked))
                 images, encoder_out, projected, scores = (t[~done] for t in (images, encoder_out, projected, scores))
+                word_bonus = word_bonus[~done] if word_bonus is not None else None
                 h, c, words, seqs, alphas, finished, lengths = (
                     t[keep] for t in (h, c, words, seqs, alphas, finished, lengths)
                 )

@@ -388,6 +388,13 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
         "'auto' picks bfloat16 where the hardware has them (the decoder always runs in float32)",
     )
     p.add_argument(
+        "--object-prior",
+        type=float,
+        default=0.0,
+        help="add STRENGTH x p to the log-probability of object words whose ImageNet classes the encoder's own "
+        "classifier sees with probability p (0 = off; EfficientNet-Lite encoders; see object_prior.py)",
+    )
+    p.add_argument(
         "--block-trigrams",
         action=argparse.BooleanOptionalAction,
         default=False,
