@@ -653,8 +653,9 @@ class DecoderWithAttention(nn.Module):
         emitted: a beam with no real word left to extend with ends instead.
         ``block_trigrams`` forbids a beam to repeat a word trigram it already contains (a hard block, against
         "a man riding a motorcycle on a motorcycle"; Paulus et al., 2018, used it for summaries).
-        ``word_bonus`` (N x V) is added to each image's next-word log-probabilities at every step (and so to the
-        scores), e.g. :class:`object_prior.ObjectPrior`'s bonuses on object words.
+        ``word_bonus`` (N x V) is added to each image's next-word log-probabilities (and so to the scores) until
+        the beam has used the word, e.g. :class:`object_prior.ObjectPrior`'s bonuses on object words: a bonus
+        that stayed would invite repeats ("a bird in a bird").
         With ``beam_size=1`` this is exactly greedy decoding. ``n_best`` (1..beam_size) fills each result's
         ``alternatives`` with the image's best finished beams, best first (for showing several captions).
 
@@ -692,8 +693,9 @@ class DecoderWithAttention(nn.Module):
             h_live, c_live, out = self._advance(self.embedding(words[live]), h[live], c[live], z[live])
             h, c = h.index_copy(0, live, h_live), c.index_copy(0, live, c_live)
             logits = F.log_softmax(self.fc(out), dim=1)
-            if word_bonus is not None:
-                logits = logits + word_bonus.repeat_interleave(k, dim=0)[live]
+            if word_bonus is not None:  # each word's bonus counts until the beam has said the word once
+                unsaid = torch.ones_like(logits).scatter_(1, seqs[live], 0.0) if seqs.size(1) else 1.0
+                logits = logits + word_bonus.repeat_interleave(k, dim=0)[live] * unsaid
             logits = self._mask(logits, allow_unk)
             if block_trigrams and seqs.size(1) >= 3:
                 self._block_repeated_trigrams(logits, seqs[live])
