@@ -191,7 +191,7 @@ def read_karpathy(json_path: Path, image_folder: Path, data: Any = None) -> tupl
             split = {"restval": "train"}.get(img["split"], img["split"])
             tokens, raw = _karpathy_captions(img, where)
             # Files written on Windows may use backslashes; they are folder separators, never part of a name.
-            subfolder = str(img.get("filepath", "")).replace("\\", "/")
+            subfolder = str(img.get("filepath") or "").replace("\\", "/")
             path = image_folder / subfolder / str(img["filename"]).replace("\\", "/")
             image_id = str(img.get("cocoid", img.get("imgid", k)))
         except KeyError as exc:
@@ -441,7 +441,7 @@ class Options:
 def estimate_output_bytes(records: Sequence[ImageRecord], opt: Options) -> int:
     """Bytes the output files will take: N x 3 x S x S image bytes plus the captions and references."""
     per_image = 3 * opt.image_size**2 + opt.captions_per_image * (opt.max_len + 3) * 4
-    # References are stored twice (tokens and raw text) as variable-length strings, ~16 bytes of overhead each.
+    # References are stored twice (tokens and raw text) as variable-length strings, ~16 bytes of heap index each.
     text = sum(len(raw.encode()) * 2 + 32 for r in records for raw in r.raw)
     return len(records) * per_image + text + (1 << 20)  # + HDF5 metadata and the word map
 

@@ -1031,15 +1031,18 @@ def test_byte_order_marks_crlf_and_windows_paths_are_read(tmp_path):
     assert prepare([tmp_path / "f8k"], tmp_path / "out1", captions_per_image=1)["train"] == 2
     train = read_split(tmp_path / "out1" / "train.hdf5")
     assert train["image_ids"] == ["a.jpg", "b.jpg"] and train["references_raw"] == ["A red café", "A green one"]
-    # Karpathy JSON with a BOM and a Windows folder in filepath; a COCO file with a BOM.
+    # Karpathy JSON with a BOM, a Windows folder in filepath, and a null filepath; a COCO file with a BOM.
     solid(tmp_path / "k" / "train2014" / "x.png", (0, 0, 200))
+    solid(tmp_path / "k" / "y.png", (0, 200, 0))
     entries = [
-        {"filepath": "train2014\\", "filename": "x.png", "split": "train", "sentences": [sentence("a blue one")]}
+        {"filepath": "train2014\\", "filename": "x.png", "split": "train", "sentences": [sentence("a blue one")]},
+        {"filepath": None, "filename": "y.png", "split": "train", "sentences": [sentence("a green one")]},
     ]
     source = tmp_path / "k" / "dataset_k.json"
     source.write_bytes(bom + json.dumps({"images": entries}).encode())
-    assert prepare([source], tmp_path / "out2", captions_per_image=1)["train"] == 1
-    assert np.argmax(mean_colour(read_split(tmp_path / "out2" / "train.hdf5")["images"][0])) == 2
+    assert prepare([source], tmp_path / "out2", captions_per_image=1)["train"] == 2
+    images = read_split(tmp_path / "out2" / "train.hdf5")["images"]
+    assert [np.argmax(mean_colour(image)) for image in images] == [2, 1]
     coco = write_coco_captions(tmp_path / "k" / "captions_train2014.json", {1: "x.png"}, [(1, "a blue one")])
     coco.write_bytes(bom + coco.read_bytes())
     assert prepare([coco], tmp_path / "out3", images=tmp_path / "k", captions_per_image=1)["train"] == 1
