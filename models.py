@@ -360,8 +360,13 @@ class _GradientBuffer(torch.autograd.Function):
         return projected.new_zeros(())
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_anchor: torch.Tensor):
-        return ctx.buffer, None
+        # Hand over a copy and empty the buffer: a second backward through the same graph (retain_graph)
+        # then sums afresh instead of adding the first pass's gradient again.
+        grad = ctx.buffer.clone()
+        ctx.buffer.zero_()
+        return grad, None
 
 
 class _AttentionEnergies(torch.autograd.Function):
@@ -377,6 +382,7 @@ class _AttentionEnergies(torch.autograd.Function):
         return s @ w.to(s.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         s, w = ctx.saved_tensors
         grad = grad.to(s.dtype)
@@ -838,11 +844,31 @@ def validate_model_config(cfg: Any, where: str) -> None:
             raise CamEyeError(f"{where}: checkpoint config has an invalid {name}: {value!r}")
 
 
+MAX_DECODER_PARAMETERS = 200_000_000  # 0.8 GB of float32: 18x the shipped decoder, far beyond any real one
+
+
+def check_model_size(cfg: ModelConfig, where: str) -> None:
+    """Refuse a config whose decoder would be absurdly large, counted on the meta device (nothing allocated):
+    every field may be in range while their product (vocabulary x width) still asks for tens of GB."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in DecoderWithAttention(cfg, 2048).parameters())
+    if count > MAX_DECODER_PARAMETERS:
+        raise CamEyeError(f"{where}: its config describes a decoder of {count:,} parameters; refusing to build it")
+
+
 def check_finite_weights(state: dict[str, Any], part: str, where: str) -> None:
-    """Refuse weights that are not all finite (NaN/inf would caption as `the <pad> <pad> ...`)."""
+    """Refuse weights that are not plain, finite tensors (NaN/inf would caption as `the <pad> <pad> ...`).
+
+    Sparse or quantized tensors, and views larger than their storage (a crafted stride-0 tensor of 10^14
+    elements), are refused before anything reads them.
+    """
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CamEyeError(f"{where}: {part} weight {key} is not a tensor")
+        if value.layout != torch.strided or value.is_quantized:
+            raise CamEyeError(f"{where}: {part} weight {key} is not a plain dense tensor")
+        if value.numel() * value.element_size() > value.untyped_storage().nbytes():
+            raise CamEyeError(f"{where}: {part} weight {key} claims more elements than it stores")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise CamEyeError(f"{where}: {part} weight {key} is not finite (NaN or inf): the checkpoint is broken")
 
@@ -872,6 +898,7 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         if not isinstance(ckpt.get(key), dict):
             raise CamEyeError(f"{path}: checkpoint has no valid '{key}'")
     validate_model_config(ckpt["config"], str(path))
+    check_model_size(ModelConfig.from_dict(ckpt["config"]), str(path))
     for part in ("decoder", "encoder"):
         check_finite_weights(ckpt[part], part, str(path))
     validate_word_map(ckpt["word_map"])

@@ -328,6 +328,7 @@ class EpochProgress:
 
     epoch: int = 0
     position: int = 0  # images of this rank's shard trained on
+    world: int = 1  # processes sharing the epoch (the shard, and so the position, depends on it)
     step: int = 0  # optimiser steps taken
     seconds: float = 0.0
     sums: dict[str, float] = dataclasses.field(default_factory=dict)  # the objective's running sums
@@ -354,15 +355,16 @@ class RunControl:
         self.world, self.device = world, device
         self.interval = checkpoint_minutes * 60.0
         self.last_save = time.monotonic()
-        self.signal_name: str | None = None
+        self.signal_name: str | None = None  # the signal that stops the run (this rank's or another's)
+        self.signalled = False  # whether this process itself received one
         self.deferring = False
         self._previous: dict[int, Any] = {}
 
     def _on_signal(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if not self.deferring or self.signal_name is not None:
+        if not self.deferring or self.signalled:
             raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-        self.signal_name = name
+        self.signalled = True
+        self.signal_name = signal.Signals(signum).name
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -522,7 +524,8 @@ def train_one_epoch(
         if step_log is not None and progress.step % tcfg.log_every == 0:
             append_jsonl({"epoch": progress.epoch, "step": progress.step, "loss": value}, step_log)
         if writer is not None and progress.step % 50 == 0:
-            writer.add_scalar("train/loss_step", value, progress.epoch * (progress.step + len(loader)) + progress.step)
+            per_epoch = math.ceil(loader.sampler.full_length() / tcfg.batch_size)
+            writer.add_scalar("train/loss_step", value, progress.epoch * per_epoch + progress.step)
         if (stop or save_due) and save is not None:
             save(progress)
         if stop:
@@ -722,16 +725,27 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
         init = load_checkpoint_file(tcfg.init_from)
         if init["word_map"] != word_map:
             raise CamEyeError(f"{tcfg.init_from} was trained with another word map than {data}")
+        given_weights = mcfg.encoder_weights if explicit is None or "encoder_weights" in explicit else None
         mcfg = dataclasses.replace(
             ModelConfig.from_dict(init["config"]), fine_tune_stages=mcfg.fine_tune_stages, dropout=mcfg.dropout
         )
+        # Never follow the checkpoint's own encoder_weights (a path or a download) unless it is the offline
+        # package: a full checkpoint brings every encoder weight, a partial one needs them from the user.
+        if init.get("encoder_partial", False) is not True:
+            build_weights = "none"
+        elif given_weights is not None or mcfg.encoder_weights == "package":
+            build_weights = given_weights or "package"
+        else:
+            raise CamEyeError(f"{tcfg.init_from} holds only fine-tuned encoder stages: pass --encoder-weights")
     mcfg.vocab_size = len(word_map)
     with open_split(data / "train.hdf5") as f:
         mcfg.image_size = int(f.attrs["image_size"])  # caption.py resizes new photos the same way
         num_train = f["images"].shape[0]
     tcfg = dataclasses.replace(tcfg, encoder_precision=resolve_precision(tcfg.encoder_precision, device))
     seed_everything(tcfg.seed)
-    encoder, decoder = build_captioner(mcfg)
+    encoder, decoder = build_captioner(
+        mcfg if init is None else dataclasses.replace(mcfg, encoder_weights=build_weights)
+    )
     if tcfg.embeddings and ckpt is None:
         vectors = decoder.embedding.weight.detach().clone()
         found = load_word_vectors(Path(tcfg.embeddings), word_map, vectors)
@@ -790,14 +804,23 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     )
     history: list[dict] = []
     state = {"best": -1.0, "since": 0}
-    progress = EpochProgress(epoch=0)
+    progress = EpochProgress(epoch=0, world=world)
     if ckpt is not None:
         progress = restore_checkpoint(ckpt, mcfg, tcfg, encoder, decoder, optimizers, scheduler)
         history = list(ckpt["history"])
         best = ckpt.get("best_score", ckpt.get("best_bleu4"))  # version-1 checkpoints selected on BLEU-4
-        if ckpt.get("select_on", "bleu4") != tcfg.select_on:
-            best = -1.0  # scores of another metric do not compare: the next validation sets the bar
         state = {"best": float(best), "since": int(ckpt["epochs_since_improvement"])}
+        saved_t, saved_m = ckpt.get("train_config") or {}, ModelConfig.from_dict(ckpt["config"])
+        # The plateau scheduler's state holds its own factor, patience and best score: follow the options.
+        scheduler.factor, scheduler.patience = tcfg.lr_decay, tcfg.lr_patience
+        if ckpt.get("select_on", "bleu4") != tcfg.select_on:
+            state["best"] = -1.0  # scores of another metric do not compare: the next validation sets the bar
+            scheduler.best = scheduler.mode_worse
+        if saved_m.fine_tune_stages != mcfg.fine_tune_stages or saved_t.get("early_stop") != tcfg.early_stop:
+            # A new stage (e.g. fine-tuning after an early-stopped decoder run) starts its own patience.
+            state["since"], scheduler.num_bad_epochs = 0, 0
+        check_mid_epoch_resume(ckpt, progress, tcfg, world)
+        progress.world = world
         where = (
             f"epoch {progress.epoch} step {progress.step}" if progress.step else f"the start of epoch {progress.epoch}"
         )
@@ -805,8 +828,11 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
         if rank == 0:
             trim_jsonl(out / "metrics.jsonl", lambda r: r.get("epoch", -1) < progress.epoch)
             trim_jsonl(out / "steps.jsonl", lambda r: (r["epoch"], r["step"]) <= (progress.epoch, progress.step))
-    if world > 1 and ckpt is None:
-        torch.manual_seed(tcfg.seed + rank)  # same weights on every rank (built above), different dropout masks
+    if world > 1:
+        # Same weights on every rank (built above or loaded), different dropout masks. After a resume only rank
+        # 0's RNG state was saved, so the ranks are re-seeded from (seed, rank, where the run is): a resumed DDP
+        # run is reproducible but not bit-identical to an uninterrupted one (a single process is).
+        torch.manual_seed(tcfg.seed + rank if ckpt is None else hash((tcfg.seed, rank, progress.epoch, progress.step)))
     train_decoder = DistributedDataParallel(decoder) if world > 1 else decoder
     train_encoder = DistributedDataParallel(encoder) if world > 1 and mcfg.fine_tune_stages else encoder
     train_loader, val_loader = make_loaders(mcfg, tcfg, use_cache, world, rank)
@@ -832,9 +858,9 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
                 mcfg, tcfg, word_map, encoder, decoder, optimizers, scheduler, scaler, epoch_done, history, state,
                 progress,
             )  # fmt: skip
-            save_torch(ckpt_out, out / "last.pt")
             if improved:
                 save_torch(ckpt_out, out / "best.pt")
+            save_torch(ckpt_out, out / "last.pt")
         control.saved()
 
     control.install()
@@ -844,7 +870,7 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
                 print(f"early stop: no {score_key} improvement in {state['since']} epochs")
                 break
             if progress.epoch != epoch:
-                progress = EpochProgress(epoch=epoch)
+                progress = EpochProgress(epoch=epoch, world=world)
             if epoch in tcfg.lr_drop_epochs and progress.step == 0:
                 for opt in optimizers:
                     for group in opt.param_groups:
@@ -876,9 +902,10 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
             state = {"best": max(score, state["best"]), "since": 0 if improved else state["since"] + 1}
             metrics.update(epoch=epoch, decoder_lr=optimizers[0].param_groups[0]["lr"], best_score=state["best"])
             history.append(metrics)
+            if rank == 0:  # the log line, then best.pt, then last.pt: a resume redoes whatever last.pt lacks
+                append_jsonl(metrics, out / "metrics.jsonl")
             save(None, improved)
             if rank == 0:
-                append_jsonl(metrics, out / "metrics.jsonl")
                 if writer is not None:
                     for k, v in metrics.items():
                         writer.add_scalar(k.replace("val_", "val/").replace("train_", "train/"), v, epoch)
@@ -926,6 +953,19 @@ def scst_setup(mcfg, tcfg: TrainConfig, decoder, device, rev_word_map, world: in
         generator=torch.Generator(),
     )
     return scst_objective(decoder, tcfg, device, scorer, rev_word_map), loader
+
+
+def check_mid_epoch_resume(ckpt: dict, progress: EpochProgress, tcfg: TrainConfig, world: int) -> None:
+    """A resume inside an epoch must keep the epoch's image order: the same seed and number of processes."""
+    if progress.step == 0:
+        return
+    saved_world = (ckpt.get("progress") or {}).get("world", 1)
+    saved_seed = (ckpt.get("train_config") or {}).get("seed", tcfg.seed)
+    if saved_world != world or saved_seed != tcfg.seed:
+        raise CamEyeError(
+            f"last.pt stopped inside epoch {progress.epoch} with {saved_world} process(es) and seed {saved_seed}: "
+            "resume with the same to finish the epoch (its image order depends on them)"
+        )
 
 
 def restore_checkpoint(ckpt, mcfg, tcfg, encoder, decoder, optimizers, scheduler) -> EpochProgress:

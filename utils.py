@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -78,7 +79,16 @@ def cli_errors() -> Iterator[None]:
         raise
 
 
+_SIGTERM_OWNER = [0]  # the PID that installed handle_sigterm (a list, so the handler reads it without a global)
+
+
 def _raise_terminated(signum, frame) -> None:
+    if os.getpid() != _SIGTERM_OWNER[0]:
+        # A forked child (pool or DataLoader worker) inherited the handler: die as SIGTERM would have made it;
+        # the parent cleans up.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise Terminated()
 
 
@@ -86,7 +96,9 @@ def handle_sigterm() -> None:
     """Turn SIGTERM into a :class:`Terminated` exception in the main thread (command-line entry points only).
 
     Without this, SIGTERM kills Python without running ``finally`` blocks, leaving temporary files behind.
+    Forked children that inherit the handler keep SIGTERM's default action instead.
     """
+    _SIGTERM_OWNER[0] = os.getpid()
     signal.signal(signal.SIGTERM, _raise_terminated)
 
 
@@ -102,9 +114,12 @@ def ignore_signals_in_worker() -> None:
 
 
 # --------------------------------------------------------------------------------------------------- writes
-# Temporary files are named ".<target>.pid<PID>.<random>.tmp": the owner's PID lets a later run remove what
-# a killed run (SIGKILL, power loss) left behind without touching the files of a run that is still going.
-_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.pid(?P<pid>\d+)\.[^.]+\.tmp$")
+# Temporary files are named ".<target>.<host>-pid<PID>.<random>.tmp": the owner's host and PID let a later run
+# remove what a killed run (SIGKILL, power loss) left behind without touching the files of a run that is still
+# going, also on a folder that other machines (a cluster's shared disk) or containers write to: only this
+# host's temporaries are judged, by whether their PID is alive here.
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9_-]+)-pid(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
 def _process_alive(pid: int) -> bool:
@@ -126,7 +141,8 @@ def remove_stale_temporaries(folder: str | Path, target: str | None = None) -> l
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
             m = _TEMPORARY.match(entry.name)
-            if m and (target is None or m["target"] == target) and not _process_alive(int(m["pid"])):
+            ours = m and m["host"] == _HOST and (target is None or m["target"] == target)
+            if ours and not _process_alive(int(m["pid"])):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                     removed.append(Path(entry.path))
@@ -167,9 +183,16 @@ def check_free_space(folder: str | Path, needed_bytes: int, what: str) -> None:
     free = shutil.disk_usage(mount_point(folder)).free
     if needed_bytes > free:
         raise CamEyeError(
-            f"{what} needs about {needed_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free "
+            f"{what} needs about {_size(needed_bytes)} but only {_size(free)} is free "
             f"on {mount_point(folder)}: free some space or choose another folder"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+_CLEANED: set[tuple[int, str]] = set()  # (process, folder) pairs whose stale temporaries were removed
 
 
 @contextlib.contextmanager
@@ -178,13 +201,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     The temporary file lives in the same folder so the final ``os.replace`` is an atomic rename on the same
     file system. On any exception (SIGTERM too, with :func:`handle_sigterm`) the temporary file is removed and
-    ``path`` is left untouched; a full disk becomes a one-line :class:`CamEyeError`. Temporaries of ``path``
-    left by killed processes are removed first.
+    ``path`` is left untouched; a full disk becomes a one-line :class:`CamEyeError`. The first write into a
+    folder (per process) removes the temporaries that killed processes of this host left there.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    folder = (os.getpid(), str(path.parent.resolve()))
+    if folder not in _CLEANED:  # once per folder and process: a scan per write would be quadratic in files
+        remove_stale_temporaries(path.parent)
+        _CLEANED.add(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; the result should look like open()'s

@@ -1134,7 +1134,9 @@ def test_interrupted_preparation_leaves_no_temporary_and_keeps_earlier_output(tm
     proc = subprocess.Popen(list(map(str, args)), stdout=log_out, stderr=log_err, cwd=ROOT, start_new_session=True)
     try:
         # Mid-way: the training split's temporary file holds a few images (256 px: 196 kB each).
-        big_temporary = lambda: any(p.stat().st_size > 1_000_000 for p in out.glob(f".train.hdf5.pid{proc.pid}.*.tmp"))  # noqa: E731
+        def big_temporary() -> bool:
+            return any(p.stat().st_size > 1_000_000 for p in out.glob(f".train.hdf5.*-pid{proc.pid}.*.tmp"))
+
         wait_for(big_temporary, "a partly written train.hdf5", proc)
         workers = worker_pids(proc.pid)
         assert len(workers) == 2
@@ -1158,8 +1160,25 @@ def test_interrupted_preparation_leaves_no_temporary_and_keeps_earlier_output(tm
 
     if how == "SIGKILL":
         assert proc.returncode == -signal.SIGKILL
-        assert temporaries(out)  # a killed process cannot clean up: the next run does
-        prepare([small_source(tmp_path / "small")], out, captions_per_image=1)
+        assert temporaries(out)  # a killed process cannot clean up: the next run (a new process) does
+        again = [
+            sys.executable,
+            str(SCRIPT),
+            small_source(tmp_path / "small"),
+            "--out",
+            out,
+            "--captions-per-image",
+            1,
+            "--min-word-freq",
+            1,
+            "--max-len",
+            20,
+            "--image-size",
+            SIZE,
+            "--workers",
+            1,
+        ]  # as prepare() above
+        subprocess.run(list(map(str, again)), cwd=ROOT, check=True, capture_output=True)
     else:
         status, what = (143, "terminated (SIGTERM)") if how.startswith("SIGTERM") else (130, "interrupted")
         assert proc.returncode == status, stderr

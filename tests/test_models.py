@@ -800,3 +800,20 @@ def test_fused_teacher_forcing_under_bfloat16_autocast_matches_float32_within_to
     (loss32, grad32), (loss16, grad16) = results
     assert loss16 == pytest.approx(loss32, rel=1e-2)
     assert F.cosine_similarity(grad16, grad32, dim=0) > 0.99
+
+
+def test_fused_teacher_forcing_survives_a_second_backward() -> None:
+    """backward(retain_graph=True) twice accumulates exactly twice the gradient, as the plain loop does."""
+    torch.manual_seed(3)
+    dec = DecoderWithAttention(_tiny_cfg(30), encoder_dim=8).train()
+    feats = torch.randn(3, 5, 8)
+    captions, lengths = _captions([6, 4, 7], 30)
+    grads = []
+    for fused in (False, True):
+        dec.zero_grad()
+        logits, targets, alphas = dec(feats, captions, lengths, fused=fused)
+        loss, _ = caption_loss(logits, targets, alphas, alpha_c=0.5)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads.append(dec.attention.encoder_att.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import synthetic
+import utils
 from synthetic import COLOURS, SHAPES, SIZES, generate_dataset, make_captions, make_scene, split_counts
 
 SCRIPT = Path(__file__).resolve().parents[1] / "synthetic.py"
@@ -278,9 +279,9 @@ def test_stale_temporary_of_a_killed_run_is_removed_and_a_live_one_kept(tmp_path
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     images = tmp_path / "images"
     images.mkdir()
-    stale = images / f".000000.png.pid{int(dead.stdout)}.k9x2.tmp"  # what SIGKILL leaves behind
+    stale = images / f".000000.png.{utils._HOST}-pid{int(dead.stdout)}.k9x2.tmp"  # what SIGKILL leaves behind
     stale.write_bytes(b"half a png")
-    running = images / f".000000.png.pid{os.getpid()}.a1b2.tmp"  # a run still going (this process)
+    running = images / f".000000.png.{utils._HOST}-pid{os.getpid()}.a1b2.tmp"  # a run still going (this process)
     running.write_bytes(b"being written")
     generate_dataset(tmp_path, num_images=2, seed=0)
     assert not stale.exists() and running.exists()

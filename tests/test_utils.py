@@ -316,18 +316,22 @@ def _dead_pid() -> int:
 
 
 def test_atomic_path_removes_temporaries_of_dead_processes_only(tmp_path: Path) -> None:
-    """Issue 9: a killed run left full-size hidden temporaries that later runs never removed."""
-    stale = tmp_path / f".out.hdf5.pid{_dead_pid()}.abc123.tmp"
-    live = tmp_path / f".out.hdf5.pid{os.getppid()}.def456.tmp"  # a process that is still running
-    other = tmp_path / f".other.json.pid{_dead_pid()}.ghi789.tmp"  # another target: left to its own writer
-    for p in (stale, live, other):
+    """Issue 9: a killed run left full-size hidden temporaries that later runs never removed. The first write
+    into a folder removes this host's temporaries whose process is gone; a live process's, and another
+    machine's on a shared disk, stay."""
+    host = utils._HOST
+    stale = tmp_path / f".out.hdf5.{host}-pid{_dead_pid()}.abc123.tmp"
+    live = tmp_path / f".out.hdf5.{host}-pid{os.getppid()}.def456.tmp"  # a process that is still running
+    other = tmp_path / f".other.json.{host}-pid{_dead_pid()}.ghi789.tmp"  # another target of a dead run
+    elsewhere = tmp_path / f".out.hdf5.otherhost-pid{_dead_pid()}.jkl012.tmp"  # another machine's (shared disk)
+    for p in (stale, live, other, elsewhere):
         p.write_bytes(b"x" * 100)
     with utils.atomic_path(tmp_path / "out.hdf5") as tmp:
-        assert f".pid{os.getpid()}." in tmp.name
+        assert f".{host}-pid{os.getpid()}." in tmp.name
         tmp.write_bytes(b"new")
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and not other.exists() and live.exists() and elsewhere.exists()
     assert (tmp_path / "out.hdf5").read_bytes() == b"new"
-    assert utils.remove_stale_temporaries(tmp_path) == [other]
+    assert utils.remove_stale_temporaries(tmp_path) == []
 
 
 def test_a_full_disk_inside_atomic_path_is_one_line_and_keeps_the_old_file(tmp_path: Path) -> None:
