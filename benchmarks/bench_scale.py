@@ -42,8 +42,11 @@ sys.path.insert(0, str(ROOT))
 from synthetic import generate_dataset  # noqa: E402
 from utils import positive_int  # noqa: E402
 
+
 # A small decoder: the benchmark is about how cost grows with N, not about model quality.
-MODEL = ["--embed-dim", "128", "--attention-dim", "128", "--decoder-dim", "256", "--dropout", "0.1"]
+def model_options(dim: int) -> list[str]:
+    """A decoder of width ``dim`` (embedding and attention) and 2 x ``dim`` (LSTM): the scale is the point here."""
+    return ["--embed-dim", str(dim), "--attention-dim", str(dim), "--decoder-dim", str(2 * dim), "--dropout", "0.1"]
 
 
 def _memory_of(pid: int) -> int:
@@ -133,7 +136,7 @@ def bench_size(n: int, args: argparse.Namespace, work: Path) -> dict:
         run_dir = work / f"run_{n}_{name}"
         cmd = [py, "train.py", "--data", str(data), "--out", str(run_dir), "--overwrite", "--epochs", "1"]
         cmd += ["--batch-size", str(args.batch_size), "--val-images", str(args.val_images), "--no-tensorboard"]
-        cmd += ["--feature-memory-gb", str(memory_gb), "--device", "cpu", *MODEL]
+        cmd += ["--feature-memory-gb", str(memory_gb), "--device", "cpu", *model_options(args.dim)]
         run = run_measured(cmd, work / f"train_{n}_{name}.log")
         return run, epoch_stats(run_dir)
 
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=positive_int, default=128, help="synthetic and prepared image side (px)")
     p.add_argument("--workers", type=positive_int, default=2, help="create_input_files.py --workers")
     p.add_argument("--batch-size", type=positive_int, default=32, help="train.py --batch-size")
+    p.add_argument("--dim", type=positive_int, default=128, help="decoder width (LSTM: twice this)")
     p.add_argument("--val-images", type=positive_int, default=100, help="train.py --val-images")
     p.add_argument("--memory-gb", type=float, default=4.0, help="train.py --feature-memory-gb of the in-memory runs")
     p.add_argument(
