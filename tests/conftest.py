@@ -1,7 +1,13 @@
-"""Shared fixtures: a small synthetic dataset run through create_input_files.py once per test session."""
+"""Shared fixtures: a small synthetic dataset run through create_input_files.py once per test session, and
+small real disks (tmpfs) for the full-disk tests."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,3 +32,26 @@ def synthetic_prepared(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamesp
     options = Options(out=root / "prepared", min_word_freq=1, image_size=SYNTHETIC_SIZE, workers=1, seed=0)
     counts = create_input_files([json_path], None, options)
     return SimpleNamespace(json=Path(json_path), out=options.out, options=options, counts=counts)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. "2m") mounted at ``folder``; skips the test where mounting is not allowed
+    (it needs Linux and root or CAP_SYS_ADMIN); always unmounted afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux mount(8) to make a small tmpfs")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB disk that fills up at once."""
+    with mounted_tmpfs(tmp_path / "disk", "2m") as disk:
+        yield disk

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -1188,24 +1187,6 @@ def test_interrupted_preparation_leaves_no_temporary_and_keeps_earlier_output(tm
 
 
 # ---------------------------------------------------------------------------------------------- full disk
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MB tmpfs mounted at ``tmp_path/disk``; skips where mounting is not allowed; always unmounted."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if shutil.which("mount") is None or not sys.platform.startswith("linux"):
-        pytest.skip("needs Linux mount(8) to make a small tmpfs")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
 def test_full_disk_is_one_line_and_keeps_earlier_output(small_disk, synthetic_prepared):
     out = small_disk / "out"
     source = synthetic_prepared.json

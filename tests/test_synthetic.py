@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -308,24 +307,6 @@ def test_sigterm_stops_generation_in_one_line_without_temporary_files(tmp_path: 
     assert proc.returncode == 143 and progress_free_lines(stderr) == ["terminated (SIGTERM)"], stderr
     assert not [p.name for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
     assert not (out / "dataset_synthetic.json").exists()  # never a JSON that lists images not written
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 2 MB tmpfs mounted at ``tmp_path/disk``; skips where mounting is not allowed; always unmounted."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if shutil.which("mount") is None or not sys.platform.startswith("linux"):
-        pytest.skip("needs Linux mount(8) to make a small tmpfs")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_full_disk_is_one_line_without_temporary_files(small_disk: Path) -> None:
