@@ -108,9 +108,15 @@ def ignore_signals_in_worker() -> None:
     Ctrl-C and ``kill -TERM -PGID`` reach every process of the group; a worker that raised KeyboardInterrupt
     mid-task would print a traceback (and BrokenPipe errors as the parent closes the pipes). The parent
     terminates its workers itself, so they ignore SIGINT and keep SIGTERM's default (a silent exit).
+    On Linux a worker also dies with its parent (PR_SET_PDEATHSIG): a parent killed by SIGKILL would otherwise
+    leave it to find the result pipe broken and print a BrokenPipeError traceback.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            pr_set_pdeathsig = 1  # from linux/prctl.h
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------------------- writes
