@@ -64,8 +64,11 @@ def open_split(path: str | Path) -> h5py.File:
     return h5
 
 
-def check_split_has_images(path: str | Path) -> int:
-    """The number of images in a split file; a one-line :class:`CamEyeError` if it has none (or is unusable).
+def check_split_has_images(
+    path: str | Path, advice: str = "check create_input_files.py's warnings and the image folder"
+) -> int:
+    """The number of images in a split file; a one-line :class:`CamEyeError` if it has none (or is unusable),
+    ending with ``advice``.
 
     Run before any work, so a run that needs the split fails at once rather than after an epoch.
     """
@@ -73,8 +76,7 @@ def check_split_has_images(path: str | Path) -> int:
         n = int(h5["images"].shape[0])
     if n == 0:
         raise CamEyeError(
-            f"{Path(path).name} has no images: {path} (create_input_files.py found none for this split; "
-            "check its warnings and the image folder)"
+            f"{Path(path).name} has no images: {path} (create_input_files.py found none for this split); {advice}"
         )
     return n
 

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from datasets import CaptionDataset, collate_eval
+from datasets import CaptionDataset, check_split_has_images, collate_eval
 from metrics import (
     MetricError,
     attention_in_box,
@@ -169,13 +169,8 @@ def coco_id(image_id: str, index: int) -> int:
 def open_eval_split(data: Path, split: str) -> CaptionDataset:
     """The split to evaluate, or one line saying why it cannot be (missing, not ours, empty)."""
     path = data / f"{split}.hdf5"
-    dataset = CaptionDataset(path, "eval")  # a missing or foreign file is a one-line CamEyeError
-    if len(dataset) == 0:
-        raise CamEyeError(
-            f"{split}.hdf5 has no images: {path} (its source had no readable {split} images); "
-            "evaluate another --split or prepare the data again"
-        )
-    return dataset
+    check_split_has_images(path, advice="evaluate another --split or prepare the data again")
+    return CaptionDataset(path, "eval")
 
 
 def check_writable(out: Path) -> None:

@@ -50,7 +50,6 @@ _RANGES = {
     "plate": [923],
     "orange": [950],
     "apple": [948],
-    "cake": [],  # no ImageNet class
 }
 # COCO categories with no word in Flickr8k's vocabulary (min frequency 5): the decoder cannot name them.
 UNNAMEABLE = ("giraffe", "zebra", "broccoli", "sandwich", "banana", "clock", "vase", "oven", "sink", "hair drier",

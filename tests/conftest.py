@@ -1,5 +1,5 @@
-"""Shared fixtures: a small synthetic dataset run through create_input_files.py once per test session, and
-small real disks (tmpfs) for the full-disk tests."""
+"""Shared fixtures: a small synthetic dataset run through create_input_files.py once per test session, small
+real disks (tmpfs) for the full-disk tests, and fake ``java`` executables for the metric-failure tests."""
 
 from __future__ import annotations
 
@@ -55,3 +55,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MB disk that fills up at once."""
     with mounted_tmpfs(tmp_path / "disk", "2m") as disk:
         yield disk
+
+
+def fake_java(folder: Path, script: str) -> Path:
+    """A ``java`` shell script in ``folder`` (put it first on PATH); ``REAL_JAVA`` in it is the real one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "java"
+    path.write_text("#!/bin/sh\n" + script.replace("REAL_JAVA", shutil.which("java") or "false"), encoding="utf-8")
+    path.chmod(0o755)
+    return folder

@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from _tiny_model import SPECIAL_TOKENS, one_torch_thread, started_cli, tiny_model
+from conftest import fake_java
 from nltk.translate.bleu_score import corpus_bleu
 
 import eval as cameye_eval
@@ -85,15 +85,6 @@ def stop_meteor(meteor) -> None:
         stream.close()
     process.kill()
     process.wait()
-
-
-def fake_java(folder: Path, script: str) -> Path:
-    """A ``java`` shell script in ``folder`` (to put first on PATH); ``REAL_JAVA`` in it is the real one."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "java"
-    path.write_text("#!/bin/sh\n" + script.replace("REAL_JAVA", shutil.which("java") or "false"), encoding="utf-8")
-    path.chmod(0o755)
-    return folder
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fake_java
 
 import metrics
 from metrics import (
@@ -245,15 +246,6 @@ def test_coco_metrics_reports_a_dead_meteor_jvm_and_does_not_hang(monkeypatch: p
     # compute_score died holding Meteor's lock; Meteor.__del__ takes that lock, so without the fresh lock
     # coco_metrics swaps in, this collection (or interpreter exit) would block forever.
     gc.collect()
-
-
-def fake_java(folder: Path, script: str) -> Path:
-    """A ``java`` shell script in ``folder`` (put it first on PATH); ``REAL_JAVA`` in it is the real one."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "java"
-    path.write_text("#!/bin/sh\n" + script.replace("REAL_JAVA", shutil.which("java") or "false"), encoding="utf-8")
-    path.chmod(0o755)
-    return folder
 
 
 def put_first_on_path(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
