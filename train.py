@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -849,7 +850,9 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     score_key = {"cider": "val_CIDEr", "bleu4": "val_BLEU-4"}[tcfg.select_on]
     objective = None
     if tcfg.scst:
-        objective, train_loader = scst_setup(mcfg, tcfg, decoder, device, rev_word_map, world, use_cache)
+        objective, train_loader = scst_setup(
+            train_loader.dataset, tcfg, decoder, device, rev_word_map, world, use_cache
+        )
 
     def save(progress: EpochProgress | None, improved: bool = False) -> None:
         if rank == 0:
@@ -929,20 +932,19 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     return history
 
 
-def scst_setup(mcfg, tcfg: TrainConfig, decoder, device, rev_word_map, world: int, use_cache: bool):
+def scst_setup(train_set, tcfg: TrainConfig, decoder, device, rev_word_map, world: int, use_cache: bool):
     """The SCST objective and its loader: cached training features with their references, shuffled per epoch.
 
-    CIDEr-D's document frequencies come from every training image's references (as in ruotianluo's code).
+    ``train_set`` is the cross-entropy loader's FeatureDataset; an eval-mode view of it serves SCST, so the
+    features are read into memory once. CIDEr-D's document frequencies come from every training image's
+    references (as in ruotianluo's code).
     """
     if world > 1:
         raise CamEyeError("--scst runs in one process for now (not under torchrun)")
     if not use_cache:
         raise CamEyeError("--scst trains the decoder on cached features: use a frozen encoder (--fine-tune-stages 0)")
-    data = Path(tcfg.data)
-    memory = int(tcfg.feature_memory_gb * (1 << 30))
-    dataset = FeatureDataset(
-        data / "train.hdf5", features_path(mcfg, data, "train", tcfg.encoder_precision), "eval", memory
-    )
+    dataset = copy.copy(train_set)  # shares the features in memory
+    dataset.mode = "eval"  # items: (features, references as word lists, index)
     references = [dataset.references(i) for i in range(len(dataset))]
     scorer = CiderD([[[*ref, "<end>"] for ref in refs] for refs in references])
     loader = DataLoader(
