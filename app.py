@@ -394,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handle_sigterm()  # so that stopping the server still removes its folder of uploads and outputs
         check_controls(args.beam_size, args.length_penalty)
         keep_freed_memory()
-        captioner = Captioner.load(args.checkpoint, args.device, encoder_weights=args.encoder_weights)
+        captioner = Captioner.load(args.checkpoint, args.device, encoder_weights=args.encoder_weights,
+                                   precision=args.precision, object_prior=args.object_prior)  # fmt: skip
         warm_up(captioner)
         # Everything Gradio writes (uploads, outputs) goes to a folder of this process, removed when it stops.
         cache = tempfile.mkdtemp(prefix="cameye-app-")

@@ -22,12 +22,10 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import imageio.v3 as iio
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from create_input_files import load_image
@@ -44,6 +42,11 @@ from utils import (
     select_device,
     validate_word_map,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from object_prior import ObjectPrior
 
 OVERLAY_ALPHA = 0.65  # opacity of the attention map over the photo in figures and the web page
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -120,8 +123,12 @@ def attention_figure(image: np.ndarray, words: Sequence[str], grids: np.ndarray)
     """The photo (3 x S x S uint8), then one panel per word with its attention (words x grid x grid) overlaid.
 
     Built with matplotlib's object API (no pyplot): pyplot's global figure registry is not thread-safe, and
-    the web page draws figures from several threads.
+    the web page draws figures from several threads. matplotlib is imported here, not at start-up: it
+    costs about 0.3 s, and ``--no-figures`` runs never need it.
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     rgb = image.transpose(1, 2, 0)
     panels = len(words) + 1
     cols = min(5, panels)
@@ -175,6 +182,8 @@ def attention_gif_frames(image: np.ndarray, words: Sequence[str], grids: np.ndar
 
 def save_attention_gif(image: np.ndarray, words: Sequence[str], grids: np.ndarray, path: Path) -> int:
     """Write :func:`attention_gif_frames` as an animated GIF (0.7 s a frame, looping). Returns the frame count."""
+    import imageio.v3 as iio  # only --gif runs need it
+
     frames = attention_gif_frames(image, words, grids)
     with atomic_path(path) as tmp:
         iio.imwrite(tmp, np.stack(frames), extension=".gif", duration=700, loop=0)
@@ -198,6 +207,7 @@ class Captioner:
     device: torch.device
     vocabulary: list[str] = field(init=False)  # word id -> word
     preprocess: Preprocess = field(init=False)
+    prior: ObjectPrior | None = None  # word bonuses from the encoder's ImageNet classifier (see object_prior.py)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -206,17 +216,24 @@ class Captioner:
 
     @classmethod
     def load(cls, checkpoint: Path, device: str = "auto", word_map_path: Path | None = None,
-             encoder_weights: str | None = None) -> Captioner:  # fmt: skip
+             encoder_weights: str | None = None, precision: str = "float32",
+             object_prior: float = 0.0) -> Captioner:  # fmt: skip
         """Load a checkpoint in eval mode on ``device``; one-line :class:`CamEyeError` if it cannot be used
-        (or if ``word_map_path`` names a word map other than the model's). ``encoder_weights``: see
-        ``models.load_captioner`` (for a checkpoint holding only its fine-tuned encoder stages)."""
+        (or if ``word_map_path`` names a word map other than the model's). ``encoder_weights`` and
+        ``precision`` (the encoder's): see ``models.load_captioner``; ``object_prior``: the strength of
+        object_prior.ObjectPrior's word bonuses in beam search (0 = off)."""
         dev = select_device(device)
-        encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev, encoder_weights)
+        encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev, encoder_weights, precision)
         if word_map_path is not None:
             given = validate_word_map(read_json(word_map_path, "word map"))
             if given != word_map:
                 raise CamEyeError(f"{word_map_path} does not match the word map of {checkpoint}")
-        return cls(Path(checkpoint), encoder, decoder, word_map, cfg, dev)
+        captioner = cls(Path(checkpoint), encoder, decoder, word_map, cfg, dev)
+        if object_prior:
+            from object_prior import ObjectPrior
+
+            captioner.prior = ObjectPrior(cfg.backbone, word_map, object_prior)
+        return captioner
 
     def read(self, path: Path) -> np.ndarray:
         """The image file decoded as the model expects it: uint8 3 x S x S (S = the model's image size)."""
@@ -231,9 +248,11 @@ class Captioner:
         with self._lock, torch.no_grad():
             x = self.preprocess(torch.from_numpy(np.stack(images))).to(self.device)
             features = self.encoder(x)
+            bonus = self.prior.bonus(features) if self.prior is not None else None
             return self.decoder.beam_search(
-                features, beam_size, max_len, length_penalty, n_best=n_best, block_trigrams=block_trigrams
-            )
+                features, beam_size, max_len, length_penalty, n_best=n_best, block_trigrams=block_trigrams,
+                word_bonus=bonus,
+            )  # fmt: skip
 
     def words(self, decoded: Decoded) -> list[str]:
         """The caption's words."""
@@ -295,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = 0
     with cli_errors():
         paths = collect_images(args.images)
-        captioner = Captioner.load(args.checkpoint, args.device, args.word_map, args.encoder_weights)
+        captioner = Captioner.load(args.checkpoint, args.device, args.word_map, args.encoder_weights,
+                                   args.precision, args.object_prior)  # fmt: skip
         used: set[str] = set()
         results = caption_images(paths, captioner, args.beam_size, args.batch_size, args.max_len, args.length_penalty,
                                  block_trigrams=args.block_trigrams)  # fmt: skip

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import multiprocessing
 import random
@@ -56,6 +57,8 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -382,12 +385,21 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
 
     Handles EXIF orientation, grayscale, palette, CMYK, alpha (composited on white, how viewers show it) and
     16-bit images (scaled down to 8 bits rather than clipped, which would turn them white).
+
+    The resize is bicubic with antialiasing, PIL's filter, run by torch's uint8 kernel: the same output up to a
+    grey level of rounding at a few pixels, in about half the time of ``PIL.Image.resize``. A JPEG at least
+    four times the target side is decoded at a reduced DCT scale first (PIL's draft mode) to no less than twice
+    the target side, as ``Image.thumbnail`` does: a 12-megapixel phone photo then decodes several times faster,
+    and the final resize still has a 2x margin to antialias over.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft(im.mode, (2 * size, 2 * size))
             im.load()
-            im = ImageOps.exif_transpose(im)
+            # in_place: without it exif_transpose copies every image, even one with nothing to turn.
+            ImageOps.exif_transpose(im, in_place=True)
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         peak = arr.max() if arr.size else 0.0
@@ -403,8 +415,17 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, rgba)
-    im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return resize_uint8(np.array(im), size)
+
+
+def resize_uint8(rgb: np.ndarray, size: int) -> np.ndarray:
+    """H x W x 3 uint8 -> 3 x size x size uint8, bicubic with antialiasing (PIL's BICUBIC filter, a = -0.5)."""
+    x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
+    if x.shape[2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
+    return x[0].contiguous().numpy()
 
 
 def _load_job(job: tuple[str, int]) -> tuple[np.ndarray | None, str]:
@@ -419,6 +440,14 @@ def _load_job(job: tuple[str, int]) -> tuple[np.ndarray | None, str]:
         return None, "empty file" if empty else "not an image"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return None, f"unreadable image ({type(e).__name__}: {e})"
+
+
+def _load_jobs(jobs: list[tuple[str, int]]) -> list[tuple[np.ndarray | None, str]]:
+    """Worker entry point for a few images at once (see :meth:`ImageDecoder.__call__`)."""
+    return [_load_job(job) for job in jobs]
+
+
+IMAGES_PER_TASK = 8
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -470,6 +499,9 @@ def _hdf5_for_writing(path: Path) -> Iterator[h5py.File]:
         raise
 
 
+WRITE_BATCH = 32  # images per HDF5 write
+
+
 def write_split(
     h5_path: Path,
     split: str,
@@ -488,6 +520,9 @@ def write_split(
     with _hdf5_for_writing(h5_path) as h5:
         h5.attrs.update(captions_per_image=c, max_len=opt.max_len, image_size=s, seed=opt.seed)
         images = h5.create_dataset("images", (n, 3, s, s), np.uint8, maxshape=(None, 3, s, s), chunks=(1, 3, s, s))
+        # Images are written WRITE_BATCH at a time: one h5py call per image cost more than decoding a JPEG.
+        batch = np.empty((min(n, WRITE_BATCH), 3, s, s), np.uint8)
+        filled = 0
         results = decode((str(r.path) for r in records), s)
         for record, (array, reason) in tqdm(zip(records, results), total=n, desc=split, unit="img"):
             if array is None:
@@ -495,11 +530,17 @@ def write_split(
                 tqdm.write(f"skipped {record.path}: {reason}")
                 continue
             i = len(kept)
-            images[i] = array
+            batch[filled] = array
+            filled += 1
+            if filled == len(batch):
+                images[i + 1 - filled : i + 1] = batch
+                filled = 0
             chosen = sample_captions(record, c, opt.max_len, opt.seed)
             captions[i * c : (i + 1) * c] = [encode_caption(t, word_map, opt.max_len) for t in chosen]
             caplens[i * c : (i + 1) * c] = [len(t) + 2 for t in chosen]
             kept.append(record)
+        if filled:
+            images[len(kept) - filled : len(kept)] = batch[:filled]
         images.resize(len(kept), axis=0)
         h5.create_dataset("captions", data=captions[: len(kept) * c])
         h5.create_dataset("caplens", data=caplens[: len(kept) * c])
@@ -539,6 +580,8 @@ def _stop_signals_blocked() -> Iterator[None]:
 def _start_worker() -> None:
     """Pool initialiser: leave Ctrl-C and SIGTERM to the parent (utils), then unblock them (see ImageDecoder)."""
     ignore_signals_in_worker()
+    # One thread each: the workers already use the cores; and GNU OpenMP's pool does not survive fork.
+    torch.set_num_threads(1)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
@@ -589,12 +632,14 @@ class ImageDecoder:
         if self.pool is None:
             yield from map(_load_job, jobs)
             return
-        # chunksize 1: a larger one makes imap return a plain generator, which cannot wait with a timeout; each
-        # result (an image) costs far more to send back than its task
-        results = self.pool.imap(_load_job, jobs, chunksize=1)
+        # Tasks of a few images each, batched here rather than by imap's chunksize, which would make imap return
+        # a plain generator that cannot wait with a timeout; one image per task spent more time on the pool's
+        # messaging than on the image.
+        tasks = iter(lambda: list(itertools.islice(jobs, IMAGES_PER_TASK)), [])
+        results = self.pool.imap(_load_jobs, tasks, chunksize=1)
         while True:
             try:
-                yield results.next(timeout=1.0)
+                yield from results.next(timeout=1.0)
             except StopIteration:
                 return
             except multiprocessing.TimeoutError:

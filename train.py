@@ -116,8 +116,9 @@ class TrainConfig:
     overwrite: bool = False  # start again in a folder that holds an earlier run (its files are removed)
     checkpoint_minutes: float = 10.0  # also write last.pt inside an epoch this often (0 = after every step)
     log_every: int = 10  # append the loss of every N-th step to steps.jsonl
+    keep_epochs: bool = False  # also keep every epoch's checkpoint as epochN.pt (for weight averaging)
     feature_memory_gb: float = 4.0  # read the feature cache into memory up to this size, lazily beyond
-    encoder_precision: str = "float32"  # of the frozen encoder that fills the feature cache (auto/float32/bfloat16)
+    encoder_precision: str = "auto"  # of the frozen encoder that fills the feature cache (auto/float32/bfloat16)
     select_on: str = "cider"  # validation score that selects best.pt and drives the plateau rule: cider or bleu4
     init_from: str = ""  # start a new run from this checkpoint's weights (e.g. SCST after cross-entropy)
     scst: bool = False  # self-critical training on CIDEr-D instead of cross-entropy
@@ -638,6 +639,8 @@ def claim_run_folder(out: Path, resume: bool, overwrite: bool) -> Any:
     if overwrite and not resume:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
+        for path in out.glob("epoch*.pt"):
+            path.unlink()
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
     return lock
 
@@ -863,6 +866,8 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
             )  # fmt: skip
             if improved:
                 save_torch(ckpt_out, out / "best.pt")
+            if progress is None and tcfg.keep_epochs:
+                save_torch(ckpt_out, out / f"epoch{epoch_done}.pt")
             save_torch(ckpt_out, out / "last.pt")
         control.saved()
 
@@ -1069,6 +1074,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--log-every", type=int, default=10, help="append every N-th step's loss to OUT/steps.jsonl")
     g.add_argument(
+        "--keep-epochs",
+        action="store_true",
+        help="also keep each epoch's checkpoint as OUT/epochN.pt (N from 0), e.g. to average the last few "
+        "with export_model.py --average",
+    )
+    g.add_argument(
         "--feature-memory-gb",
         type=float,
         default=4.0,
@@ -1162,9 +1173,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--encoder-precision",
         choices=["auto", "float32", "bfloat16"],
-        default="float32",
+        default="auto",
         help="precision of the frozen encoder filling the feature cache ('auto': bfloat16 where the CPU or GPU "
-        "has bfloat16 matrix units); a cache of each precision is kept apart",
+        "has bfloat16 matrix units, as eval.py and caption.py do by default); a cache of each precision is "
+        "kept apart",
     )
     r.add_argument("--workers", type=int, default=2, help="DataLoader worker processes when reading images")
     r.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, dropout)")

@@ -415,9 +415,10 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         choices=["auto", "float32", "bfloat16"],
-        default="float32",
-        help="the encoder's precision: bfloat16 runs it on the bfloat16 matrix units of recent CPUs and GPUs; "
-        "'auto' picks bfloat16 where the hardware has them (the decoder always runs in float32)",
+        default="auto",
+        help="the encoder's precision: bfloat16 runs it on the bfloat16 matrix units of recent CPUs and GPUs "
+        "(1.5-2.2x faster here, captions equal within noise: README, Speed); 'auto' picks bfloat16 where the "
+        "hardware has them, float32 elsewhere (the decoder always runs in float32)",
     )
     p.add_argument(
         "--object-prior",

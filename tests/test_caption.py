@@ -155,6 +155,28 @@ def test_block_trigrams_option_reaches_the_search(
         assert len(grams) == len(set(grams)), words
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_precision_and_object_prior_options_reach_the_captioner(
+    model: SimpleNamespace, photos: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, precision: str,
+) -> None:  # fmt: skip
+    """Fix: caption.py and app.py accepted --precision and --object-prior and then ignored them."""
+    loaded = []
+    original = caption.Captioner.load.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded.append(original(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(caption.Captioner, "load", classmethod(spy))
+    argv = [str(photos.one), "--precision", precision, "--object-prior", "2", "--no-figures"]
+    run = run_main([*argv, *base_args(model, tmp_path)], capsys)
+    assert run.status == 0 and run.err == []
+    [captioner] = loaded
+    assert captioner.encoder.precision == precision
+    assert captioner.prior is not None and captioner.prior.strength == 2
+
+
 # ---------------------------------------------------------------------------------------------- figures
 def _image_and_grids(steps: int, grid: int = 2, repeat: bool = False) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)

@@ -1205,3 +1205,39 @@ def test_full_disk_is_one_line_and_keeps_earlier_output(small_disk, synthetic_pr
     result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
     assert one_error_line(result) == f"error: no space left on {small_disk} while writing {out / 'train.hdf5'}"
     assert snapshot(out) == before and temporaries(out) == []
+
+
+# ------------------------------------------------------------------------------------------ fast decoding
+def smooth_photo(h, w, seed=0):
+    """A photo-like H x W x 3 uint8 image: smooth colour gradients plus mild noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack([np.sin(6 * xx + c) * np.cos(4 * yy - c) for c in range(3)], axis=-1)
+    return np.clip(127 + 100 * base + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(224, 224), (300, 500), (40, 30)])
+def test_resize_equals_pil_bicubic_within_rounding(shape):
+    """The torch uint8 kernel load_image uses is PIL's bicubic filter (up and down), not a cheaper one: their
+    fixed-point roundings differ by a grey level at a few pixels (two, rarely, at an 8x enlargement)."""
+    rgb = smooth_photo(*shape)
+    expected = np.asarray(Image.fromarray(rgb).resize((256, 256), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    got = cif.resize_uint8(rgb, 256)
+    assert got.shape == (3, 256, 256) and got.dtype == np.uint8
+    diff = np.abs(got.astype(int) - expected)
+    assert diff.max() <= 2 and diff.mean() < 0.01
+
+
+def test_large_jpeg_draft_decoding_matches_a_full_decode(tmp_path):
+    """A JPEG 8x the target side is decoded at a reduced DCT scale (2x the target side), then resized: the
+    result is within a few grey levels of decoding it whole."""
+    path = tmp_path / "big.jpg"
+    Image.fromarray(smooth_photo(2048, 2048)).save(path, quality=90)
+    with Image.open(path) as im:
+        im.draft(im.mode, (512, 512))
+        assert im.size == (512, 512)  # the reduced scale is really used
+    with Image.open(path) as im:
+        full = np.asarray(im.convert("RGB").resize((256, 256), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    got = load_image(path, 256)
+    diff = np.abs(got.astype(int) - full)
+    assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 6
