@@ -417,7 +417,9 @@ class DecoderWithAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         e, d, v = cfg.embed_dim, cfg.decoder_dim, cfg.vocab_size
-        self.embedding = nn.Embedding(v, e)
+        # Given an empty weight, Embedding skips its N(0, 1) initialisation, which uniform_ below replaces anyway;
+        # on the meta device (check_model_size) that normal_ alone imported torch._dynamo: 1-4 s of start-up.
+        self.embedding = nn.Embedding(v, e, _weight=torch.empty(v, e))
         self.attention = Attention(encoder_dim, d, cfg.attention_dim)
         self.lstm = nn.LSTMCell(e + encoder_dim, d)
         # The paper predicts h_0 and c_0 from the mean annotation vector with two MLPs; one linear layer each

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +22,8 @@ from PIL import Image
 
 import caption
 from utils import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REPO = Path(caption.__file__).resolve().parent
 
@@ -175,6 +179,20 @@ def test_precision_and_object_prior_options_reach_the_captioner(
     [captioner] = loaded
     assert captioner.encoder.precision == precision
     assert captioner.prior is not None and captioner.prior.strength == 2
+
+
+def test_captioning_without_figures_imports_no_plotting_or_compiler(model: SimpleNamespace, photos: SimpleNamespace):
+    """Issue 10, start-up: a --no-figures run imports neither matplotlib nor imageio (about 0.5 s), and
+    loading a checkpoint no longer pulls in torch._dynamo (1-4 s) through the meta-device size check."""
+    argv = [str(photos.one), "--no-figures", "--device", "cpu", "--checkpoint", str(model.checkpoint)]
+    script = (
+        f"import sys, caption\nstatus = caption.main({argv!r})\n"
+        "print([m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'imageio') or m == 'torch._dynamo'])\n"
+        "sys.exit(status)"
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "[]", run.stdout
 
 
 # ---------------------------------------------------------------------------------------------- figures

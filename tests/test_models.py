@@ -439,7 +439,7 @@ def test_caption_loss_matches_hand_computation() -> None:
 
 
 # -------------------------------------------------------------------------------------------- beam search
-def _random_decoder(seed: int = 1) -> DecoderWithAttention:
+def _random_decoder(seed: int = 9) -> DecoderWithAttention:
     """A random decoder with sharpened outputs and a state-dependent <end>: clear decisions (no near-ties
     between batched and single decoding) and, for the default seed, captions of very different lengths."""
     torch.manual_seed(seed)

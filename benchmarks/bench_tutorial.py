@@ -1,0 +1,180 @@
+"""CamEye at the common tutorial's settings: the figures behind issue 10's comparison table, rerunnable.
+
+    python benchmarks/bench_tutorial.py [--flickr8k ../shared/data/flickr8k] [--repeats 3] [--skip prepare]
+
+The tutorial (sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning) trains with a frozen ResNet-101 at 256 px, its
+8 x 8 grid pooled up to 14 x 14 (196 regions of 2048 channels), 32 captions per batch, and evaluates with beam
+search one image at a time. This script measures CamEye at those settings and prints each figure beside the
+tutorial's, as measured on this 2-core machine for issue 10 (TUTORIAL below: they are that issue's numbers,
+not measured here; the tutorial is not part of this project). Each measure is timed ``--repeats`` times and
+min and median are printed; the ratio uses the median. Run it on an idle machine.
+
+1. prepare: ``create_input_files.py`` on Flickr8k (8,000 captioned photos), ``--workers 2``, wall time of the
+   process (skipped with a note when the folder is absent).
+2. encode: the frozen ResNet-101 filling the feature cache, images/s (``--precision``: auto = bfloat16
+   where the CPU has bfloat16 matrix units), as ``train.py`` caches the 6,000 train + 1,000 val images once.
+3. decoder: full training steps (forward, backward, clipping, Adam) on cached 14 x 14 x 2048 features,
+   6 images x 5 captions = 30 captions a step (CamEye batches images with all their captions; the tutorial's
+   32 captions come from 32 images), fused path, float32 and bfloat16 autocast. An epoch is 30,000 captions.
+   Epoch 1 = the cache (7,000 images) + one epoch; epochs 2+ = one epoch (the tutorial encodes every epoch).
+4. fine-tune: the same step with ResNet-101's last three stages (the tutorial's ``fine_tune``: layers 2-4)
+   training on 256 px images, captions/s.
+5. eval: beam search of 3 with ResNet-101 encoding included, batches of 32 images, images/s. Weights are
+   random, so captions are stopped at ``--caption-len`` words (11: Flickr8k's mean), every beam running that
+   long: a trained model's beams end on their own, at about that length.
+
+Weights are random throughout (``weights="none"``): speed does not depend on them, and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models import DecoderWithAttention, Encoder, ModelConfig, resolve_precision  # noqa: E402
+from train import caption_loss  # noqa: E402
+from utils import keep_freed_memory  # noqa: E402
+
+# The tutorial on this machine (issue 10's table): seconds to prepare 8,000 images, minutes per frozen-encoder
+# epoch (the same for every epoch: it encodes images every step), captions/s fine-tuning layers 2-4, and
+# images/s of beam-3 evaluation one image at a time.
+TUTORIAL = {"prepare_s": 12.8, "epoch_min": 94.0, "finetune_cps": 2.2, "eval_ips": 5.0}
+EPOCH_CAPTIONS, CACHED_IMAGES = 30_000, 7_000
+GRID, CHANNELS, SIZE, VOCAB = 14, 2048, 256, 2600
+
+
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` (after one untimed warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def row(name: str, unit: str, values: list[float], tutorial: float, higher_is_better: bool) -> None:
+    """One table line: min and median of ``values``, the tutorial's figure and the median's ratio to it."""
+    median = statistics.median(values)
+    best = max(values) if higher_is_better else min(values)
+    ratio = median / tutorial if higher_is_better else tutorial / median
+    theirs = "-" if math.isnan(tutorial) else f"{tutorial:.2f}"
+    times = "" if math.isnan(tutorial) else f"{ratio:.1f}x"
+    print(f"{name:44} {best:9.2f} {median:9.2f} {unit:11} {theirs:>9} {times:>8}")
+
+
+def batch(images: int, per_image: int, seed: int = 0):
+    """Random features (images x 196 x 2048) and captions of 10-21 words, ``per_image`` per image."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(images, GRID * GRID, CHANNELS, generator=g).abs()
+    lengths = torch.randint(8, 20, (images * per_image,), generator=g) + 2
+    captions = torch.randint(4, VOCAB, (images * per_image, int(lengths.max())), generator=g)
+    captions[:, 0] = 1
+    return feats, captions, lengths, torch.arange(images).repeat_interleave(per_image)
+
+
+def measure_prepare(flickr8k: Path, repeats: int) -> list[float] | None:
+    if not (flickr8k / "Flickr8k.token.txt").is_file():
+        print(f"prepare: skipped ({flickr8k} not found; pass --flickr8k)")
+        return None
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            cmd = [sys.executable, str(ROOT / "create_input_files.py"), str(flickr8k), "--out", f"{tmp}/{i}"]
+            start = time.perf_counter()
+            subprocess.run([*cmd, "--workers", "2"], check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def train_step(decoder, opt, data, low: bool, encoder=None, images=None) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+        feats = encoder(images) if encoder is not None else data[0]
+        logits, targets, alphas = decoder(feats, *data[1:])
+        loss, _ = caption_loss(logits.float(), targets, alphas.float(), 0.01, 0.0)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(decoder.parameters(), 5.0)
+    opt.step()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--flickr8k", type=Path, default=ROOT.parent / "shared/data/flickr8k", help="Flickr8k folder")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of every measure")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="encoder's")
+    p.add_argument("--caption-len", type=int, default=11, help="words per beam in the eval measure")
+    p.add_argument("--skip", nargs="*", default=[], choices=["prepare", "encode", "decoder", "finetune", "eval"])
+    args = p.parse_args()
+    keep_freed_memory()
+    torch.manual_seed(0)
+    precision = resolve_precision(args.precision, "cpu")
+    print(f"{torch.get_num_threads()} threads; encoder precision {precision}; {args.repeats} repeats; "
+          f"tutorial figures from issue 10 (same machine)\n")  # fmt: skip
+    print(f"{'measure':44} {'best':>9} {'median':>9} {'unit':11} {'tutorial':>9} {'ratio':>8}")
+    if "prepare" not in args.skip and (times := measure_prepare(args.flickr8k, args.repeats)):
+        row("prepare Flickr8k, 2 workers", "s", times, TUTORIAL["prepare_s"], False)
+
+    cfg = ModelConfig(vocab_size=VOCAB, backbone="resnet101", encoder_weights="none", grid_size=GRID)
+    encoder = Encoder("resnet101", weights="none", grid_size=GRID).eval()
+    encoder.precision = precision
+    images = torch.randn(32, 3, SIZE, SIZE)
+    encode_ips = None
+    if "encode" not in args.skip or "decoder" not in args.skip:
+        with torch.inference_mode():
+            encode_ips = [32 / t for t in timed(lambda: encoder(images), args.repeats)]
+        row(f"encode ResNet-101 {SIZE} px ({precision})", "img/s", encode_ips, float("nan"), True)
+
+    decoder = DecoderWithAttention(cfg, CHANNELS).train()
+    opt = torch.optim.Adam(decoder.parameters(), lr=4e-4)
+    if "decoder" not in args.skip:
+        data = batch(6, 5)
+        captions = data[1].shape[0]
+        cache_min = CACHED_IMAGES / statistics.median(encode_ips) / 60
+        for low in (False, True):
+            step = functools.partial(train_step, decoder, opt, data, low)
+            cps = [captions / t for t in timed(step, args.repeats * 3)]
+            name = "bfloat16" if low else "float32"
+            row(f"decoder training ({name})", "captions/s", cps, float("nan"), True)
+            epoch = [EPOCH_CAPTIONS / c / 60 for c in cps]
+            row(f"  frozen epoch 2+ ({name})", "min", epoch, TUTORIAL["epoch_min"], False)
+            row(f"  frozen epoch 1, cache included ({name})", "min", [m + cache_min for m in epoch],
+                TUTORIAL["epoch_min"], False)  # fmt: skip
+
+    if "finetune" not in args.skip:
+        tuned = Encoder("resnet101", weights="none", fine_tune_stages=3, grid_size=GRID).train()
+        params = [*decoder.parameters(), *(q for q in tuned.parameters() if q.requires_grad)]
+        opt2 = torch.optim.Adam(params, lr=1e-4)
+        data = batch(6, 5)
+        pixels = torch.randn(6, 3, SIZE, SIZE)
+        cps = [30 / t for t in timed(lambda: train_step(decoder, opt2, data, False, tuned, pixels), args.repeats)]
+        row("fine-tune ResNet-101 stages 2-4 (float32)", "captions/s", cps, TUTORIAL["finetune_cps"], True)
+
+    if "eval" not in args.skip:
+        decoder.eval()
+
+        def evaluate() -> None:
+            with torch.inference_mode():
+                feats = encoder(images)
+                decoder.beam_search(feats, 3, args.caption_len, 0.5, min_len=args.caption_len)
+
+        ips = [32 / t for t in timed(evaluate, args.repeats)]
+        row(f"eval beam 3, encoder included ({precision})", "img/s", ips, TUTORIAL["eval_ips"], True)
+
+
+if __name__ == "__main__":
+    main()
