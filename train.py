@@ -128,8 +128,9 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------ feature cache
-def features_path(cfg: ModelConfig, data: Path, split: str, precision: str = "float32") -> Path:
-    """Where the cached features of ``split`` for this encoder configuration (and precision) live."""
+def features_path(cfg: ModelConfig, data: Path, split: str, precision: str) -> Path:
+    """Where the cached features of ``split`` for this encoder configuration and precision ("float32" or
+    "bfloat16", as resolved by models.resolve_precision) live."""
     weights = (
         cfg.encoder_weights
         if cfg.encoder_weights in ("package", "torchvision", "none")

@@ -34,10 +34,11 @@ def main() -> None:
     p.add_argument("--split", default="val", choices=["val", "test"], help="split to decode")
     p.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 3, 5], help="beam sizes to try")
     p.add_argument("--length-penalties", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="values to try")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="the encoder's")
     args = p.parse_args()
     device = torch.device("cpu")
-    encoder, decoder, word_map, cfg = load_captioner(args.checkpoint, device)
-    cache = features_path(cfg, args.data, args.split)
+    encoder, decoder, word_map, cfg = load_captioner(args.checkpoint, device, precision=args.precision)
+    cache = features_path(cfg, args.data, args.split, encoder.precision)
     if not cache_is_current(cfg, args.data / f"{args.split}.hdf5", cache):
         cache_features(encoder, cfg, args.data / f"{args.split}.hdf5", cache, device)
     dataset = FeatureDataset(args.data / f"{args.split}.hdf5", cache, "eval")

@@ -32,7 +32,15 @@ from create_input_files import Options, create_input_files
 from datasets import CaptionDataset, FeatureDataset, collate_eval
 from eval import decode_loader
 from metrics import nltk_bleu
-from models import CHECKPOINT_FORMAT, ModelConfig, Preprocess, build_captioner, load_captioner, load_checkpoint_file
+from models import (
+    CHECKPOINT_FORMAT,
+    ModelConfig,
+    Preprocess,
+    build_captioner,
+    load_captioner,
+    load_checkpoint_file,
+    resolve_precision,
+)
 from synthetic import generate_dataset
 from utils import CamEyeError, read_json, reverse_word_map
 
@@ -123,7 +131,8 @@ def test_checkpoint_loads_with_weights_only_and_holds_everything(trained_run) ->
 
 def test_load_captioner_decodes_exactly_like_the_in_memory_model(trained_run) -> None:
     data, out, mem_encoder, mem_decoder = trained_run
-    encoder, decoder, word_map, cfg = load_captioner(out / "last.pt")
+    # the encoder precision is a run-time choice (train.py's --encoder-precision, eval.py's --precision)
+    encoder, decoder, word_map, cfg = load_captioner(out / "last.pt", precision=mem_encoder.precision)
     assert word_map == read_json(data / "word_map.json") and cfg.decoder_dim == 32
     assert not encoder.training and not decoder.training
     for name, tensor in mem_decoder.state_dict().items():
@@ -662,7 +671,8 @@ def _train_and_score(tmp_path: Path) -> None:
     rev = reverse_word_map(word_map)
     mcfg = model_config()
     mcfg.vocab_size = len(word_map)
-    val = FeatureDataset(data / "val.hdf5", train.features_path(mcfg, data, "val"), "eval")
+    cache = train.features_path(mcfg, data, "val", resolve_precision(tcfg.encoder_precision, "cpu"))
+    val = FeatureDataset(data / "val.hdf5", cache, "eval")
     loader = DataLoader(val, batch_size=50, collate_fn=collate_eval)
     torch.manual_seed(0)
     _, untrained = build_captioner(mcfg)
