@@ -112,6 +112,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False
+    fused: bool = True  # teacher forcing through the decoder's fused fast path (False: the plain step loop)
     resume: bool = False
     overwrite: bool = False  # start again in a folder that holds an earlier run (its files are removed)
     checkpoint_minutes: float = 10.0  # also write last.pt inside an epoch this often (0 = after every step)
@@ -751,6 +752,7 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     encoder, decoder = build_captioner(
         mcfg if init is None else dataclasses.replace(mcfg, encoder_weights=build_weights)
     )
+    decoder.fused_training = tcfg.fused
     if tcfg.embeddings and ckpt is None:
         vectors = decoder.embedding.weight.detach().clone()
         found = load_word_vectors(Path(tcfg.embeddings), word_map, vectors)
@@ -1171,6 +1173,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("machine")
     r.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     r.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    r.add_argument(
+        "--plain-loop",
+        dest="fused",
+        action="store_false",
+        help="teacher forcing through the plain step-by-step loop, the reference the default fused path is "
+        "tested against (same results within rounding; slower)",
+    )
     r.add_argument(
         "--encoder-precision",
         choices=["auto", "float32", "bfloat16"],

@@ -408,6 +408,17 @@ def test_sigkill_mid_epoch_then_resume_gives_exactly_the_per_step_losses(uninter
     assert strip((out / "metrics.jsonl").read_text()) == strip(uninterrupted.metrics)
 
 
+def test_plain_loop_option_gives_the_fused_paths_losses(uninterrupted, tmp_path: Path) -> None:
+    """Issue 10: --plain-loop (the reference step-by-step loop) trains the same model as the default fused path:
+    every step's loss over two epochs agrees to float32 rounding (the products are summed in other orders)."""
+    out = tmp_path / "run"
+    _finish(_start_cli(uninterrupted.data, out, "--epochs", "2", "--log-every", "1", "--plain-loop"))
+    plain = _step_losses(out)
+    assert [(s["epoch"], s["step"]) for s in plain] == [(s["epoch"], s["step"]) for s in uninterrupted.steps]
+    for a, b in zip(plain, uninterrupted.steps):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), (a, b)
+
+
 def test_sigterm_saves_at_the_current_step_and_says_how_to_resume(uninterrupted, tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = _start_cli(uninterrupted.data, out, "--epochs", "2", "--log-every", "1", "--checkpoint-minutes", "60")
