@@ -48,6 +48,9 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_beam.py
+	$(PY) benchmarks/bench_encode.py
+	$(PY) benchmarks/bench_latency.py
+	$(PY) benchmarks/bench_tutorial.py
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,6 +1,7 @@
 """Decoder training throughput on cached features, and how much of the machine's matmul speed it uses.
 
     python benchmarks/bench_train.py [--grid 10] [--vocab 2600] [--batch-images 32] [--steps 10] [--repeats 3]
+                                     [--profile "fused bfloat16"]
 
 Prints captions/s of full training steps (forward, backward, clipping, Adam) of the default decoder on
 random "cached" features shaped like EfficientNet-Lite0's (P x 1280, five captions per image), for the plain
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode and repeat (after a warm-up step)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of every mode, interleaved")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--profile", choices=list(MODES), default=None, help="also print where this mode's time goes")
     args = p.parse_args()
     keep_freed_memory()  # as train.py does
     if args.threads:
@@ -104,6 +106,14 @@ def main() -> None:
         achieved = median * flops / captions
         print(f"{name:15s} median {median:6.1f} captions/s (best {max(values):6.1f}); "
               f"{achieved / peak32:6.1%} of float32 peak, {achieved / peak16:6.1%} of bfloat16 peak")  # fmt: skip
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                step(*MODES[args.profile])
+        print(f"\nwhere the time of {args.steps} steps of {args.profile} goes (PyTorch operators, self time):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":
