@@ -151,13 +151,15 @@ def source_fingerprint(cfg: ModelConfig, split_file: Path) -> str:
     return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
-def cache_is_current(cfg: ModelConfig, split_file: Path, cache: Path) -> bool:
-    """True when ``cache`` exists and was computed from ``split_file`` as it is now."""
+def cache_is_current(cfg: ModelConfig, split_file: Path, cache: Path, precision: str) -> bool:
+    """True when ``cache`` exists and was computed from ``split_file`` as it is now, by the encoder in
+    ``precision`` (caches written before precisions were recorded are float32)."""
     if not cache.is_file():
         return False
     try:
         with h5py.File(cache, "r") as f:
-            return f.attrs.get("source") == source_fingerprint(cfg, split_file)
+            same_source = f.attrs.get("source") == source_fingerprint(cfg, split_file)
+            return same_source and f.attrs.get("precision", "float32") == precision
     except OSError:
         return False
 
@@ -194,6 +196,7 @@ def cache_features(
                 feats = f.create_dataset("features", shape, np.float16, chunks=(1, *shape[1:]))
                 f.attrs["grid"] = list(fmap.shape[2:])
                 f.attrs["source"] = source_fingerprint(cfg, split_file)
+                f.attrs["precision"] = encoder.precision
             feats[index[0] : index[0] + len(index)] = x
 
 
@@ -776,7 +779,9 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     stale = [
         s
         for s in ("train", "val")
-        if not cache_is_current(mcfg, data / f"{s}.hdf5", features_path(mcfg, data, s, tcfg.encoder_precision))
+        if not cache_is_current(
+            mcfg, data / f"{s}.hdf5", features_path(mcfg, data, s, tcfg.encoder_precision), tcfg.encoder_precision
+        )
     ]
     if rank == 0:
         with open_split(data / "val.hdf5") as f:

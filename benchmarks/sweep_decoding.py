@@ -39,7 +39,7 @@ def main() -> None:
     device = torch.device("cpu")
     encoder, decoder, word_map, cfg = load_captioner(args.checkpoint, device, precision=args.precision)
     cache = features_path(cfg, args.data, args.split, encoder.precision)
-    if not cache_is_current(cfg, args.data / f"{args.split}.hdf5", cache):
+    if not cache_is_current(cfg, args.data / f"{args.split}.hdf5", cache, encoder.precision):
         cache_features(encoder, cfg, args.data / f"{args.split}.hdf5", cache, device)
     dataset = FeatureDataset(args.data / f"{args.split}.hdf5", cache, "eval")
     loader = DataLoader(dataset, batch_size=100, collate_fn=collate_eval)

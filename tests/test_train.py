@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import h5py
+import numpy as np
 import pytest
 import torch
 from conftest import mounted_tmpfs
@@ -810,3 +811,24 @@ def test_a_mid_epoch_resume_with_another_seed_is_refused(uninterrupted, tmp_path
     result = _start_cli(uninterrupted.data, out, "--epochs", "1", "--resume", "--seed", "5")
     _, stderr = _finish(result, status=2)
     assert "resume with the same" in stderr and stderr.count("\n") == 1, stderr
+
+
+def test_feature_cache_records_its_precision_and_each_precision_has_its_own(tiny_data: Path, tmp_path: Path) -> None:
+    """Issue 10: bfloat16 and float32 caches are kept apart (file name and recorded precision): training with
+    --encoder-precision float32 after a bfloat16 cache exists builds its own, never reads the other."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for precision in ("bfloat16", "float32"):
+        mcfg, tcfg = _configs(data, tmp_path / f"run-{precision}", 1, encoder_precision=precision)
+        train.train(mcfg, tcfg)
+    mcfg.vocab_size = len(read_json(data / "word_map.json"))
+    paths = {p: train.features_path(mcfg, data, "val", p) for p in ("bfloat16", "float32")}
+    assert paths["bfloat16"] != paths["float32"]
+    for precision, path in paths.items():
+        with h5py.File(path, "r") as f:
+            assert f.attrs["precision"] == precision
+        other = "float32" if precision == "bfloat16" else "bfloat16"
+        assert train.cache_is_current(mcfg, data / "val.hdf5", path, precision)
+        assert not train.cache_is_current(mcfg, data / "val.hdf5", path, other)
+    with h5py.File(paths["bfloat16"], "r") as low, h5py.File(paths["float32"], "r") as full:
+        assert not np.array_equal(low["features"][:], full["features"][:])
