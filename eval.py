@@ -583,8 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap",
         type=non_negative_int,
         default=0,
-        help="N > 0: 95%% bootstrap intervals over images (N resamples) for METEOR, ROUGE-L, CIDEr, CHAIR and "
-        "attention correctness (corpus BLEU has none)",
+        help="N > 0: 95%% bootstrap intervals over images (N resamples) for ROUGE-L, CIDEr, CHAIR and "
+        "attention correctness (corpus BLEU and METEOR, pooled over all captions, have none)",
     )
     p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
     return p

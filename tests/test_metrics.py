@@ -188,6 +188,19 @@ def test_coco_metrics_disjoint_captions_score_zero_and_meteor_is_optional() -> N
         assert value == pytest.approx(0.0, abs=1e-6), key
 
 
+@needs_java
+def test_per_image_scores_exist_only_for_metrics_that_are_their_mean() -> None:
+    """Bootstrap intervals resample per-image scores, so those must average to the reported score: true of
+    ROUGE-L and CIDEr; METEOR pools its statistics over all segments (fix: its interval did not contain it)."""
+    results = {r.family: r for r in iter_coco_metrics(REFS, MIXED_PREDICTIONS)}
+    assert all(r.error is None for r in results.values())
+    assert results["METEOR"].per_image == {} and results["BLEU"].per_image == {}
+    for family in ("ROUGE-L", "CIDEr"):
+        scores = results[family].per_image[family]
+        assert len(scores) == len(REFS)
+        assert np.mean(scores) == pytest.approx(results[family].scores[family], abs=1e-9)
+
+
 @pytest.fixture(scope="module")
 def mixed_scores() -> dict[str, float]:
     """coco_metrics(REFS, MIXED_PREDICTIONS), computed once (METEOR's JVM takes ~10 s to load)."""
