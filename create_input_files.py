@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
+import mmap
 import multiprocessing
 import random
 import re
@@ -442,12 +442,26 @@ def _load_job(job: tuple[str, int]) -> tuple[np.ndarray | None, str]:
         return None, f"unreadable image ({type(e).__name__}: {e})"
 
 
-def _load_jobs(jobs: list[tuple[str, int]]) -> list[tuple[np.ndarray | None, str]]:
-    """Worker entry point for a few images at once (see :meth:`ImageDecoder.__call__`)."""
-    return [_load_job(job) for job in jobs]
+# A worker's view of the parent's shared image slots (set by _start_worker; None: send images back by pipe).
+_worker_slots: np.ndarray | None = None
+
+
+def _load_jobs(jobs: list[tuple[str, int, int | None]]) -> list[tuple[np.ndarray | int | None, str]]:
+    """Worker entry point for a few images at once (see :meth:`ImageDecoder.__call__`): each job's image is
+    written into its shared slot (and the slot number returned) when it has one, else returned itself."""
+    results: list[tuple[np.ndarray | int | None, str]] = []
+    for path, size, slot in jobs:
+        image, reason = _load_job((path, size))
+        if image is not None and slot is not None and _worker_slots is not None:
+            _worker_slots[slot] = image
+            results.append((slot, reason))
+        else:
+            results.append((image, reason))
+    return results
 
 
 IMAGES_PER_TASK = 8
+SLOTS_PER_WORKER = 4 * IMAGES_PER_TASK  # images a worker may decode ahead of the writer
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -577,8 +591,11 @@ def _stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _start_worker() -> None:
-    """Pool initialiser: leave Ctrl-C and SIGTERM to the parent (utils), then unblock them (see ImageDecoder)."""
+def _start_worker(slots: np.ndarray | None = None) -> None:
+    """Pool initialiser: leave Ctrl-C and SIGTERM to the parent (utils), then unblock them (see ImageDecoder);
+    keep the shared image slots, if any."""
+    global _worker_slots  # the worker process's own copy of the module: set once, at its start
+    _worker_slots = slots
     ignore_signals_in_worker()
     # One thread each: the workers already use the cores; and GNU OpenMP's pool does not survive fork.
     torch.set_num_threads(1)
@@ -592,19 +609,29 @@ class ImageDecoder:
     ``start_method`` None is multiprocessing's default for the platform ("fork" on Linux, "spawn" on Windows and
     macOS, which have no safe fork). Workers ignore Ctrl-C and die quietly on SIGTERM: the parent stops them. A
     context manager: the pool is closed on success and terminated at once on an exception (an interruption).
+
+    With fork and a known ``size``, workers write images into slots of an anonymous shared memory map made
+    before they start, and send back only the slot's number. Sending each image (196 KB at 256 px) through
+    the pool's pipe made workers wait whenever the parent held the GIL to write HDF5: preparing Flickr8k took
+    twice as long. The map has no name, so nothing is left behind when the processes die, even by SIGKILL.
     """
 
-    def __init__(self, workers: int, start_method: str | None = None) -> None:
+    def __init__(self, workers: int, start_method: str | None = None, size: int | None = None) -> None:
         self.pool = None
+        self.slots: np.ndarray | None = None
         self.workers: list[multiprocessing.process.BaseProcess] = []
         if workers > 1:
             before = set(multiprocessing.active_children())
             context = multiprocessing.get_context(start_method)
+            if size and context.get_start_method() == "fork":
+                count = SLOTS_PER_WORKER * workers
+                shared = mmap.mmap(-1, count * 3 * size * size)
+                self.slots = np.frombuffer(shared, np.uint8).reshape(count, 3, size, size)
             # Workers, and the pool's threads that start replacements, begin with Ctrl-C and SIGTERM blocked: a
             # worker forked before its initializer ran would otherwise raise the parent's Terminated, with a
             # traceback, and signals go to the main thread, which stops the pool.
             with _stop_signals_blocked():
-                self.pool = context.Pool(workers, initializer=_start_worker)
+                self.pool = context.Pool(workers, initializer=_start_worker, initargs=(self.slots,))
             self.workers = [p for p in multiprocessing.active_children() if p not in before]
 
     def __enter__(self) -> ImageDecoder:
@@ -627,23 +654,52 @@ class ImageDecoder:
                 p.kill()
 
     def __call__(self, paths: Iterable[str], size: int) -> Iterator[tuple[np.ndarray | None, str]]:
-        """``(image, "")`` or ``(None, reason)`` for each path, as :func:`_load_job`."""
-        jobs = ((path, size) for path in paths)
+        """``(image, "")`` or ``(None, reason)`` for each path, as :func:`_load_job`. An image may be a view of
+        a shared slot: it is valid until the next item is asked for (copy it to keep it)."""
         if self.pool is None:
-            yield from map(_load_job, jobs)
+            yield from map(_load_job, ((path, size) for path in paths))
             return
-        # Tasks of a few images each, batched here rather than by imap's chunksize, which would make imap return
-        # a plain generator that cannot wait with a timeout; one image per task spent more time on the pool's
-        # messaging than on the image.
-        tasks = iter(lambda: list(itertools.islice(jobs, IMAGES_PER_TASK)), [])
-        results = self.pool.imap(_load_jobs, tasks, chunksize=1)
-        while True:
-            try:
-                yield from results.next(timeout=1.0)
-            except StopIteration:
-                return
-            except multiprocessing.TimeoutError:
-                self._check_workers()
+        slots = self.slots if self.slots is not None and self.slots.shape[1:] == (3, size, size) else None
+        free = threading.Semaphore(len(slots)) if slots is not None else None
+        stop = threading.Event()
+
+        def tasks() -> Iterator[list[tuple[str, int, int | None]]]:
+            # Runs in the pool's task thread. Job i takes slot i mod len(slots) once a slot is free: images are
+            # handed over in order, so by then the slot's previous image (job i - len(slots)) has been used.
+            task: list[tuple[str, int, int | None]] = []
+            for i, path in enumerate(paths):
+                if free is not None and not free.acquire(blocking=False):
+                    if task:  # hand over what has slots rather than wait for slots while holding them
+                        yield task
+                        task = []
+                    while not free.acquire(timeout=0.2):
+                        if stop.is_set():
+                            return
+                task.append((path, size, i % len(slots) if slots is not None else None))
+                # Tasks of a few images each, batched here rather than by imap's chunksize, which would make
+                # imap return a plain generator that cannot wait with a timeout.
+                if len(task) == IMAGES_PER_TASK:
+                    yield task
+                    task = []
+            if task:
+                yield task
+
+        results = self.pool.imap(_load_jobs, tasks(), chunksize=1)
+        try:
+            while True:
+                try:
+                    done = results.next(timeout=1.0)
+                except StopIteration:
+                    return
+                except multiprocessing.TimeoutError:
+                    self._check_workers()
+                    continue
+                for image, reason in done:
+                    yield (slots[image] if isinstance(image, int) else image), reason
+                    if free is not None:
+                        free.release()
+        finally:
+            stop.set()
 
     def _check_workers(self) -> None:
         """Raise if a worker died: the pool would wait forever for the images it was decoding.
@@ -765,7 +821,7 @@ def create_input_files(sources: Sequence[Path], image_folder: Path | None, opt: 
     # Renames happen in reverse order of entering, so the word map (entered first) is renamed last, with signals
     # held until all are done.
     with (
-        ImageDecoder(opt.workers, opt.start_method) as decode,
+        ImageDecoder(opt.workers, opt.start_method, opt.image_size) as decode,
         _deferred_signals() as hold_signals,
         atomic_path(opt.out / "word_map.json") as word_map_tmp,
         atomic_path(opt.out / "train.hdf5") as train_tmp,

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import Encoder, bfloat16_is_fast  # noqa: E402
+from utils import keep_freed_memory  # noqa: E402
 
 
 def time_encoder(encoder: Encoder, images: torch.Tensor) -> float:
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = p.parse_args()
+    keep_freed_memory()  # as train.py, eval.py and caption.py do: without it large activations are fresh mmaps
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
