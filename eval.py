@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from datasets import CaptionDataset, check_split_has_images, collate_eval
 from metrics import (
+    MEAN_OF_PER_IMAGE,
     MetricError,
     attention_in_box,
     attention_in_boxes,
@@ -478,7 +479,8 @@ def coco_metrics_into(metrics: MetricsFile, references: dict, predictions: dict)
                 metrics.fail(family.family, family.error)
             else:
                 metrics.results.setdefault("coco_caption_metrics", {}).update(family.scores)
-                metrics.per_image.update({name: (values, None) for name, values in family.per_image.items()})
+                means = {name: v for name, v in family.per_image.items() if name in MEAN_OF_PER_IMAGE}
+                metrics.per_image.update({name: (values, None) for name, values in means.items()})
             metrics.save()
     except Exception as exc:  # e.g. pycocoevalcap not installed: one line, the rest is kept
         metrics.fail("COCO caption metrics", one_line(exc))

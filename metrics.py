@@ -176,15 +176,21 @@ class MetricError(RuntimeError):
 class FamilyResult:
     """What one COCO scorer gave: ``scores`` (empty on failure), per-image scores and the failure, if any.
 
-    ``per_image`` holds one score per image, in the order of the ``references`` mapping, for the scores
-    that are means over images (ROUGE-L, CIDEr); corpus BLEU and METEOR (pooled over all segments) are not
-    means, so they have none.
+    ``per_image`` holds one score per image, in the order of the ``references`` mapping, for METEOR, ROUGE-L and
+    CIDEr (corpus BLEU has none). ROUGE-L and CIDEr are the means of theirs; METEOR is not: it pools its
+    statistics over all segments (see :data:`MEAN_OF_PER_IMAGE`).
     """
 
     family: str
     scores: dict[str, float] = field(default_factory=dict)
     per_image: dict[str, list[float]] = field(default_factory=dict)
     error: str | None = None
+
+
+# Scores equal to the mean of their per-image scores, so that resampling images gives their bootstrap
+# interval. METEOR's corpus score pools matches and penalties over all segments (on a Flickr8k val run: 19.2
+# against a per-image mean of about 20.3): the per-image mean's interval did not contain it.
+MEAN_OF_PER_IMAGE = frozenset({"ROUGE-L", "CIDEr"})
 
 
 def _java_timeout(n_lines: int) -> float:
@@ -340,10 +346,7 @@ def _score_family(family: str, gts: dict, res: dict) -> FamilyResult:
             score, per_image = scorer.compute_score(gts, res)
     scores = score if len(names) > 1 else [score]
     result = FamilyResult(family, {name: float(value) for name, value in zip(names, scores, strict=True)})
-    # Fix: METEOR's corpus score comes from statistics pooled over all segments, not the mean of its per-image
-    # scores (on a Flickr8k val run: 19.2 against a per-image mean of about 20.3), so resampling per-image
-    # scores gave an interval that did not contain the reported METEOR. Only true means get per-image scores.
-    if len(names) == 1 and family != "METEOR":
+    if len(names) == 1:
         result.per_image = {names[0]: [float(v) for v in per_image]}
     return result
 

@@ -1097,13 +1097,14 @@ def test_unknown_karpathy_split_is_named_in_a_warning(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ interruptions
 def slow_source(folder, n=100):
-    """``n`` entries of one large noise JPEG (~0.1 s each to decode), so preparation takes a few seconds."""
+    """``n`` entries of one large noise PNG (~0.1 s each to decode), so preparation takes a few seconds. (A PNG:
+    a large JPEG is now decoded at a reduced scale, fast enough for preparation to end before the signal.)"""
     folder.mkdir(parents=True, exist_ok=True)
-    noise = np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(folder / "big.jpg", quality=90)
+    noise = np.random.default_rng(0).integers(0, 256, (2000, 2000, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "big.png", compress_level=1)
     entries = [
         {
-            "filename": "big.jpg",
+            "filename": "big.png",
             "imgid": i,
             "split": "val" if i % 10 == 0 else "train",
             "sentences": [sentence("a dog")],

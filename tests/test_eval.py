@@ -893,3 +893,20 @@ def test_decoding_options_reach_beam_search(model: SimpleNamespace, tmp_path: Pa
         max_images=2, block_trigrams=True,
     )  # fmt: skip
     assert seen == [True] and results["block_trigrams"] is True and results["images"] == 2
+
+
+@needs_java
+def test_intervals_cover_the_reported_scores_and_skip_meteor(tmp_path: Path) -> None:
+    """Fix: METEOR's interval was of its per-image mean, which is not the METEOR reported (it pools statistics
+    over all captions), and did not contain it. Only ROUGE-L and CIDEr get intervals, each covering its score."""
+    colours = "big small brown black white".split()
+    references = {i: [f"a {w} dog runs on the grass", f"the {w} dog is running"] for i, w in enumerate(colours)}
+    guesses = ["a big dog runs", "a cat", "a brown dog running", "the dog", "a white dog is running on grass"]
+    predictions = dict(zip(references, guesses))
+    metrics = cameye_eval.MetricsFile({}, tmp_path / "metrics.json")
+    cameye_eval.coco_metrics_into(metrics, references, predictions)
+    assert set(metrics.per_image) == {"ROUGE-L", "CIDEr"}
+    spans = cameye_eval.intervals(metrics.per_image, 500)
+    for name in ("ROUGE-L", "CIDEr"):
+        low, high = spans[name]
+        assert low <= metrics.results["coco_caption_metrics"][name] <= high, name
