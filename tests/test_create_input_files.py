@@ -1151,7 +1151,8 @@ def test_interrupted_preparation_leaves_no_temporary_and_keeps_earlier_output(tm
     out = tmp_path / "out"
     prepare([small_source(tmp_path / "small")], out, captions_per_image=1)
     before = snapshot(out)
-    source = slow_source(tmp_path / "slow")
+    # 200 images: the first HDF5 write (32 images) must come well before the end, with workers decoding ahead
+    source = slow_source(tmp_path / "slow", n=200)
     log_out, log_err = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")
     args = [sys.executable, str(SCRIPT), source, "--out", out, "--workers", 2, "--min-word-freq", 1]
     proc = subprocess.Popen(list(map(str, args)), stdout=log_out, stderr=log_err, cwd=ROOT, start_new_session=True)
