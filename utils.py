@@ -417,8 +417,8 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16"],
         default="auto",
         help="the encoder's precision: bfloat16 runs it on the bfloat16 matrix units of recent CPUs and GPUs "
-        "(1.5-2.2x faster here, captions equal within noise: README, Speed); 'auto' picks bfloat16 where the "
-        "hardware has them, float32 elsewhere (the decoder always runs in float32)",
+        "(1.4-2.8x faster encoding, captions equal within noise: README, Evaluation); 'auto' picks bfloat16 "
+        "where the hardware has them, float32 elsewhere (the decoder always runs in float32)",
     )
     p.add_argument(
         "--object-prior",
