@@ -394,6 +394,8 @@ class _DeferredWeightGrads(torch.autograd.Function):
                 continue
             x = torch.cat([x for x, _ in pairs])
             g = torch.cat([g for _, g in pairs])
+            if g.dtype == torch.float16:  # CUDA AMP: a sum over thousands of loss-scaled rows can overflow float16
+                x, g = x.float(), g.float()
             grads.append((g.t() @ x).to(dtype))
             pairs.clear()  # a second backward through the graph (retain_graph) refills it
         return (None, *grads)
