@@ -435,7 +435,7 @@ class _ImageSlots:
     """
 
     def __init__(self, owner: torch.Tensor, decode_lengths: torch.Tensor) -> None:
-        owner = owner.cpu()
+        device, owner = owner.device, owner.cpu()
         images = int(owner.max()) + 1
         longest = torch.zeros(images, dtype=decode_lengths.dtype).scatter_reduce(0, owner, decode_lengths, "amax")
         self.image_order = longest.argsort(descending=True, stable=True)
@@ -447,8 +447,7 @@ class _ImageSlots:
         first = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(new_owner)
         rank[by_image] = torch.arange(len(new_owner)) - first[new_owner[by_image]]
-        device = self.image_order.device
-        self.slot = (new_owner * self.k + rank).to(device)
+        self.slot = (new_owner * self.k + rank).to(device)  # moved once, not at every step
         # images still decoding at step t: those whose longest caption is longer than t
         self.images_at = [int((longest > t).sum()) for t in range(int(decode_lengths.max()))]
 
@@ -456,7 +455,7 @@ class _ImageSlots:
         """alpha (bt x P) of the first bt captions, regions (images x P x C, in image_order) -> z (bt x C)."""
         bt, p = alpha.shape
         m = self.images_at[t]
-        slot = self.slot[:bt].to(alpha.device)
+        slot = self.slot[:bt]
         block = alpha.new_zeros(m * self.k, p).index_put((slot,), alpha)
         z = torch.bmm(block.view(m, self.k, p).to(encoder_out.dtype), encoder_out[:m])
         return z.view(m * self.k, -1)[slot]

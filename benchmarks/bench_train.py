@@ -45,10 +45,10 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def make_batch(images: int, per_image: int, grid: int, vocab: int, seed: int = 0):
-    """Random features and captions with Flickr8k-like lengths (mean ~12 words)."""
+def make_batch(images: int, per_image: int, grid: int, vocab: int, seed: int = 0, channels: int = 1280):
+    """Random features (images x grid^2 x channels) and captions with Flickr8k-like lengths (mean ~12 words)."""
     g = torch.Generator().manual_seed(seed)
-    feats = torch.randn(images, grid * grid, 1280, generator=g).abs()
+    feats = torch.randn(images, grid * grid, channels, generator=g).abs()
     lengths = torch.randint(8, 20, (images * per_image,), generator=g) + 2
     captions = torch.randint(4, vocab, (images * per_image, int(lengths.max())), generator=g)
     captions[:, 0] = 1

@@ -42,7 +42,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from bench_train import make_batch  # noqa: E402
 
 from models import DecoderWithAttention, Encoder, ModelConfig, resolve_precision  # noqa: E402
 from train import caption_loss  # noqa: E402
@@ -77,14 +79,9 @@ def row(name: str, unit: str, values: list[float], tutorial: float, higher_is_be
     print(f"{name:44} {best:9.2f} {median:9.2f} {unit:11} {theirs:>9} {times:>8}")
 
 
-def batch(images: int, per_image: int, seed: int = 0):
-    """Random features (images x 196 x 2048) and captions of 10-21 words, ``per_image`` per image."""
-    g = torch.Generator().manual_seed(seed)
-    feats = torch.randn(images, GRID * GRID, CHANNELS, generator=g).abs()
-    lengths = torch.randint(8, 20, (images * per_image,), generator=g) + 2
-    captions = torch.randint(4, VOCAB, (images * per_image, int(lengths.max())), generator=g)
-    captions[:, 0] = 1
-    return feats, captions, lengths, torch.arange(images).repeat_interleave(per_image)
+def batch(images: int, per_image: int):
+    """Random 14 x 14 x 2048 features and captions of 10-21 words, ``per_image`` per image."""
+    return make_batch(images, per_image, GRID, VOCAB, channels=CHANNELS)
 
 
 def measure_prepare(flickr8k: Path, repeats: int) -> list[float] | None:
