@@ -283,6 +283,34 @@ class Encoder(nn.Module):
             chunk = max(1, _ENCODER_PIXELS // (x.shape[2] * x.shape[3]))
             return torch.cat([self.pool(self._features(part)) for part in x.split(chunk)]).float()
 
+    def fold_batch_norm(self) -> Encoder:
+        """Fold every batch norm into the convolution before it, in place, for inference only; returns self.
+
+        In eval mode a batch norm is a per-channel affine map, so conv followed by BN equals one convolution
+        with scaled weights and a bias (torch.nn.utils.fusion.fuse_conv_bn_eval), and the network reads each
+        activation once less. Measured on this project's 2-core CPU (bfloat16): ResNet-101 +11% images/s.
+        A pair is a Conv2d registered directly before a BatchNorm2d of its width in the same parent, which
+        is the order both backbones apply them in (a test checks the folded features against the unfolded
+        ones for every backbone). The state dict changes (no BN entries), and the encoder can no longer be
+        trained: fold a copy (``copy.deepcopy``) where the original is still needed.
+        """
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        for parent in list(self.net.modules()):
+            children = list(parent.named_children())
+            for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+                if (
+                    type(bn) is nn.BatchNorm2d
+                    and isinstance(conv, nn.Conv2d)
+                    and conv.out_channels == bn.num_features
+                    and bn.track_running_stats
+                ):
+                    setattr(parent, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+                    setattr(parent, bn_name, nn.Identity())
+        self.net.to(memory_format=torch.channels_last).requires_grad_(False)
+        self.trainable_stages = []  # they hold the unfolded modules; nothing is trainable now
+        return self.eval()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images -> annotation vectors N x (h*w) x C."""
         return self.feature_map(images).flatten(2).transpose(1, 2)
@@ -1030,7 +1058,8 @@ def load_captioner(
     download): a checkpoint's own ``encoder_weights`` field is never followed to a file or a download, since
     an untrusted checkpoint could name any path. Raises :class:`CamEyeError` when the weights are needed
     but not given. ``precision`` ("float32", "bfloat16" or "auto": see :func:`resolve_precision`) is the
-    encoder's inference precision; the decoder always runs in float32.
+    encoder's inference precision; the decoder always runs in float32. The encoder's batch norms are folded
+    into its convolutions (:meth:`Encoder.fold_batch_norm`): it is for inference, not for training.
     """
     ckpt = load_checkpoint_file(path)
     cfg = ModelConfig.from_dict(ckpt["config"])
@@ -1057,7 +1086,7 @@ def load_captioner(
     if partial and set(missing) & set(encoder.trainable_state_dict()):
         raise CamEyeError(f"{path}: the fine-tuned encoder weights are incomplete")
     encoder.precision = resolve_precision(precision, device)
-    return encoder.to(device).eval(), decoder.to(device).eval(), ckpt["word_map"], cfg
+    return encoder.fold_batch_norm().to(device), decoder.to(device).eval(), ckpt["word_map"], cfg
 
 
 def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def main() -> None:
     settings = [(b, s, prec) for b in args.backbones for s in args.sizes for prec in ("float32", "bfloat16")]
     encoders = {}
     for b in args.backbones:
-        encoders[b] = Encoder(b, weights="none").to(device).eval()
+        encoders[b] = Encoder(b, weights="none").fold_batch_norm().to(device)  # as eval.py and the cache
     images = {s: torch.randn(args.batch, 3, s, s, device=device) for s in args.sizes}
     times: dict[tuple, list[float]] = {k: [] for k in settings}
     for b, s, prec in settings:  # warm-up: first-call allocations and oneDNN kernel selection

@@ -127,7 +127,7 @@ def main() -> None:
         row("prepare Flickr8k, 2 workers", "s", times, TUTORIAL["prepare_s"], False)
 
     cfg = ModelConfig(vocab_size=VOCAB, backbone="resnet101", encoder_weights="none", grid_size=GRID)
-    encoder = Encoder("resnet101", weights="none", grid_size=GRID).eval()
+    encoder = Encoder("resnet101", weights="none", grid_size=GRID).fold_batch_norm()  # as the cache and eval.py
     encoder.precision = precision
     images = torch.randn(32, 3, SIZE, SIZE)
     encode_ips = None

@@ -819,3 +819,34 @@ def test_fused_teacher_forcing_survives_a_second_backward() -> None:
         loss.backward()
         grads.append(dec.attention.encoder_att.weight.grad.clone())
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_lite2", "resnet50"])
+def test_folded_batch_norm_gives_the_same_features(backbone: str) -> None:
+    """Issue 10: an encoder with its batch norms folded into its convolutions computes the same features
+    (float32 rounding) on real photos, with no batch norm left. EfficientNet-Lite with its ImageNet weights;
+    ResNet with random weights and random batch-norm statistics (its ImageNet weights need a download)."""
+    import copy
+
+    import skimage.data as skimage_data
+
+    weights = "package" if backbone.startswith("efficientnet") else "none"
+    encoder = Encoder(backbone, weights).eval()
+    torch.manual_seed(0)
+    for bn in encoder.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d) and weights == "none":
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.normal_(0, 0.1)
+    photos = [skimage_data.coffee(), skimage_data.chelsea()]
+    x = torch.stack([Preprocess(backbone, 224)(_central_square(p)) for p in photos])
+    folded = copy.deepcopy(encoder).fold_batch_norm()
+    with torch.no_grad():
+        reference, result = encoder.feature_map(x), folded.feature_map(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules()), "the original must be unchanged"
+    relative = float((result - reference).norm() / reference.norm())
+    print(f"{backbone}: folded vs unfolded features, relative L2 {relative:.2e}")
+    assert relative < 1e-4, relative
+    assert not any(p.requires_grad for p in folded.parameters()) and not folded.trainable_stages

@@ -760,6 +760,40 @@ def test_scst_after_cross_entropy_raises_validation_cider(tmp_path: Path) -> Non
     assert ckpt["train_config"]["scst"] and ckpt["select_on"] == "cider"
 
 
+class _FixedSampler(torch.nn.Module):
+    """A hand-worked "decoder" whose sample() draws the same word ids every time (log p = 0, so the loss is 0)."""
+
+    def __init__(self, rows: list[list[int]]) -> None:
+        super().__init__()
+        self.rows = torch.tensor(rows)
+
+    def sample(self, feats, k, max_len):
+        log_probs = torch.zeros(self.rows.shape, requires_grad=True)
+        return self.rows, log_probs, (self.rows != models.PAD_ID).float()
+
+
+def test_scst_hallucination_penalty_charges_objects_the_references_never_name() -> None:
+    """Two drawn captions of one image whose references name a dog: "a dog runs" costs nothing, "a cat chases
+    a dog" pays lambda once (the cat; the dog is in the references), and a caption naming two invented objects
+    ("a cat on a bench") pays twice."""
+    words = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs", "cat", "chases", "on", "bench"]
+    ids = {w: i for i, w in enumerate(words)}
+    rows = [[ids[w] for w in c.split()] for c in ("a dog runs <end> <pad>", "a cat chases a dog", "a cat on a bench")]
+    references = [[["a", "dog", "runs"], ["the", "dog", "is", "running"]]]
+    truths = [train.image_truth((), (" ".join(r) for r in references[0]))]
+    assert truths == [{"dog"}]
+    scorer = train.CiderD([[[*r, "<end>"] for r in references[0]]])
+    rewards = {}
+    for penalty in (0.0, 0.25):
+        tcfg = train.TrainConfig(data="", scst_samples=3, scst_hallucination_penalty=penalty)
+        objective = train.scst_objective(_FixedSampler(rows), tcfg, "cpu", scorer, words, truths)
+        _, sums, _ = objective((torch.zeros(1, 4, 8), references, [0]))
+        rewards[penalty] = sums
+    assert rewards[0.25]["hallucinated"] == 3
+    assert rewards[0.25]["reward"] == pytest.approx(rewards[0.0]["reward"] - 0.25 * 3)
+    assert rewards[0.0]["hallucinated"] == 0  # not counted when not penalised
+
+
 def test_scst_refuses_what_it_cannot_do(tiny_data: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         train.main(["--data", str(tiny_data), "--scst", "--scst-samples", "1"])
