@@ -19,7 +19,9 @@ choice is stated where it is made.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -489,27 +491,70 @@ class _ImageSlots:
         return z.view(m * self.k, -1)[slot]
 
 
+def _energies_one_pass(
+    dh2: torch.Tensor, projected: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of :class:`_AttentionEnergies` written as one element-wise chain ending in a reduction, the form
+    torch.compile fuses into a single pass over the bt x P x A block (eager PyTorch would make four). Sums in
+    float32. Returns (s @ w, s)."""
+    s = torch.sigmoid(dh2.unsqueeze(1) + projected)
+    return (s.float() * w.float()).sum(-1).to(s.dtype), s
+
+
+def _energies_one_pass_backward(
+    grad: torch.Tensor, s: torch.Tensor, w: torch.Tensor, buffer: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of :func:`_energies_one_pass`, likewise fusable: adds d/d(projected) into ``buffer`` in place
+    and returns the gradients of dh2 and w (summed in float32)."""
+    g, sf = grad.float().unsqueeze(2), s.float()
+    grad_x = g * w.float() * sf * (1 - sf)  # sigmoid'(x) = s (1 - s)
+    buffer.add_(grad_x)
+    return grad_x.sum(dim=1).to(s.dtype), (g * sf).sum(dim=(0, 1)).to(w.dtype)
+
+
+@functools.cache
+def compiled_attention_kernels() -> tuple[Callable, Callable]:
+    """torch.compile'd :func:`_energies_one_pass` and its backward (dynamic shapes: the number of running
+    captions shrinks every step). Compiling needs a C++ compiler on the CPU (Triton on CUDA) and takes
+    tens of seconds on first use; inductor caches the result on disk for later runs."""
+    return (
+        torch.compile(_energies_one_pass, dynamic=True),
+        torch.compile(_energies_one_pass_backward, dynamic=True),
+    )
+
+
 class _AttentionEnergies(torch.autograd.Function):
     """s @ w with s = sigmoid(dh2 + projected[:bt]) (bt x P x A), for training; the half-energies of
     :meth:`Attention._energies` (e = 2 s @ w + offset). Backward adds the gradient for ``projected[:bt]`` into
-    ``buffer`` in place (see :class:`_GradientBuffer`) and uses PyTorch's fused sigmoid backward."""
+    ``buffer`` in place (see :class:`_GradientBuffer`) and uses PyTorch's fused sigmoid backward.
+    With ``kernels`` (:func:`compiled_attention_kernels`) both directions run as compiled one-pass kernels:
+    this chain is memory-bound, and eager PyTorch reads and writes the bt x P x A block about 14 times a step.
+    """
 
     @staticmethod
-    def forward(ctx, dh2, w, anchor, projected, bt: int, buffer) -> torch.Tensor:
-        s = torch.sigmoid(dh2.to(projected.dtype).unsqueeze(1) + projected[:bt])
+    def forward(ctx, dh2, w, anchor, projected, bt: int, buffer, kernels=None) -> torch.Tensor:
+        dh2 = dh2.to(projected.dtype)
+        if kernels is not None:
+            e, s = kernels[0](dh2, projected[:bt], w.to(projected.dtype))
+        else:
+            s = torch.sigmoid(dh2.unsqueeze(1) + projected[:bt])
+            e = s @ w.to(s.dtype)
         ctx.save_for_backward(s, w)
-        ctx.bt, ctx.buffer = bt, buffer
-        return s @ w.to(s.dtype)
+        ctx.bt, ctx.buffer, ctx.kernels = bt, buffer, kernels
+        return e
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         s, w = ctx.saved_tensors
         grad = grad.to(s.dtype)
+        if ctx.kernels is not None:
+            grad_dh2, grad_w = ctx.kernels[1](grad, s, w.to(s.dtype), ctx.buffer[: ctx.bt])
+            return grad_dh2, grad_w.to(w.dtype), None, None, None, None, None
         grad_w = (grad.reshape(1, -1) @ s.reshape(-1, s.size(-1))).squeeze(0).to(w.dtype)
         grad_x = torch.ops.aten.sigmoid_backward(grad.unsqueeze(2) * w.to(s.dtype), s)
         ctx.buffer[: ctx.bt] += grad_x
-        return grad_x.sum(dim=1), grad_w, None, None, None, None
+        return grad_x.sum(dim=1), grad_w, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------ decoder
@@ -561,6 +606,7 @@ class DecoderWithAttention(nn.Module):
         self.embedding.weight.data.uniform_(-0.1, 0.1)
         self.fc.bias.data.zero_()
         self.fused_training = True  # teacher forcing through _teacher_forcing_fused (False: the plain loop)
+        self.compile_attention = False  # ... with its attention energies in compiled kernels (train.py --compile)
 
     def load_pretrained_embeddings(self, embeddings: torch.Tensor, fine_tune: bool = True) -> None:
         """Use given word vectors (V x embed_dim), e.g. GloVe rows ordered by the word map."""
@@ -568,6 +614,23 @@ class DecoderWithAttention(nn.Module):
             raise CamEyeError(f"embeddings must be {tuple(self.embedding.weight.shape)}, got {tuple(embeddings.shape)}")
         self.embedding.weight.data.copy_(embeddings)
         self.embedding.weight.requires_grad_(fine_tune)
+
+    def use_compiled_attention(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Make the fused training path run its attention energies in :func:`compiled_attention_kernels`, and
+        compile them now on small blocks of ``dtype`` (the autocast dtype under AMP, else float32).
+
+        Raises whatever torch.compile raises when it cannot compile (no C++ compiler, no Triton); the decoder
+        is then left as it was.
+        """
+        a = self.cfg.attention_dim
+        for bt in (3, 2):  # a second size, so that the dynamic-shape kernels are the ones compiled
+            dh2 = torch.zeros(bt, a, device=device, dtype=dtype, requires_grad=True)
+            w = torch.zeros(a, device=device, requires_grad=True)
+            regions = torch.zeros(bt, 2, a, device=device, dtype=dtype)
+            buffer = torch.zeros(bt, 2, a, device=device)
+            e = _AttentionEnergies.apply(dh2, w, w.sum(), regions, bt, buffer, compiled_attention_kernels())
+            e.float().sum().backward()
+        self.compile_attention = True
 
     def init_state(self, encoder_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = encoder_out.mean(dim=1)
@@ -693,12 +756,13 @@ class DecoderWithAttention(nn.Module):
         # or writing alphas[:bt, t] made autograd allocate and add a full-size gradient at every step.
         step_gates = emb_gates.split(batch_sizes)
         slots = _ImageSlots(owner, decode_lengths)
+        kernels = compiled_attention_kernels() if self.compile_attention else None
         encoder_out = encoder_out[slots.image_order]
         hs, zs, step_alphas = [], [], []
         for t, bt in enumerate(batch_sizes):
             h, c = h[:bt], c[:bt]
             hw = _StepProduct.apply(h, w_h, weights, store, 0) + b_h
-            energy = 2 * _AttentionEnergies.apply(hw[:, cdim:], w, anchor, regions, bt, buffer) + offset
+            energy = 2 * _AttentionEnergies.apply(hw[:, cdim:], w, anchor, regions, bt, buffer, kernels) + offset
             alpha = torch.softmax(energy, dim=1)
             z = torch.sigmoid(hw[:, :cdim]) * slots.context(alpha, encoder_out, t)
             gates = step_gates[t] + _StepProduct.apply(torch.cat([z, h], dim=1), w_rec, weights, store, 1)

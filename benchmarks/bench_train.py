@@ -6,10 +6,11 @@
 Prints captions/s of full training steps (forward, backward, clipping, Adam) of the default decoder on
 random "cached" features shaped like EfficientNet-Lite0's (P x 1280, five captions per image), for the plain
 step-by-step loop and the fused path (models.DecoderWithAttention._teacher_forcing_fused), each in float32
-and under bfloat16 autocast (what ``train.py --amp`` does on a CPU). Modes are timed back to back in each
-repeat and the median and best of the repeats are printed. Also the FLOPs of one step (counted by
-torch.utils.flop_counter) and the machine's dense matmul FLOP/s in float32 and bfloat16 measured here, so the
-ratios say how close the training loop gets to the hardware.
+and under bfloat16 autocast (what ``train.py --amp`` does on a CPU), and the fused path with its attention
+energies in torch.compile'd kernels (``train.py --compile``; compile time is printed apart, not timed).
+Modes are timed back to back in each repeat and the median and best of the repeats are printed. Also the
+FLOPs of one step (counted by torch.utils.flop_counter) and the machine's dense matmul FLOP/s in float32 and
+bfloat16 measured here, so the ratios say how close the training loop gets to the hardware.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from models import DecoderWithAttention, ModelConfig  # noqa: E402
 from train import caption_loss  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
-MODES = {"plain float32": (False, False), "fused float32": (True, False), "plain bfloat16": (False, True),
-         "fused bfloat16": (True, True)}  # fmt: skip
+# name: (fused path, bfloat16 autocast, compiled attention kernels)
+MODES = {"plain float32": (False, False, False), "fused float32": (True, False, False),
+         "plain bfloat16": (False, True, False), "fused bfloat16": (True, True, False),
+         "fused float32 compiled": (True, False, True), "fused bfloat16 compiled": (True, True, True)}  # fmt: skip
 
 
 def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -65,7 +68,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="repeats of every mode, interleaved")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--profile", choices=list(MODES), default=None, help="also print where this mode's time goes")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled modes (no C++ compiler here)")
     args = p.parse_args()
+    modes = {k: v for k, v in MODES.items() if not (args.no_compile and v[2])}
     keep_freed_memory()  # as train.py does
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,7 +80,8 @@ def main() -> None:
     batch = make_batch(args.batch_images, 5, args.grid, args.vocab)
     captions = batch[1].shape[0]
 
-    def step(fused: bool, low: bool) -> None:
+    def step(fused: bool, low: bool, compiled: bool) -> None:
+        decoder.compile_attention = compiled
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
             logits, targets, alphas = decoder(*batch, fused=fused)
             loss, _ = caption_loss(logits.float(), targets, alphas.float(), 0.01, 0.1)
@@ -84,14 +90,19 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 5.0)
         opt.step()
 
-    for mode in MODES.values():
+    if not args.no_compile:
+        start = time.perf_counter()
+        for dtype in (torch.float32, torch.bfloat16):
+            decoder.use_compiled_attention("cpu", dtype)
+        compile_seconds = time.perf_counter() - start
+    for mode in modes.values():
         step(*mode)
     with FlopCounterMode(display=False) as counter:
-        step(False, False)
+        step(False, False, False)
     flops = counter.get_total_flops()
-    speeds: dict[str, list[float]] = {name: [] for name in MODES}
+    speeds: dict[str, list[float]] = {name: [] for name in modes}
     for _ in range(args.repeats):
-        for name, mode in MODES.items():
+        for name, mode in modes.items():
             t = time.perf_counter()
             for _ in range(args.steps):
                 step(*mode)
@@ -101,10 +112,12 @@ def main() -> None:
           f"{args.batch_images} images x 5 captions per step, {args.repeats} repeats x {args.steps} steps")  # fmt: skip
     print(f"step FLOPs (fwd+bwd, counted): {flops / 1e9:.2f} GFLOP ({flops / captions / 1e6:.0f} MFLOP per caption)")
     print(f"dense matmul on this machine: {peak32 / 1e9:.0f} GFLOP/s float32, {peak16 / 1e9:.0f} GFLOP/s bfloat16")
+    if not args.no_compile:
+        print(f"compiling the attention kernels took {compile_seconds:.0f} s (once; not in the figures below)")
     for name, values in speeds.items():
         median = statistics.median(values)
         achieved = median * flops / captions
-        print(f"{name:15s} median {median:6.1f} captions/s (best {max(values):6.1f}); "
+        print(f"{name:23s} median {median:6.1f} captions/s (best {max(values):6.1f}); "
               f"{achieved / peak32:6.1%} of float32 peak, {achieved / peak16:6.1%} of bfloat16 peak")  # fmt: skip
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -15,7 +15,8 @@ min and median are printed; the ratio uses the median. Run it on an idle machine
    where the CPU has bfloat16 matrix units), as ``train.py`` caches the 6,000 train + 1,000 val images once.
 3. decoder: full training steps (forward, backward, clipping, Adam) on cached 14 x 14 x 2048 features,
    6 images x 5 captions = 30 captions a step (CamEye batches images with all their captions; the tutorial's
-   32 captions come from 32 images), fused path, float32 and bfloat16 autocast. An epoch is 30,000 captions.
+   32 captions come from 32 images), fused path, float32 and bfloat16 autocast, and bfloat16 with
+   ``--compile``'s attention kernels (compile time printed apart). An epoch is 30,000 captions.
    Epoch 1 = the cache (7,000 images) + one epoch; epochs 2+ = one epoch (the tutorial encodes every epoch).
 4. fine-tune: the same step with ResNet-101's last three stages (the tutorial's ``fine_tune``: layers 2-4)
    training on 256 px images, captions/s.
@@ -115,6 +116,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of every measure")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="encoder's")
     p.add_argument("--caption-len", type=int, default=11, help="words per beam in the eval measure")
+    p.add_argument("--no-compile", action="store_true", help="skip the --compile decoder row (no C++ compiler)")
     p.add_argument("--skip", nargs="*", default=[], choices=["prepare", "encode", "decoder", "finetune", "eval"])
     args = p.parse_args()
     keep_freed_memory()
@@ -142,15 +144,23 @@ def main() -> None:
         data = batch(6, 5)
         captions = data[1].shape[0]
         cache_min = CACHED_IMAGES / statistics.median(encode_ips) / 60
-        for low in (False, True):
+        modes = [(False, False), (True, False)] + ([] if args.no_compile else [(True, True)])
+        for low, compiled in modes:
+            if compiled:
+                start = time.perf_counter()
+                decoder.use_compiled_attention("cpu", torch.bfloat16)
+                print(f"  (compiling the attention kernels: {time.perf_counter() - start:.0f} s, not timed)")
+            decoder.compile_attention = compiled
             step = functools.partial(train_step, decoder, opt, data, low)
+            step()  # warm-up
             cps = [captions / t for t in timed(step, args.repeats * 3)]
-            name = "bfloat16" if low else "float32"
+            name = ("bfloat16" if low else "float32") + (" compiled" if compiled else "")
             row(f"decoder training ({name})", "captions/s", cps, float("nan"), True)
             epoch = [EPOCH_CAPTIONS / c / 60 for c in cps]
             row(f"  frozen epoch 2+ ({name})", "min", epoch, TUTORIAL["epoch_min"], False)
             row(f"  frozen epoch 1, cache included ({name})", "min", [m + cache_min for m in epoch],
                 TUTORIAL["epoch_min"], False)  # fmt: skip
+        decoder.compile_attention = False  # fine-tuning below is measured as train.py runs it by default
 
     if "finetune" not in args.skip:
         tuned = Encoder("resnet101", weights="none", fine_tune_stages=3, grid_size=GRID).train()

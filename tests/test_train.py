@@ -760,6 +760,22 @@ def test_scst_after_cross_entropy_raises_validation_cider(tmp_path: Path) -> Non
     assert ckpt["train_config"]["scst"] and ckpt["select_on"] == "cider"
 
 
+def test_compile_without_a_working_compiler_is_a_one_line_error(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--compile asks torch.compile for the attention kernels before training; where it cannot compile (no C++
+    compiler here, simulated) the run stops at once with one line, before any checkpoint is written."""
+
+    def no_compiler():
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(traceback lines)")
+
+    monkeypatch.setattr(models, "compiled_attention_kernels", no_compiler)
+    with pytest.raises(CamEyeError) as info:
+        train.train(*_configs(tiny_data, tmp_path / "run", 1, compile=True))
+    assert "--compile failed" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 class _FixedSampler(torch.nn.Module):
     """A hand-worked "decoder" whose sample() draws the same word ids every time (log p = 0, so the loss is 0)."""
 
