@@ -131,9 +131,9 @@ def answer_photo(captioner: Captioner, path: Path, name: str, beam_size: Any, le
 
 def caption_answer(captioner: Captioner, source: str, name: str, image: np.ndarray, photo: np.ndarray,
                    beam_size: int, length_penalty: float, max_len: int = MAX_LEN,
-                   block_trigrams: bool = False) -> Answer:  # fmt: skip
+                   block_trigrams: bool = False, block_bigrams: bool = False) -> Answer:  # fmt: skip
     """Caption a decoded photo: its words, per-word attention grids and all ``beam_size`` best beams."""
-    [decoded] = captioner.decode([image], beam_size, max_len, length_penalty, beam_size, block_trigrams)
+    [decoded] = captioner.decode([image], beam_size, max_len, length_penalty, beam_size, block_trigrams, block_bigrams)
     beams = [
         [" ".join(captioner.words(d)), round(d.score, 3), round(d.normalised_score, 3)]
         for d in decoded.alternatives or [decoded]
@@ -217,11 +217,13 @@ def page_theme():
 
 
 def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float = 0.5, queue_size: int = 16,
-               keep_outputs: int = 300, max_len: int = MAX_LEN, block_trigrams: bool = False):  # fmt: skip
+               keep_outputs: int = 300, max_len: int = MAX_LEN, block_trigrams: bool = False,
+               block_bigrams: bool = False):  # fmt: skip
     """The Gradio Blocks of the page (not launched). ``beam_size`` and ``length_penalty`` are the sliders' first
-    values; ``max_len`` and ``block_trigrams`` hold for every request. ``queue_size`` requests may wait while one
-    decodes; outputs (overlays, figures) are deleted ``keep_outputs`` seconds after they were made."""
-    search = {"max_len": max_len, "block_trigrams": block_trigrams}
+    values; ``max_len``, ``block_trigrams`` and ``block_bigrams`` hold for every request. ``queue_size`` requests
+    may wait while one decodes; outputs (overlays, figures) are deleted ``keep_outputs`` seconds after they were
+    made."""
+    search = {"max_len": max_len, "block_trigrams": block_trigrams, "block_bigrams": block_bigrams}
     import gradio as gr
 
     def forget_upload(path: Path) -> None:
@@ -404,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
         try:
             page = build_page(captioner, args.beam_size, args.length_penalty, args.queue_size, args.keep_outputs,
-                              args.max_len, args.block_trigrams)  # fmt: skip
+                              args.max_len, args.block_trigrams, args.block_bigrams)  # fmt: skip
             launch_page(page, captioner, args.host, args.port)
             try:
                 while True:  # serve until Ctrl-C or SIGTERM (cli_errors turns them into exit status 130 / 143)

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from create_input_files import load_image
-from models import Decoded, DecoderWithAttention, Encoder, ModelConfig, Preprocess, load_captioner
+from models import Decoded, DecoderWithAttention, Encoder, ModelConfig, Preprocess, content_word_mask, load_captioner
 from utils import (
     CamEyeError,
     add_decoding_arguments,
@@ -208,10 +208,12 @@ class Captioner:
     vocabulary: list[str] = field(init=False)  # word id -> word
     preprocess: Preprocess = field(init=False)
     prior: ObjectPrior | None = None  # word bonuses from the encoder's ImageNet classifier (see object_prior.py)
+    content_words: torch.Tensor = field(init=False)  # V bools: words that may not end a repeated bigram
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.vocabulary = reverse_word_map(self.word_map)
+        self.content_words = content_word_mask(self.word_map)
         self.preprocess = Preprocess(self.config.backbone, self.config.input_size)
 
     @classmethod
@@ -240,9 +242,11 @@ class Captioner:
         return read_image(path, self.config.image_size)
 
     def decode(self, images: Sequence[np.ndarray], beam_size: int = 3, max_len: int = 50, length_penalty: float = 0.5,
-               n_best: int = 1, block_trigrams: bool = False) -> list[Decoded]:  # fmt: skip
+               n_best: int = 1, block_trigrams: bool = False,
+               block_bigrams: bool = False) -> list[Decoded]:  # fmt: skip
         """Beam-search captions for images from :meth:`read` (each 3 x S x S uint8), in input order; each
-        result's ``alternatives`` holds its ``n_best`` best beams (see ``DecoderWithAttention.beam_search``)."""
+        result's ``alternatives`` holds its ``n_best`` best beams (see ``DecoderWithAttention.beam_search``;
+        ``block_bigrams`` blocks repeated bigrams that end in a content word)."""
         if not images:
             return []
         with self._lock, torch.no_grad():
@@ -251,7 +255,7 @@ class Captioner:
             bonus = self.prior.bonus(features) if self.prior is not None else None
             return self.decoder.beam_search(
                 features, beam_size, max_len, length_penalty, n_best=n_best, block_trigrams=block_trigrams,
-                word_bonus=bonus,
+                word_bonus=bonus, repeat_words=self.content_words if block_bigrams else None,
             )  # fmt: skip
 
     def words(self, decoded: Decoded) -> list[str]:
@@ -262,7 +266,7 @@ class Captioner:
 def caption_images(
     paths: Sequence[Path], model: Captioner | Path, beam_size: int = 3, batch_size: int = 16, max_len: int = 50,
     length_penalty: float = 0.5, device: str = "auto", word_map_path: Path | None = None,
-    block_trigrams: bool = False,
+    block_trigrams: bool = False, block_bigrams: bool = False,
 ) -> Iterator[tuple[Path, list[str] | CamEyeError, Decoded | None, np.ndarray | None]]:  # fmt: skip
     """Yield ``(path, words, decoded, image)`` per usable image, or ``(path, CamEyeError, None, None)``.
 
@@ -277,7 +281,9 @@ def caption_images(
                 batch.append(path)
             except CamEyeError as err:
                 yield path, err, None, None
-        decoded = captioner.decode(images, beam_size, max_len, length_penalty, block_trigrams=block_trigrams)
+        decoded = captioner.decode(
+            images, beam_size, max_len, length_penalty, block_trigrams=block_trigrams, block_bigrams=block_bigrams
+        )
         for path, image, d in zip(batch, images, decoded):
             yield path, captioner.words(d), d, image
 
@@ -318,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    args.precision, args.object_prior)  # fmt: skip
         used: set[str] = set()
         results = caption_images(paths, captioner, args.beam_size, args.batch_size, args.max_len, args.length_penalty,
-                                 block_trigrams=args.block_trigrams)  # fmt: skip
+                                 block_trigrams=args.block_trigrams, block_bigrams=args.block_bigrams)  # fmt: skip
         for path, words, decoded, image in results:
             if isinstance(words, CamEyeError):
                 print(f"error: {words}", file=sys.stderr)

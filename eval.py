@@ -53,7 +53,7 @@ from metrics import (
     nltk_bleu,
 )
 from metrics_data import COCO_SYNONYMS
-from models import Decoded, Preprocess, load_captioner
+from models import Decoded, Preprocess, content_word_mask, load_captioner
 from object_prior import ObjectPrior
 from utils import (
     CamEyeError,
@@ -85,10 +85,12 @@ def decode_loader(
     progress: bool = False,
     block_trigrams: bool = False,
     prior: ObjectPrior | None = None,
+    repeat_words: torch.Tensor | None = None,
 ) -> tuple[list[Decoded], list, list[int]]:
     """Caption every item of an eval-mode loader (images, or cached features when ``encoder`` is None).
 
-    ``prior`` adds its per-image bonuses on object words to beam search (see object_prior.py).
+    ``prior`` adds its per-image bonuses on object words to beam search (see object_prior.py);
+    ``repeat_words`` (see models.content_word_mask) blocks repeated bigrams ending in those words.
 
     Returns the decoded captions, each image's references and the dataset indices, in loader order.
     """
@@ -101,8 +103,9 @@ def decode_loader(
         feats = encoder(images) if encoder is not None else images
         bonus = prior.bonus(feats) if prior is not None else None
         predictions += decoder.beam_search(
-            feats, beam_size, max_len, length_penalty, block_trigrams=block_trigrams, word_bonus=bonus
-        )
+            feats, beam_size, max_len, length_penalty, block_trigrams=block_trigrams, word_bonus=bonus,
+            repeat_words=repeat_words,
+        )  # fmt: skip
         references += refs
         indices += index
     return predictions, references, indices
@@ -383,6 +386,7 @@ def evaluate(
     encoder_weights: str | None = None,
     precision: str = "float32",
     object_prior: float = 0.0,
+    block_bigrams: bool = False,
 ) -> dict:
     """Decode ``split`` with the checkpoint's model, score it and write predictions and metrics to ``out``.
 
@@ -391,8 +395,8 @@ def evaluate(
     as soon as decoding ends; ``metrics_<split>.json`` is rewritten after each further family of metrics, and
     a family that fails (Java) is reported in one line under ``"failed_metrics"`` while the others still run.
     ``bootstrap`` > 0 adds 95% percentile intervals over images (``"intervals"``). Only the images from row
-    ``skip_images`` on are evaluated, at most ``max_images`` of them (0: all). ``block_trigrams`` and
-    ``encoder_weights`` go to beam search and ``load_captioner``. Returns the results.
+    ``skip_images`` on are evaluated, at most ``max_images`` of them (0: all). ``block_trigrams``,
+    ``block_bigrams`` and ``encoder_weights`` go to beam search and ``load_captioner``. Returns the results.
     """
     dataset = open_eval_split(data, split)
     if skip_images >= len(dataset):
@@ -420,8 +424,9 @@ def evaluate(
     )
     prior = ObjectPrior(cfg.backbone, word_map, object_prior) if object_prior else None
     preds, refs, indices = decode_loader(
-        encoder, decoder, loader, dev, beam_size, max_len, length_penalty, True, block_trigrams, prior
-    )
+        encoder, decoder, loader, dev, beam_size, max_len, length_penalty, True, block_trigrams, prior,
+        content_word_mask(word_map) if block_bigrams else None,
+    )  # fmt: skip
     rev = reverse_word_map(word_map)
     hyps = [[rev[i] for i in p.tokens] for p in preds]
     all_ids = coco_ids(dataset.image_ids)
@@ -443,6 +448,7 @@ def evaluate(
         "beam_size": beam_size,
         "length_penalty": length_penalty,
         "block_trigrams": block_trigrams,
+        "block_bigrams": block_bigrams,
         "encoder_precision": encoder.precision,
         "object_prior": object_prior,
     }
@@ -621,6 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.encoder_weights,
             args.precision,
             args.object_prior,
+            args.block_bigrams,
         )
         print(format_results(results))
         if results.get("failed_metrics"):

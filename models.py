@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from utils import CamEyeError, validate_word_map
+from utils import FUNCTION_WORDS, CamEyeError, validate_word_map
 
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 CHECKPOINT_FORMAT = "cameye-checkpoint"
@@ -846,6 +846,7 @@ class DecoderWithAttention(nn.Module):
         n_best: int = 1,
         block_trigrams: bool = False,
         word_bonus: torch.Tensor | None = None,
+        repeat_words: torch.Tensor | None = None,
     ) -> list[Decoded]:
         """Beam search for a batch of images at once (the N*k beams advance together; see the loop for how
         finished beams and images stop costing work).
@@ -859,7 +860,11 @@ class DecoderWithAttention(nn.Module):
         vocabulary leaves no other choice. ``<pad>``, ``<start>`` (and ``<unk>`` unless ``allow_unk``) are never
         emitted: a beam with no real word left to extend with ends instead.
         ``block_trigrams`` forbids a beam to repeat a word trigram it already contains (a hard block, against
-        "a man riding a motorcycle on a motorcycle"; Paulus et al., 2018, used it for summaries).
+        "a man riding a bike with a man riding a bike"; Paulus et al., 2018, used it for summaries).
+        ``repeat_words`` (a bool mask over the vocabulary, V; see :func:`content_word_mask`) forbids a beam to
+        repeat a bigram that ends in one of those words: "a man is riding a motorcycle on a motorcycle" repeats
+        no trigram, but its "a motorcycle" is a repeated bigram ending in a content word. Our rule: bigrams
+        ending in a function word ("in a") may repeat, which a plain no-repeat-bigram rule would forbid.
         ``word_bonus`` (N x V) is added to each image's next-word log-probabilities (and so to the scores) until
         the beam has used the word, e.g. :class:`object_prior.ObjectPrior`'s bonuses on object words: a bonus
         that stayed would invite repeats ("a bird in a bird").
@@ -906,6 +911,8 @@ class DecoderWithAttention(nn.Module):
             logits = self._mask(logits, allow_unk)
             if block_trigrams and seqs.size(1) >= 3:
                 self._block_repeated_trigrams(logits, seqs[live])
+            if repeat_words is not None and seqs.size(1) >= 2:
+                self._block_repeated_bigrams(logits, seqs[live], repeat_words)
             if step < min_len:
                 end = logits[:, END_ID].clone()
                 logits[:, END_ID] = float("-inf")  # an empty caption says nothing about the photo
@@ -966,6 +973,14 @@ class DecoderWithAttention(nn.Module):
         logp.scatter_(1, blocked, float("-inf"))
 
     @staticmethod
+    def _block_repeated_bigrams(logp: torch.Tensor, seqs: torch.Tensor, repeat_words: torch.Tensor) -> None:
+        """Set to -inf, in place, each word w of ``repeat_words`` (bool, V) that would complete a bigram
+        (seq[-1], w) its row's sequence already holds. ``logp``: rows x V; ``seqs``: rows x L words so far."""
+        following = seqs[:, 1:]
+        match = (seqs[:, :-1] == seqs[:, -1:]) & repeat_words.to(seqs.device)[following]
+        logp.scatter_(1, torch.where(match, following, PAD_ID), float("-inf"))
+
+    @staticmethod
     def _best_beams(
         scores: torch.Tensor,
         lengths: torch.Tensor,
@@ -996,6 +1011,15 @@ class DecoderWithAttention(nn.Module):
                 picked.append(Decoded(ids[:length], flat_scores[b], alphas[b, :length].cpu(), norm_list[b]))
             results.append(replace(picked[0], alternatives=picked))
         return results
+
+
+def content_word_mask(word_map: dict[str, int]) -> torch.Tensor:
+    """Bool mask over the vocabulary (V, by word id): True for content words, False for the special tokens and
+    utils.FUNCTION_WORDS; beam search's ``repeat_words`` for blocking repeated content bigrams."""
+    mask = torch.zeros(max(word_map.values()) + 1, dtype=torch.bool)
+    for word, i in word_map.items():
+        mask[i] = word not in FUNCTION_WORDS and not (word.startswith("<") and word.endswith(">"))
+    return mask
 
 
 # ------------------------------------------------------------------------------------------- build / load

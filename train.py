@@ -64,6 +64,7 @@ from models import (
     resolve_precision,
 )
 from utils import (
+    FUNCTION_WORDS,
     CamEyeError,
     Terminated,
     atomic_path,
@@ -576,10 +577,6 @@ def train_one_epoch(
     if "hallucinated" in progress.sums:  # invented objects per drawn caption (counted when penalised)
         metrics["train_hallucinated"] = progress.mean("hallucinated", "captions")
     return metrics
-
-
-# Words that do not end an English caption; a share of captions ending in one is SCST's known failure.
-FUNCTION_WORDS = frozenset("a an the of with in on at to and or for from by his her their its is are into".split())
 
 
 def validate(encoder, decoder, loader, tcfg: TrainConfig, device, use_cache: bool, rev_word_map) -> dict:

@@ -32,6 +32,11 @@ PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3 in every word map
 
 
+# Words that carry no content of their own: a caption ending in one is cut off (SCST's known failure), and a
+# bigram ending in one ("in a") may repeat in a caption where one ending in a content word may not.
+FUNCTION_WORDS = frozenset("a an the of with in on at to and or for from by his her their its is are into".split())
+
+
 def _read_umask() -> int:
     """The process umask, read once at import (setting it is process-wide, so it is not done per write)."""
     mask = os.umask(0)
@@ -433,6 +438,14 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
         default=True,
         help="forbid a beam to repeat a word trigram it already contains (on Flickr8k val: CIDEr 54.2 -> 54.3, "
         "captions repeating a trigram 3.9%% -> 0%%)",
+    )
+    p.add_argument(
+        "--block-bigrams",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="forbid a beam to repeat a bigram ending in a content word ('a bike ... on a bike'; bigrams of "
+        "function words such as 'in a' may repeat). Flickr8k val, SCST model: CIDEr 54.5 -> 54.9, captions "
+        "repeating such a bigram 4.1%% -> 0%%",
     )
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
     p.add_argument(

@@ -38,7 +38,7 @@ def default_photo() -> Path:
 
 def caption_once(captioner: Captioner, photo: Path) -> list[str]:
     """Read, encode and beam-search one photo as caption.py does."""
-    decoded = captioner.decode([captioner.read(photo)], 3, 50, 0.5, block_trigrams=True)
+    decoded = captioner.decode([captioner.read(photo)], 3, 50, 0.5, block_trigrams=True, block_bigrams=True)
     return captioner.words(decoded[0])
 
 

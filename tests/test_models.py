@@ -796,6 +796,43 @@ def test_block_repeated_trigrams_masks_exactly_the_repeats() -> None:
     assert blocked == [{9}, {8}, set()]
 
 
+def test_bigram_blocking_on_a_hand_worked_decoder() -> None:
+    """A fixed next-word distribution: p(dog) = 0.5, p(a) = 0.3, p(runs) = 0.15, p(<end>) = 0.05, where "a" is a
+    function word (it may end a repeated bigram) and "dog", "runs" are content words. Worked by hand:
+      dog dog        (no bigram yet to repeat)
+      dog dog a      ((dog, dog) is held: "dog" is blocked after "dog", "a" is next best)
+      dog dog a dog  ((a, dog) is new)
+      ... a          (after "dog": (dog, dog) held, so "dog" is blocked; (dog, a) repeats but ends in "a")
+      ... a a a a    (after "a": (a, dog) held, so "dog" is blocked; (a, a) ends in a function word)
+    """
+    dog, a, runs = 4, 5, 6
+    word_map = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "dog": dog, "a": a, "runs": runs}
+    content = models.content_word_mask(word_map)
+    assert content.tolist() == [False, False, False, False, True, False, True]
+    dec = DecoderWithAttention(_tiny_cfg(7), encoder_dim=8).eval()
+    probs = torch.tensor([0.0, 0.0, 0.05, 0.0, 0.5, 0.3, 0.15])
+    with torch.no_grad():
+        dec.fc.weight.zero_()
+        dec.fc.bias.copy_(torch.where(probs > 0, probs.log(), torch.tensor(-1e4)))
+    enc = torch.randn(2, 5, 8)
+    assert [d.tokens for d in dec.beam_search(enc, beam_size=1, max_len=8)] == [[dog] * 8] * 2
+    [greedy, _] = dec.beam_search(enc, beam_size=1, max_len=8, repeat_words=content)
+    assert greedy.tokens == [dog, dog, a, dog, a, a, a, a]
+    for d in dec.beam_search(enc, beam_size=3, max_len=8, repeat_words=content, n_best=3):
+        for alt in d.alternatives:
+            ending_in_content = [(x, y) for x, y in zip(alt.tokens, alt.tokens[1:]) if content[y]]
+            assert len(ending_in_content) == len(set(ending_in_content)), alt.tokens
+
+
+def test_block_repeated_bigrams_masks_exactly_the_content_repeats() -> None:
+    content = torch.tensor([False] * 4 + [True, True, False, True, True])  # 6 is a function word
+    seqs = torch.tensor([[4, 5, 7, 4], [4, 6, 7, 4], [6, 4, 8, 6], [7, 8, 4, 5]])
+    logp = torch.zeros(4, 9)
+    DecoderWithAttention._block_repeated_bigrams(logp, seqs, content)
+    blocked = [set(torch.isinf(row).nonzero().flatten().tolist()) - {PAD_ID} for row in logp]
+    assert blocked == [{5}, set(), {4}, set()]
+
+
 # ------------------------------------------------------------------------------------- bfloat16 encoding
 def test_bfloat16_encoding_is_close_to_float32_and_returns_float32(lite0: Encoder) -> None:
     """Issue 10: the encoder under bfloat16 autocast gives the float32 features within bfloat16's precision
