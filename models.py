@@ -20,6 +20,7 @@ choice is stated where it is made.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -517,6 +518,9 @@ def compiled_attention_kernels() -> tuple[Callable, Callable]:
     """torch.compile'd :func:`_energies_one_pass` and its backward (dynamic shapes: the number of running
     captions shrinks every step). Compiling needs a C++ compiler on the CPU (Triton on CUDA) and takes
     tens of seconds on first use; inductor caches the result on disk for later runs."""
+    # Inductor imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on every CPU-only
+    # machine: true, irrelevant to CPU kernels, and alarming in a training log.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return (
         torch.compile(_energies_one_pass, dynamic=True),
         torch.compile(_energies_one_pass_backward, dynamic=True),
