@@ -780,6 +780,8 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     decoder.fused_training = tcfg.fused
     if tcfg.compile and tcfg.fused and not tcfg.scst:
         compile_attention(decoder, device, tcfg.amp)
+    elif tcfg.compile:
+        print("note: --compile speeds up cross-entropy's fused path only; --plain-loop and --scst runs do not use it")
     if tcfg.embeddings and ckpt is None:
         vectors = decoder.embedding.weight.detach().clone()
         found = load_word_vectors(Path(tcfg.embeddings), word_map, vectors)
@@ -981,7 +983,7 @@ def compile_attention(decoder, device: torch.device, amp: bool) -> None:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise CamEyeError(
             f"--compile failed ({type(exc).__name__}: {first}); it needs a working C++ compiler (CPU) or Triton "
-            "(CUDA): train without --compile"
+            "(CUDA): train without --compile (resuming: --no-compile)"
         ) from None
     print(f"compiled in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -1230,10 +1232,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     r.add_argument(
         "--compile",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="run the fused path's attention energies (the memory-bound part of a step) in torch.compile'd "
         "kernels: faster, same results within rounding; needs a C++ compiler (CPU) or Triton (CUDA) and "
-        "compiles for about a minute on first use (cached on disk)",
+        "compiles for about a minute on first use (cached on disk); a resumed run keeps its setting unless "
+        "--compile or --no-compile is given",
     )
     r.add_argument(
         "--plain-loop",
