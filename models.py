@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from utils import FUNCTION_WORDS, CamEyeError, validate_word_map
+from utils import FUNCTION_WORDS, SPECIAL_TOKENS, CamEyeError, validate_word_map
 
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 CHECKPOINT_FORMAT = "cameye-checkpoint"
@@ -888,6 +888,7 @@ class DecoderWithAttention(nn.Module):
         if n == 0:
             return []
         k, device = beam_size, encoder_out.device
+        repeat_words = repeat_words.to(device) if repeat_words is not None else None  # once, not every step
         # Beams never change image (a beam's successors stay in its image's k rows), so the images are not
         # repeated per beam: projection and context read each image once.
         projected = self.attention.project(encoder_out)
@@ -981,7 +982,7 @@ class DecoderWithAttention(nn.Module):
         """Set to -inf, in place, each word w of ``repeat_words`` (bool, V) that would complete a bigram
         (seq[-1], w) its row's sequence already holds. ``logp``: rows x V; ``seqs``: rows x L words so far."""
         following = seqs[:, 1:]
-        match = (seqs[:, :-1] == seqs[:, -1:]) & repeat_words.to(seqs.device)[following]
+        match = (seqs[:, :-1] == seqs[:, -1:]) & repeat_words[following]
         logp.scatter_(1, torch.where(match, following, PAD_ID), float("-inf"))
 
     @staticmethod
@@ -1022,7 +1023,7 @@ def content_word_mask(word_map: dict[str, int]) -> torch.Tensor:
     utils.FUNCTION_WORDS; beam search's ``repeat_words`` for blocking repeated content bigrams."""
     mask = torch.zeros(max(word_map.values()) + 1, dtype=torch.bool)
     for word, i in word_map.items():
-        mask[i] = word not in FUNCTION_WORDS and not (word.startswith("<") and word.endswith(">"))
+        mask[i] = word not in FUNCTION_WORDS and word not in SPECIAL_TOKENS
     return mask
 
 

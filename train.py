@@ -511,7 +511,7 @@ def train_one_epoch(
     encoder.train(not use_cache)
     loader.sampler.set_epoch(progress.epoch, progress.position)
     loader.generator.manual_seed(tcfg.seed * 100003 + progress.epoch)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    low = amp_dtype(device)
     start = time.perf_counter() - progress.seconds
     params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
     bar = tqdm(
@@ -523,7 +523,7 @@ def train_one_epoch(
         disable=not show_progress,
     )
     for batch in bar:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=tcfg.amp):
+        with torch.autocast(device.type, dtype=low, enabled=tcfg.amp):
             loss, sums, images = objective(batch)
         stop, save_due, bad = control.poll(bool(torch.isfinite(loss))) if control else (False, False, False)
         if bad:
@@ -971,10 +971,15 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     return history
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """What --amp computes in: float16 on CUDA (with a gradient scaler), bfloat16 on the CPU."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
 def compile_attention(decoder, device: torch.device, amp: bool) -> None:
     """Compile the fused path's attention kernels before training starts, so that a missing compiler is a
     one-line error and compile time is reported apart (inductor caches the kernels on disk for later runs)."""
-    dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else torch.float32
+    dtype = amp_dtype(device) if amp else torch.float32
     start = time.perf_counter()
     print("compiling the attention kernels (--compile; cached for later runs) ...", flush=True)
     try:
@@ -1003,7 +1008,8 @@ def scst_setup(train_set, tcfg: TrainConfig, decoder, device, rev_word_map, worl
     dataset.mode = "eval"  # items: (features, references as word lists, index)
     references = [dataset.references(i) for i in range(len(dataset))]
     scorer = CiderD([[[*ref, "<end>"] for ref in refs] for refs in references])
-    truths = [image_truth((), (" ".join(ref) for ref in refs)) for refs in references]
+    # The COCO objects each image's references name, for --scst-hallucination-penalty (only built when used).
+    truths = [image_truth((), map(" ".join, refs)) for refs in references] if tcfg.scst_hallucination_penalty else []
     loader = DataLoader(
         dataset,
         tcfg.batch_size,
