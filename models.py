@@ -19,6 +19,7 @@ choice is stated where it is made.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -242,6 +243,7 @@ class Encoder(nn.Module):
         else:
             raise CamEyeError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
         self.pool = nn.AdaptiveAvgPool2d(grid_size) if grid_size else nn.Identity()
+        self._low_copies: dict[str, nn.Module] | None = None  # set by fold_batch_norm (inference only)
         # "float32", or "bfloat16": inference under bfloat16 autocast (see feature_map and resolve_precision).
         self.precision = "float32"
         if not 0 <= fine_tune_stages <= len(stages):
@@ -280,11 +282,30 @@ class Encoder(nn.Module):
         """
         x = images.contiguous(memory_format=torch.channels_last)
         low = self.precision == "bfloat16" and not (self.training and self.trainable_stages)
+        features = self._features
+        if low and self._low_copies is not None:  # folded: run a bfloat16 copy instead of autocast
+            features, low = self._bfloat16_copy(x.device), False
+            x = x.to(torch.bfloat16)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low):
             if x.device.type != "cpu" or (self.training and self.trainable_stages):
-                return self.pool(self._features(x)).float()
+                return self.pool(features(x)).float()
             chunk = max(1, _ENCODER_PIXELS // (x.shape[2] * x.shape[3]))
-            return torch.cat([self.pool(self._features(part)) for part in x.split(chunk)]).float()
+            return torch.cat([self.pool(features(part)) for part in x.split(chunk)]).float()
+
+    def _bfloat16_copy(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The folded network's feature function with its weights in bfloat16 on ``device``, made once.
+
+        Under autocast every convolution casts its float32 weight to bfloat16 at every call (autocast caches
+        casts only of weights that require grad, and only within one autocast region): for ResNet-101 that is
+        89 MB written per forward pass. A bfloat16 copy gives the same result, since autocast runs every
+        layer of these networks in bfloat16 anyway (a test checks equality), and measured 18.7 -> 14.5 ms
+        for Lite0 at 320 px on one image (median of 60, interleaved, with the padding folded as well).
+        """
+        key = str(device)
+        if key not in self._low_copies:
+            self._low_copies[key] = copy.deepcopy(self.net).to(device=device, dtype=torch.bfloat16)
+        net = self._low_copies[key]
+        return getattr(net, "extract_features", net)  # EfficientNet's feature function; a ResNet is one
 
     def fold_batch_norm(self) -> Encoder:
         """Fold every batch norm into the convolution before it, in place, for inference only; returns self.
@@ -310,9 +331,29 @@ class Encoder(nn.Module):
                 ):
                     setattr(parent, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
                     setattr(parent, bn_name, nn.Identity())
+        self._fold_same_padding()
         self.net.to(memory_format=torch.channels_last).requires_grad_(False)
         self.trainable_stages = []  # they hold the unfolded modules; nothing is trainable now
+        self._low_copies = {}  # bfloat16 copies of the folded net by device, made when first used
         return self.eval()
+
+    def _fold_same_padding(self) -> None:
+        """Inference only: EfficientNet-Lite's stride-1 convolutions pad their input ("same" padding, computed
+        at each call) with a separate F.pad, a copy of every activation; for stride 1 and an odd kernel span
+        that padding is symmetric, (k - 1) * dilation / 2 on each side at any input size, so the convolution's
+        own padding computes the same. Its ReLU6s also run in place (no autograd here). ResNets: unchanged."""
+        from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+
+        for parent in list(self.net.modules()):
+            for name, m in list(parent.named_children()):
+                if isinstance(m, nn.ReLU6):
+                    setattr(parent, name, nn.ReLU6(inplace=True))
+                span = [(k - 1) * d for k, d in zip(m.kernel_size, m.dilation)] if isinstance(m, nn.Conv2d) else []
+                if type(m) is Conv2dDynamicSamePadding and tuple(m.stride) == (1, 1) and all(s % 2 == 0 for s in span):
+                    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, 1, [s // 2 for s in span],
+                                     m.dilation, m.groups, m.bias is not None)  # fmt: skip
+                    conv.weight, conv.bias = m.weight, m.bias
+                    setattr(parent, name, conv)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images -> annotation vectors N x (h*w) x C."""

