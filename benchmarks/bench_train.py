@@ -1,7 +1,7 @@
 """Decoder training throughput on cached features, and how much of the machine's matmul speed it uses.
 
-    python benchmarks/bench_train.py [--grid 10] [--vocab 2600] [--batch-images 32] [--steps 10] [--repeats 3]
-                                     [--profile "fused bfloat16"]
+    python benchmarks/bench_train.py [--grid 10] [--vocab 2600] [--batch-images 32] [--steps 5] [--repeats 3]
+                                     [--modes "plain float32,fused bfloat16 compiled"] [--profile "fused bfloat16"]
 
 Prints captions/s of full training steps (forward, backward, clipping, Adam) of the default decoder on
 random "cached" features shaped like EfficientNet-Lite0's (P x 1280, five captions per image), for the plain
@@ -69,8 +69,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--profile", choices=list(MODES), default=None, help="also print where this mode's time goes")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled modes (no C++ compiler here)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes to time (default: all)")
     args = p.parse_args()
-    modes = {k: v for k, v in MODES.items() if not (args.no_compile and v[2])}
+    chosen = [m.strip() for m in args.modes.split(",")]
+    if unknown := [m for m in chosen if m not in MODES]:
+        p.error(f"unknown mode(s) {', '.join(unknown)}; choose from: {', '.join(MODES)}")
+    args.no_compile = args.no_compile or not any(MODES[m][2] for m in chosen)
+    modes = {k: v for k, v in MODES.items() if k in chosen and not (args.no_compile and v[2])}
     keep_freed_memory()  # as train.py does
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -967,3 +967,35 @@ def test_folded_encoder_in_bfloat16_equals_autocast(backbone: str) -> None:
         unfolded = Encoder(backbone, weights).eval()
         with torch.no_grad():
             torch.testing.assert_close(full, unfolded.feature_map(x), rtol=1e-4, atol=1e-4)
+
+
+def test_sigmoid_factors_give_the_sigmoid_without_overflow() -> None:
+    """Issue 10: the compiled kernels compute sigmoid(x + y) as 1 / (1 + exp(-x) exp(-y)); that equals the
+    sigmoid to float32 rounding, and halves far outside a trained attention's range (+-1000) give the right
+    saturated value, never inf * 0 = nan."""
+    x = torch.tensor([-3.0, 0.5, 7.0, 30.0, -25.0, 1000.0, -1000.0, 1000.0, 60.0])
+    y = torch.tensor([2.0, -0.25, -9.0, -31.0, 20.0, 1000.0, -1000.0, -990.0, -15.0])
+    s = torch.reciprocal(1 + models._sigmoid_factors(x, torch.float32) * models._sigmoid_factors(y, torch.float32))
+    assert not s.isnan().any()
+    torch.testing.assert_close(s[:5], torch.sigmoid(x + y)[:5], atol=1e-7, rtol=1e-6)
+    assert s[5] == 1 and s[6] < 1e-30 and s[8] > 1 - 1e-6  # saturated, as the exact sigmoid (1, 0, 1)
+
+
+def test_dropout_zeroes_about_p_and_scales_the_rest() -> None:
+    """Issue 10: the CPU dropout's mask (16 random bits per element against a threshold) drops a fraction p of
+    the elements, scales the rest by 1 / (1 - p), passes gradients through the same mask, and is the identity
+    outside training; the mask is drawn from torch's generator (same seed, same mask)."""
+    x = torch.ones(1000, 1000, requires_grad=True)
+    for p in (0.1, 0.5, 0.7):
+        torch.manual_seed(0)
+        y = models.dropout(x, p, training=True)
+        kept = y != 0
+        assert abs(kept.float().mean().item() - (1 - p)) < 3e-3, (p, kept.float().mean())
+        torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)), rtol=1e-4, atol=0)
+        torch.manual_seed(0)
+        assert torch.equal(models.dropout(x, p, training=True), y)
+    weights = torch.rand(1000, 1000)
+    (y * weights).sum().backward()  # d/dx = the mask times its scale, 1 / (1 - 0.7), times the weights
+    torch.testing.assert_close(x.grad, kept * weights / 0.3, rtol=1e-4, atol=0)
+    assert torch.equal(models.dropout(x, 0.5, training=False), x)
+    assert models.dropout(torch.ones(3, 7), 0.0, training=True).eq(1).all()
