@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import DecoderWithAttention, ModelConfig  # noqa: E402
-from train import caption_loss  # noqa: E402
+from train import adam, caption_loss  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
 # name: (fused path, bfloat16 autocast, compiled attention kernels)
@@ -81,7 +81,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     decoder = DecoderWithAttention(ModelConfig(vocab_size=args.vocab), 1280).train()
-    opt = torch.optim.Adam(decoder.parameters(), lr=4e-4)
+    opt = adam(list(decoder.parameters()), 4e-4, "cpu")  # as train.py
     batch = make_batch(args.batch_images, 5, args.grid, args.vocab)
     captions = batch[1].shape[0]
 

@@ -48,7 +48,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from bench_train import make_batch  # noqa: E402
 
 from models import DecoderWithAttention, Encoder, ModelConfig, resolve_precision  # noqa: E402
-from train import caption_loss  # noqa: E402
+from train import adam, caption_loss  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
 # The tutorial on this machine (issue 10's table): seconds to prepare 8,000 images, minutes per frozen-encoder
@@ -139,7 +139,7 @@ def main() -> None:
         row(f"encode ResNet-101 {SIZE} px ({precision})", "img/s", encode_ips, float("nan"), True)
 
     decoder = DecoderWithAttention(cfg, CHANNELS).train()
-    opt = torch.optim.Adam(decoder.parameters(), lr=4e-4)
+    opt = adam(list(decoder.parameters()), 4e-4, "cpu")  # as train.py
     if "decoder" not in args.skip:
         data = batch(6, 5)
         captions = data[1].shape[0]
@@ -165,7 +165,7 @@ def main() -> None:
     if "finetune" not in args.skip:
         tuned = Encoder("resnet101", weights="none", fine_tune_stages=3, grid_size=GRID).train()
         params = [*decoder.parameters(), *(q for q in tuned.parameters() if q.requires_grad)]
-        opt2 = torch.optim.Adam(params, lr=1e-4)
+        opt2 = adam(params, 1e-4, "cpu")
         data = batch(6, 5)
         pixels = torch.randn(6, 3, SIZE, SIZE)
         cps = [30 / t for t in timed(lambda: train_step(decoder, opt2, data, False, tuned, pixels), args.repeats)]

@@ -895,3 +895,20 @@ def test_feature_cache_records_its_precision_and_each_precision_has_its_own(tiny
         assert not train.cache_is_current(mcfg, data / "val.hdf5", path, other)
     with h5py.File(paths["bfloat16"], "r") as low, h5py.File(paths["float32"], "r") as full:
         assert not np.array_equal(low["features"][:], full["features"][:])
+
+
+def test_adam_is_fused_and_equals_the_default_update() -> None:
+    """Issue 10: train.py's Adam runs PyTorch's fused kernel on the CPU, and steps the weights as the default
+    implementation does (to float32 rounding)."""
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32, requires_grad=True), torch.randn(32, requires_grad=True)]
+    copies = [w.detach().clone().requires_grad_() for w in weights]
+    fused, default = train.adam(weights, 1e-2, "cpu"), torch.optim.Adam(copies, lr=1e-2)
+    assert fused.param_groups[0]["fused"] and not default.param_groups[0]["fused"]
+    for _ in range(3):
+        for params, opt in ((weights, fused), (copies, default)):
+            opt.zero_grad()
+            sum((p**2).sum() for p in params).backward()
+            opt.step()
+    for a, b in zip(weights, copies):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
