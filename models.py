@@ -563,28 +563,32 @@ def _sigmoid_factors(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _energies_one_pass(eh: torch.Tensor, er: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Forward of :class:`_AttentionEnergies` for compiling: s @ w with s = sigmoid(dh2 + projected) written as
-    1 / (1 + eh * er), from the factors eh = exp(-dh2) (bt x A, this step's) and er = exp(-projected)
-    (bt x P x A, computed once per training step). The exponentials leave the bt x P x A loop, which is then a
-    multiply, an add and a reciprocal per element in one pass ending in the reduction, and s is not stored:
-    the backward recomputes it as cheaply (measured on the CPU under bfloat16, forward + backward for 130
-    captions, 100 regions, attention_dim 512: 9.5 -> 3.4 ms per step). Sums in float32."""
-    s = torch.reciprocal(1 + eh.float().unsqueeze(1) * er.float())
+    """Forward of :class:`_ImageAttentionEnergies` for compiling: s @ w with s = sigmoid(dh2 + projected)
+    written as 1 / (1 + eh * er), for m images with k caption slots each, from the factors eh = exp(-dh2)
+    (m x k x A, this step's) and er = exp(-projected) (m x P x A, once per training step and image).
+
+    The exponentials leave the m x k x P x A loop, which is a multiply, an add and a reciprocal per element in
+    one pass ending in the reduction; s is not stored (the backward recomputes it as cheaply); and each image's
+    regions are read once for its k captions. Measured on the CPU under bfloat16 for 130 captions, 100 regions,
+    attention_dim 512, forward + backward per step: 9.5 ms with exp per element and s stored, 3.4 ms with the
+    factors (still one row of regions per caption). Sums in float32. Returns m x k x P."""
+    s = torch.reciprocal(1 + eh.float().unsqueeze(2) * er.float().unsqueeze(1))
     return (s * w.float()).sum(-1).to(er.dtype)
 
 
 def _energies_one_pass_backward(
     grad: torch.Tensor, eh: torch.Tensor, er: torch.Tensor, w: torch.Tensor, buffer: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of :func:`_energies_one_pass`, likewise fusable: adds d/d(projected) into ``buffer`` in place and
-    returns the float32 gradient of dh2 (bt x A) and w's gradient per caption (bt x A; summed by the caller:
-    a sum over captions and regions in here compiled to a loop that streamed er once per 32 channels)."""
-    g = grad.float().unsqueeze(2)
-    s = torch.reciprocal(1 + eh.float().unsqueeze(1) * er.float())
+    """Backward of :func:`_energies_one_pass`, likewise fusable (grad: m x k x P, zero for empty slots): adds
+    d/d(projected), summed over each image's k slots, into ``buffer`` (m x P x A) in place and returns the
+    float32 gradient of dh2 and w's gradient per slot (both m x k x A; the caller sums the latter: a sum over
+    captions and regions in here compiled to a loop that streamed er once per 32 channels)."""
+    g = grad.float().unsqueeze(3)
+    s = torch.reciprocal(1 + eh.float().unsqueeze(2) * er.float().unsqueeze(1))
     gs = g * s
     grad_x = gs * w.float() * (1 - s)  # sigmoid'(x) = s (1 - s)
-    buffer.add_(grad_x)
-    return grad_x.sum(dim=1), gs.sum(dim=1)
+    buffer.add_(grad_x.sum(dim=1))
+    return grad_x.sum(dim=2), gs.sum(dim=2)
 
 
 @functools.cache
@@ -602,39 +606,57 @@ def compiled_attention_kernels() -> tuple[Callable, Callable]:
 
 
 class _AttentionEnergies(torch.autograd.Function):
-    """s @ w with s = sigmoid(dh2 + projected[:bt]) (bt x P x A), for training; the half-energies of
-    :meth:`Attention._energies` (e = 2 s @ w + offset). Backward adds the gradient for ``projected[:bt]`` into
-    ``buffer`` in place (see :class:`_GradientBuffer`) and uses PyTorch's fused sigmoid backward.
-    With ``kernels`` (:func:`compiled_attention_kernels`) both directions run as compiled one-pass kernels on
-    ``factors`` = exp(-projected) (see :func:`_energies_one_pass`): this chain is memory- and exp-bound, and
-    eager PyTorch reads and writes the bt x P x A block about 14 times a step.
-    """
+    """s @ w with s = sigmoid(dh2 + projected[:bt]) (bt x P x A, one row of regions per caption), for training;
+    the half-energies of :meth:`Attention._energies` (e = 2 s @ w + offset). Backward adds the gradient for
+    ``projected[:bt]`` into ``buffer`` in place (see :class:`_GradientBuffer`) and uses PyTorch's fused
+    sigmoid backward. ``train.py --compile`` uses :class:`_ImageAttentionEnergies` instead."""
 
     @staticmethod
-    def forward(ctx, dh2, w, anchor, projected, bt: int, buffer, kernels=None, factors=None) -> torch.Tensor:
-        ctx.bt, ctx.buffer, ctx.kernels, ctx.dh2_dtype = bt, buffer, kernels, dh2.dtype
-        if kernels is not None:
-            eh = _sigmoid_factors(dh2, torch.float32)
-            ctx.save_for_backward(eh, factors, w)
-            return kernels[0](eh, factors[:bt], w.to(factors.dtype))
-        dh2 = dh2.to(projected.dtype)
-        s = torch.sigmoid(dh2.unsqueeze(1) + projected[:bt])
+    def forward(ctx, dh2, w, anchor, projected, bt: int, buffer) -> torch.Tensor:
+        s = torch.sigmoid(dh2.to(projected.dtype).unsqueeze(1) + projected[:bt])
         ctx.save_for_backward(s, w)
+        ctx.bt, ctx.buffer = bt, buffer
         return s @ w.to(s.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        if ctx.kernels is not None:
-            eh, factors, w = ctx.saved_tensors
-            grad_dh2, grad_w = ctx.kernels[1](grad, eh, factors[: ctx.bt], w.to(factors.dtype), ctx.buffer[: ctx.bt])
-            return grad_dh2.to(ctx.dh2_dtype), grad_w.sum(0).to(w.dtype), None, None, None, None, None, None
         s, w = ctx.saved_tensors
         grad = grad.to(s.dtype)
         grad_w = (grad.reshape(1, -1) @ s.reshape(-1, s.size(-1))).squeeze(0).to(w.dtype)
         grad_x = torch.ops.aten.sigmoid_backward(grad.unsqueeze(2) * w.to(s.dtype), s)
         ctx.buffer[: ctx.bt] += grad_x
-        return grad_x.sum(dim=1), grad_w, None, None, None, None, None, None
+        return grad_x.sum(dim=1), grad_w, None, None, None, None
+
+
+class _ImageAttentionEnergies(torch.autograd.Function):
+    """The same half-energies (bt x P) in the compiled kernels (:func:`compiled_attention_kernels`), with the
+    regions kept per image: the bt running captions' exp(-dh2) rows go into their images' slots (m images x
+    k slots, :class:`_ImageSlots`), each image's factors exp(-projected) are read once for all its captions,
+    and the gradient for the regions is summed per image into ``buffer`` (images x P x A, in the slots' image
+    order). Against one row of regions per caption (5 per Flickr8k image) this reads and writes about a
+    fifth of the memory per step; empty slots cost arithmetic only (their gradient is zero)."""
+
+    @staticmethod
+    def forward(ctx, dh2, w, anchor, factors, slots: _ImageSlots, t: int, buffer, kernels) -> torch.Tensor:
+        bt, m, k = dh2.size(0), slots.images_at[t], slots.k
+        slot = slots.slot[:bt]
+        eh = dh2.new_zeros(m * k, dh2.size(1), dtype=torch.float32)
+        eh.index_copy_(0, slot, _sigmoid_factors(dh2, torch.float32))
+        eh = eh.view(m, k, -1)
+        ctx.save_for_backward(eh, factors, w, slot)
+        ctx.m, ctx.buffer, ctx.kernels, ctx.dh2_dtype = m, buffer, kernels, dh2.dtype
+        return kernels[0](eh, factors[:m], w.to(factors.dtype)).view(m * k, -1)[slot]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        eh, factors, w, slot = ctx.saved_tensors
+        m, k = eh.shape[:2]
+        g = grad.new_zeros(m * k, grad.size(1)).index_copy_(0, slot, grad).view(m, k, -1)
+        grad_dh2, grad_w = ctx.kernels[1](g, eh, factors[:m], w.to(factors.dtype), ctx.buffer[:m])
+        grad_dh2 = grad_dh2.view(m * k, -1)[slot].to(ctx.dh2_dtype)
+        return grad_dh2, grad_w.sum(dim=(0, 1)).to(w.dtype), None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------ decoder
@@ -727,13 +749,14 @@ class DecoderWithAttention(nn.Module):
         is then left as it was.
         """
         a = self.cfg.attention_dim
-        for bt in (3, 2):  # a second size, so that the dynamic-shape kernels are the ones compiled
-            dh2 = torch.zeros(bt, a, device=device, dtype=dtype, requires_grad=True)
+        kernels = compiled_attention_kernels()
+        for n in (3, 2):  # a second size, so that the dynamic-shape kernels are the ones compiled
+            slots = _ImageSlots(torch.arange(n, device=device).repeat(2), torch.arange(2 * n, 0, -1))
+            dh2 = torch.zeros(2 * n, a, device=device, dtype=dtype, requires_grad=True)
             w = torch.zeros(a, device=device, requires_grad=True)
-            factors = torch.ones(bt, 2, a, device=device, dtype=dtype)
-            buffer = torch.zeros(bt, 2, a, device=device)
-            kernels = compiled_attention_kernels()
-            e = _AttentionEnergies.apply(dh2, w, w.sum(), None, bt, buffer, kernels, factors)
+            factors = torch.ones(n, 2, a, device=device, dtype=dtype)
+            buffer = torch.zeros(n, 2, a, device=device)
+            e = _ImageAttentionEnergies.apply(dh2, w, w.sum(), factors, slots, 0, buffer, kernels)
             e.float().sum().backward()
         self.compile_attention = True
 
@@ -793,7 +816,7 @@ class DecoderWithAttention(nn.Module):
         # Sorting by length lets step t run on the first batch_t captions only (those still going).
         decode_lengths, order = decode_lengths.sort(descending=True)
         owner = image_index[order.to(image_index.device)]  # the image of each sorted caption
-        captions, projected = captions[order], projected[owner]
+        captions = captions[order]
         h, c = (s[owner] for s in self.init_state(encoder_out))
         embeddings = self.embedding(captions)
         targets = pack_padded_sequence(captions[:, 1:], decode_lengths, batch_first=True).data
@@ -803,7 +826,7 @@ class DecoderWithAttention(nn.Module):
                 encoder_out, owner, projected, embeddings, h, c, decode_lengths
             )
             return logits, targets, alphas[order.argsort()]
-        encoder_out = encoder_out[owner]
+        encoder_out, projected = encoder_out[owner], projected[owner]
         n, steps, p = captions.size(0), int(decode_lengths[0]), encoder_out.size(1)
         outs = embeddings.new_zeros(n, steps, self.fc.in_features)
         alphas = embeddings.new_zeros(n, steps, p)
@@ -828,11 +851,12 @@ class DecoderWithAttention(nn.Module):
           (:class:`_GradientBuffer`), and the weights of the two per-step products get their gradients in one
           product over all steps after the loop (:class:`_DeferredWeightGrads`).
         * The context z = alpha @ a reads each image's regions once per step for all its captions
-          (:class:`_ImageSlots`), not once per caption: the product is bound by reading the regions.
+          (:class:`_ImageSlots`), not once per caption: the product is bound by reading the regions. With
+          compiled kernels (``train.py --compile``) the energies do the same (:class:`_ImageAttentionEnergies`).
         Packed sequences are time-major: step t's rows are a contiguous block, so per-step results are
         concatenated straight into the packed order the classifier and the targets use.
         ``encoder_out`` holds one row per image (N_img x P x C), ``owner`` the image of each length-sorted
-        caption; ``projected``, ``embeddings``, ``h`` and ``c`` have one row per caption.
+        caption; ``projected`` (2 W_a a_i) has one row per image, ``embeddings``, ``h`` and ``c`` one per caption.
         Returns ``(logits, alphas)`` in the length-sorted order of the inputs.
         """
         n, steps = embeddings.size(0), int(decode_lengths[0])
@@ -854,21 +878,26 @@ class DecoderWithAttention(nn.Module):
             encoder_out = encoder_out.to(low)  # else every step's context product casts its slice again
         w = self.attention.full_att.weight[0]
         offset = self.attention.full_att.bias - w.sum()
+        slots = _ImageSlots(owner, decode_lengths)
+        kernels = compiled_attention_kernels() if self.compile_attention else None
+        # Per image in the slots' order (compiled kernels) or per length-sorted caption (eager).
+        projected = _GatherUniqueRows.apply(projected, slots.image_order) if kernels else projected[owner]
         buffer = torch.zeros_like(projected, dtype=torch.float32)  # summed over steps: keep float32 under autocast
         anchor = _GradientBuffer.apply(projected, buffer)
         regions = projected.detach()
-        kernels = compiled_attention_kernels() if self.compile_attention else None
         factors = _sigmoid_factors(regions, regions.dtype) if kernels else None  # exp(-projected), once
         # Per-step pieces come from one split and go back through one stack: slicing emb_gates[start:start+bt]
         # or writing alphas[:bt, t] made autograd allocate and add a full-size gradient at every step.
         step_gates = emb_gates.split(batch_sizes)
-        slots = _ImageSlots(owner, decode_lengths)
         encoder_out = encoder_out[slots.image_order]
         hs, zs, step_alphas = [], [], []
         for t, bt in enumerate(batch_sizes):
             h, c = h[:bt], c[:bt]
             hw = _StepProduct.apply(h, w_h, weights, store, 0) + b_h
-            energy = _AttentionEnergies.apply(hw[:, cdim:], w, anchor, regions, bt, buffer, kernels, factors)
+            if kernels:
+                energy = _ImageAttentionEnergies.apply(hw[:, cdim:], w, anchor, factors, slots, t, buffer, kernels)
+            else:
+                energy = _AttentionEnergies.apply(hw[:, cdim:], w, anchor, regions, bt, buffer)
             energy = 2 * energy + offset
             alpha = torch.softmax(energy, dim=1)
             z = torch.sigmoid(hw[:, :cdim]) * slots.context(alpha, encoder_out, t)
