@@ -1037,19 +1037,25 @@ class DecoderWithAttention(nn.Module):
         for step in range(max_len):
             m = images.numel()
             z, alpha = self._attend(h, encoder_out, projected)
-            # Finished beams only extend with a free <pad>, so the LSTM and classifier skip them.
-            live = (~finished).nonzero().squeeze(1)
-            h_live, c_live, out = self._advance(self.embedding(words[live]), h[live], c[live], z[live])
-            h, c = h.index_copy(0, live, h_live), c.index_copy(0, live, c_live)
+            # Finished beams only extend with a free <pad>, so the LSTM and classifier skip them. (Until a beam
+            # finishes, every row is live: the gathers and scatters are skipped, a tenth of a step's operations.)
+            all_live = not bool(finished.any())
+            live = torch.arange(finished.numel(), device=device) if all_live else (~finished).nonzero().squeeze(1)
+            if all_live:
+                h, c, out = self._advance(self.embedding(words), h, c, z)
+            else:
+                h_live, c_live, out = self._advance(self.embedding(words[live]), h[live], c[live], z[live])
+                h, c = h.index_copy(0, live, h_live), c.index_copy(0, live, c_live)
             logits = F.log_softmax(self.fc(out), dim=1)
+            live_seqs = seqs if all_live else seqs[live]
             if word_bonus is not None:  # each word's bonus counts until the beam has said the word once
-                unsaid = torch.ones_like(logits).scatter_(1, seqs[live], 0.0) if seqs.size(1) else 1.0
+                unsaid = torch.ones_like(logits).scatter_(1, live_seqs, 0.0) if seqs.size(1) else 1.0
                 logits = logits + word_bonus.repeat_interleave(k, dim=0)[live] * unsaid
             logits = self._mask(logits, allow_unk)
             if block_trigrams and seqs.size(1) >= 3:
-                self._block_repeated_trigrams(logits, seqs[live])
+                self._block_repeated_trigrams(logits, live_seqs)
             if repeat_words is not None and seqs.size(1) >= 2:
-                self._block_repeated_bigrams(logits, seqs[live], repeat_words)
+                self._block_repeated_bigrams(logits, live_seqs, repeat_words)
             if step < min_len:
                 end = logits[:, END_ID].clone()
                 logits[:, END_ID] = float("-inf")  # an empty caption says nothing about the photo
@@ -1057,9 +1063,12 @@ class DecoderWithAttention(nn.Module):
                 stuck = torch.isinf(logits).all(dim=1)
                 logits[stuck, END_ID] = end[stuck]
             vocab = logits.size(1)
-            logp = logits.new_full((finished.numel(), vocab), float("-inf"))
-            logp[:, PAD_ID] = 0.0
-            logp[live] = logits
+            if all_live:  # (the masks above made <pad> -inf for every live beam)
+                logp = logits
+            else:
+                logp = logits.new_full((finished.numel(), vocab), float("-inf"))
+                logp[:, PAD_ID] = 0.0
+                logp[live] = logits
             candidates = (scores.view(-1, 1) + logp).view(m, k * vocab)
             scores, flat = candidates.topk(k, dim=1)
             src = (torch.arange(0, m * k, k, device=device).unsqueeze(1) + flat // vocab).view(-1)
