@@ -513,8 +513,6 @@ def _hdf5_for_writing(path: Path) -> Iterator[h5py.File]:
         raise
 
 
-
-
 def write_split(
     h5_path: Path,
     split: str,

@@ -58,12 +58,12 @@ def bundled_views(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.stack(views)
 
 
-def encode(encoder, cfg: ModelConfig, images: np.ndarray, batch_size: int = 32) -> torch.Tensor:
+def encode(encoder, cfg: ModelConfig, images: np.ndarray, device: torch.device, batch_size: int = 32) -> torch.Tensor:
     preprocess = Preprocess(cfg.backbone, cfg.input_size)
     with torch.no_grad():
         return torch.cat(
             [
-                encoder(preprocess(torch.from_numpy(images[i : i + batch_size])))
+                encoder(preprocess(torch.from_numpy(images[i : i + batch_size])).to(device))
                 for i in range(0, len(images), batch_size)
             ]
         )
@@ -79,11 +79,13 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=50, help="longest caption")
     p.add_argument("--length-penalty", type=float, default=0.5, help="as eval.py's --length-penalty")
     p.add_argument("--repeats", type=int, default=3, help="timed runs each way; the median speed-up is reported")
+    p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:1', ...")
     args = p.parse_args()
+    device = torch.device(args.device)
     keep_freed_memory()  # as eval.py and caption.py do
     torch.manual_seed(0)
     if args.checkpoint.is_file():
-        encoder, decoder, _, cfg = load_captioner(args.checkpoint)
+        encoder, decoder, _, cfg = load_captioner(args.checkpoint, device)
         if args.photos:
             paths = collect_images([args.photos])[: args.images]
             images = np.stack([read_image(path, cfg.image_size) for path in paths])
@@ -91,11 +93,11 @@ def main() -> None:
         else:
             images = bundled_views(args.images, cfg.image_size)
             source = f"{args.images} views of scikit-image's photos"
-        feats = encode(encoder, cfg, images)
+        feats = encode(encoder, cfg, images, device)
         source = f"{args.checkpoint.name} on {source}"
     else:
-        decoder = DecoderWithAttention(ModelConfig(vocab_size=2600), 1280).eval()
-        feats = torch.randn(args.images, 100, 1280).abs()
+        decoder = DecoderWithAttention(ModelConfig(vocab_size=2600), 1280).eval().to(device)
+        feats = torch.randn(args.images, 100, 1280, device=device).abs()
         source = f"random decoder on {args.images} random feature maps (no checkpoint found)"
     n, b = len(feats), args.batch_size
 
@@ -113,7 +115,8 @@ def main() -> None:
         rates.append((n / t_batched, n / (time.perf_counter() - t)))
     same = sum(x.tokens == y.tokens for x, y in zip(batched, single))
     lengths = [len(d.tokens) for d in batched]
-    print(f"{source}; beam {args.beam_size}, length penalty {args.length_penalty}, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"{source}; beam {args.beam_size}, length penalty {args.length_penalty}, {where}")
     print(f"caption lengths {min(lengths)}-{max(lengths)} words, mean {np.mean(lengths):.1f}")
     for i, (rb, rs) in enumerate(rates, 1):
         print(f"run {i}: batched ({b} at once) {rb:6.1f} images/s, one at a time {rs:5.1f} images/s: {rb / rs:.1f}x")

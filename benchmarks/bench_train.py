@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py [--grid 10] [--vocab 2600] [--batch-images 32] [--steps 5] [--repeats 3]
                                      [--modes "plain float32,fused bfloat16 compiled"] [--profile "fused bfloat16"]
+                                     [--device cuda]
 
 Prints captions/s of full training steps (forward, backward, clipping, Adam) of the default decoder on
 random "cached" features shaped like EfficientNet-Lite0's (P x 1280, five captions per image), for the plain
@@ -10,7 +11,8 @@ and under bfloat16 autocast (what ``train.py --amp`` does on a CPU), and the fus
 energies in torch.compile'd kernels (``train.py --compile``; compile time is printed apart, not timed).
 Modes are timed back to back in each repeat and the median and best of the repeats are printed. Also the
 FLOPs of one step (counted by torch.utils.flop_counter) and the machine's dense matmul FLOP/s in float32 and
-bfloat16 measured here, so the ratios say how close the training loop gets to the hardware.
+bfloat16 measured here, so the ratios say how close the training loop gets to the hardware. ``--device cuda``
+runs the same on a GPU (bfloat16 autocast there too; compiled modes need Triton).
 """
 
 from __future__ import annotations
@@ -36,14 +38,22 @@ MODES = {"plain float32": (False, False, False), "fused float32": (True, False, 
          "fused float32 compiled": (True, False, True), "fused bfloat16 compiled": (True, True, True)}  # fmt: skip
 
 
-def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Measured dense matmul FLOP/s (n x n x n, best of ``repeats``) in ``dtype``."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; timings must include it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """Measured dense matmul FLOP/s (n x n x n, best of ``repeats``) in ``dtype`` on ``device``."""
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         t = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -70,7 +80,9 @@ def main() -> None:
     p.add_argument("--profile", choices=list(MODES), default=None, help="also print where this mode's time goes")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled modes (no C++ compiler here)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes to time (default: all)")
+    p.add_argument("--device", default="cpu", help="'cpu' or a CUDA device ('cuda', 'cuda:1'); bfloat16 on both")
     args = p.parse_args()
+    device = torch.device(args.device)
     chosen = [m.strip() for m in args.modes.split(",")]
     if unknown := [m for m in chosen if m not in MODES]:
         p.error(f"unknown mode(s) {', '.join(unknown)}; choose from: {', '.join(MODES)}")
@@ -80,14 +92,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    decoder = DecoderWithAttention(ModelConfig(vocab_size=args.vocab), 1280).train()
-    opt = adam(list(decoder.parameters()), 4e-4, "cpu")  # as train.py
-    batch = make_batch(args.batch_images, 5, args.grid, args.vocab)
-    captions = batch[1].shape[0]
+    decoder = DecoderWithAttention(ModelConfig(vocab_size=args.vocab), 1280).train().to(device)
+    opt = adam(list(decoder.parameters()), 4e-4, device)  # as train.py
+    feats, caps, lengths, index = make_batch(args.batch_images, 5, args.grid, args.vocab)
+    batch = (feats.to(device), caps.to(device), lengths, index.to(device))  # lengths stay on the CPU (train.py)
+    captions = caps.shape[0]
 
     def step(fused: bool, low: bool, compiled: bool) -> None:
         decoder.compile_attention = compiled
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
             logits, targets, alphas = decoder(*batch, fused=fused)
             loss, _ = caption_loss(logits.float(), targets, alphas.float(), 0.01, 0.1)
         opt.zero_grad()
@@ -98,7 +111,7 @@ def main() -> None:
     if not args.no_compile:
         start = time.perf_counter()
         for dtype in (torch.float32, torch.bfloat16):
-            decoder.use_compiled_attention("cpu", dtype)
+            decoder.use_compiled_attention(device, dtype)
         compile_seconds = time.perf_counter() - start
     for mode in modes.values():
         step(*mode)
@@ -108,12 +121,15 @@ def main() -> None:
     speeds: dict[str, list[float]] = {name: [] for name in modes}
     for _ in range(args.repeats):
         for name, mode in modes.items():
+            synchronize(device)
             t = time.perf_counter()
             for _ in range(args.steps):
                 step(*mode)
+            synchronize(device)
             speeds[name].append(captions * args.steps / (time.perf_counter() - t))
-    peak32, peak16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
-    print(f"threads: {torch.get_num_threads()}, grid {args.grid}x{args.grid}, vocab {args.vocab}, "
+    peak32, peak16 = matmul_flops(torch.float32, device), matmul_flops(torch.bfloat16, device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads: {torch.get_num_threads()}"
+    print(f"{where}, grid {args.grid}x{args.grid}, vocab {args.vocab}, "
           f"{args.batch_images} images x 5 captions per step, {args.repeats} repeats x {args.steps} steps")  # fmt: skip
     print(f"step FLOPs (fwd+bwd, counted): {flops / 1e9:.2f} GFLOP ({flops / captions / 1e6:.0f} MFLOP per caption)")
     print(f"dense matmul on this machine: {peak32 / 1e9:.0f} GFLOP/s float32, {peak16 / 1e9:.0f} GFLOP/s bfloat16")
@@ -127,11 +143,13 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
             for _ in range(args.steps):
                 step(*MODES[args.profile])
         print(f"\nwhere the time of {args.steps} steps of {args.profile} goes (PyTorch operators, self time):")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
 if __name__ == "__main__":
