@@ -541,6 +541,8 @@ def write_split(
             # One image is one uncompressed chunk, so its bytes are the chunk: written as they are, straight
             # from the worker's shared slot. h5py's dataset assignment (batched 32 images at a time) copied
             # each image twice and cost the writer more CPU than a worker spends decoding the image.
+            if array.shape != (3, s, s) or array.dtype != np.uint8:  # raw bytes: h5py checks nothing here
+                raise ValueError(f"{record.path}: decoded to {array.dtype} {array.shape}, expected uint8 (3, {s}, {s})")
             images.id.write_direct_chunk((i, 0, 0, 0), np.ascontiguousarray(array))
             chosen = sample_captions(record, c, opt.max_len, opt.seed)
             captions[i * c : (i + 1) * c] = [encode_caption(t, word_map, opt.max_len) for t in chosen]

@@ -244,7 +244,7 @@ class Encoder(nn.Module):
             raise CamEyeError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
         self.pool = nn.AdaptiveAvgPool2d(grid_size) if grid_size else nn.Identity()
         self._low_copies: dict[str, nn.Module] | None = None  # set by fold_batch_norm (inference only)
-        # "float32", or "bfloat16": inference under bfloat16 autocast (see feature_map and resolve_precision).
+        # "float32", or "bfloat16": inference in bfloat16 (see feature_map and resolve_precision).
         self.precision = "float32"
         if not 0 <= fine_tune_stages <= len(stages):
             raise CamEyeError(f"{backbone} has {len(stages)} stages; cannot fine-tune {fine_tune_stages}")
@@ -277,8 +277,9 @@ class Encoder(nn.Module):
         under the 32 MB up to which glibc reuses freed heap memory (see utils.keep_freed_memory); above it
         every activation is a fresh mmap whose pages the kernel must fault in and zero. Measured on the CI
         machine for Lite0 at 320 px: 34 images/s this way against 10 images/s in one batch of 64.
-        With ``self.precision == "bfloat16"`` (inference only) the network runs under bfloat16 autocast, on the
-        bfloat16 matrix units of recent CPUs and GPUs; the features come back as float32.
+        With ``self.precision == "bfloat16"`` (inference only) the network runs in bfloat16, on the bfloat16
+        matrix units of recent CPUs and GPUs: under autocast, or once folded (:meth:`fold_batch_norm`) as a
+        bfloat16 copy of its weights; the features come back as float32.
         """
         x = images.contiguous(memory_format=torch.channels_last)
         low = self.precision == "bfloat16" and not (self.training and self.trainable_stages)
@@ -291,6 +292,17 @@ class Encoder(nn.Module):
                 return self.pool(features(x)).float()
             chunk = max(1, _ENCODER_PIXELS // (x.shape[2] * x.shape[3]))
             return torch.cat([self.pool(features(part)) for part in x.split(chunk)]).float()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .float() ... change the weights the bfloat16 copies were made from: drop the copies.
+        if self._low_copies:
+            self._low_copies = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        if self._low_copies:
+            self._low_copies = {}  # new weights: the bfloat16 copies are made again when next used
+        return super().load_state_dict(*args, **kwargs)
 
     def _bfloat16_copy(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         """The folded network's feature function with its weights in bfloat16 on ``device``, made once.
@@ -339,7 +351,7 @@ class Encoder(nn.Module):
 
     def _fold_same_padding(self) -> None:
         """Inference only: EfficientNet-Lite's stride-1 convolutions pad their input ("same" padding, computed
-        at each call) with a separate F.pad, a copy of every activation; for stride 1 and an odd kernel span
+        at each call) with a separate F.pad, a copy of every activation; for stride 1 and an even span (k - 1) * d
         that padding is symmetric, (k - 1) * dilation / 2 on each side at any input size, so the convolution's
         own padding computes the same. Its ReLU6s also run in place (no autograd here). ResNets: unchanged."""
         from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
@@ -520,6 +532,7 @@ class _ImageSlots:
         rank = torch.empty_like(new_owner)
         rank[by_image] = torch.arange(len(new_owner)) - first[new_owner[by_image]]
         self.slot = (new_owner * self.k + rank).to(device)  # moved once, not at every step
+        self.image_order = self.image_order.to(device)
         # images still decoding at step t: those whose longest caption is longer than t
         self.images_at = [int((longest > t).sum()) for t in range(int(decode_lengths.max()))]
 
@@ -558,8 +571,16 @@ _HALF_LIMIT = 40.0
 
 
 def _sigmoid_factors(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """exp(-x) (clamped, see _HALF_LIMIT) in ``dtype``: sigmoid(x + y) = 1 / (1 + exp(-x) exp(-y))."""
-    return torch.exp(-x.float().clamp(-_HALF_LIMIT, _HALF_LIMIT)).to(dtype)
+    """exp(-x) (clamped, see _HALF_LIMIT) in ``dtype``: sigmoid(x + y) = 1 / (1 + exp(-x) exp(-y)).
+
+    float16 (CUDA AMP) is replaced by float32: its range ends at exp(11.1), so the factors would overflow to
+    inf and underflow to 0 inside what attention produces (and 0 * inf is nan). bfloat16 has float32's range.
+    """
+    return torch.exp(-x.float().clamp(-_HALF_LIMIT, _HALF_LIMIT)).to(_factor_dtype(dtype))
+
+
+def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _energies_one_pass(eh: torch.Tensor, er: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -645,7 +666,7 @@ class _ImageAttentionEnergies(torch.autograd.Function):
         eh.index_copy_(0, slot, _sigmoid_factors(dh2, torch.float32))
         eh = eh.view(m, k, -1)
         ctx.save_for_backward(eh, factors, w, slot)
-        ctx.m, ctx.buffer, ctx.kernels, ctx.dh2_dtype = m, buffer, kernels, dh2.dtype
+        ctx.buffer, ctx.kernels, ctx.dh2_dtype = buffer, kernels, dh2.dtype
         return kernels[0](eh, factors[:m], w.to(factors.dtype)).view(m * k, -1)[slot]
 
     @staticmethod
@@ -672,11 +693,11 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """
     if not training or p == 0 or x.device.type != "cpu":
         return F.dropout(x, p, training)
-    if p >= 1:
+    threshold = round(p * 65536) - 32768  # P(bits < threshold) = p rounded to a multiple of 1/65536
+    if threshold >= 32768:  # p rounds to 1: everything is dropped
         return x * 0
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-    threshold = round(p * 65536) - 32768  # P(bits < threshold) = rounded p
     keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold
     return x * (keep * (65536 / (32768 - threshold))).to(x.dtype)
 
@@ -754,7 +775,7 @@ class DecoderWithAttention(nn.Module):
             slots = _ImageSlots(torch.arange(n, device=device).repeat(2), torch.arange(2 * n, 0, -1))
             dh2 = torch.zeros(2 * n, a, device=device, dtype=dtype, requires_grad=True)
             w = torch.zeros(a, device=device, requires_grad=True)
-            factors = torch.ones(n, 2, a, device=device, dtype=dtype)
+            factors = torch.ones(n, 2, a, device=device, dtype=_factor_dtype(dtype))
             buffer = torch.zeros(n, 2, a, device=device)
             e = _ImageAttentionEnergies.apply(dh2, w, w.sum(), factors, slots, 0, buffer, kernels)
             e.float().sum().backward()

@@ -1041,6 +1041,15 @@ def adam(params: list[torch.Tensor], lr: float, device: torch.device | str) -> t
     return torch.optim.Adam(params, lr=lr, fused=torch.device(device).type in ("cpu", "cuda"))
 
 
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``opt.load_state_dict(state)`` keeping this machine's choice of fused kernel: a saved group's "fused"
+    (None in files from before train.adam, or True from a machine that had the kernel) would otherwise replace
+    it. It is set before loading because loading places Adam's step counters by it (on the parameters'
+    device for the fused kernel, on the CPU otherwise)."""
+    groups = [{**saved, "fused": own.get("fused")} for saved, own in zip(state["param_groups"], opt.param_groups)]
+    opt.load_state_dict({**state, "param_groups": groups})
+
+
 def restore_checkpoint(ckpt, mcfg, tcfg, encoder, decoder, optimizers, scheduler) -> EpochProgress:
     """Load weights, optimisers, scheduler and RNG from ``ckpt``; returns where training continues.
 
@@ -1050,16 +1059,12 @@ def restore_checkpoint(ckpt, mcfg, tcfg, encoder, decoder, optimizers, scheduler
     encoder.load_state_dict(ckpt["encoder"])
     decoder.load_state_dict(ckpt["decoder"])
     saved_stages = ModelConfig.from_dict(ckpt["config"]).fine_tune_stages
-    fused = [[g.get("fused") for g in opt.param_groups] for opt in optimizers]
-    optimizers[0].load_state_dict(ckpt["optimizers"][0])
+    load_optimizer_state(optimizers[0], ckpt["optimizers"][0])
     if len(optimizers) > 1:
         if saved_stages == mcfg.fine_tune_stages and len(ckpt["optimizers"]) > 1:
-            optimizers[1].load_state_dict(ckpt["optimizers"][1])
+            load_optimizer_state(optimizers[1], ckpt["optimizers"][1])
         else:
             print(f"note: fine-tuning the last {mcfg.fine_tune_stages} encoder stage(s) with a fresh optimiser")
-    for opt, flags in zip(optimizers, fused):  # a saved group's "fused" (older files: None) is this machine's choice
-        for group, flag in zip(opt.param_groups, flags):
-            group["fused"] = flag
     for group in optimizers[0].param_groups:  # an explicit --decoder-lr on resume takes effect
         if tcfg.decoder_lr != ckpt["train_config"].get("decoder_lr", tcfg.decoder_lr):
             group["lr"] = tcfg.decoder_lr

@@ -999,3 +999,36 @@ def test_dropout_zeroes_about_p_and_scales_the_rest() -> None:
     torch.testing.assert_close(x.grad, kept * weights / 0.3, rtol=1e-4, atol=0)
     assert torch.equal(models.dropout(x, 0.5, training=False), x)
     assert models.dropout(torch.ones(3, 7), 0.0, training=True).eq(1).all()
+
+
+def test_dropout_with_p_rounding_to_one_drops_everything() -> None:
+    """p within 2^-17 of 1 rounds to 1 in the 16-bit mask: everything is dropped (no division by zero)."""
+    x = torch.ones(4, 5, requires_grad=True)
+    y = models.dropout(x, 1 - 1e-6, training=True)
+    assert torch.equal(y, torch.zeros(4, 5))
+
+
+def test_sigmoid_factors_are_float32_for_float16() -> None:
+    """CUDA AMP's float16 would overflow exp(-x) inside attention's range (its maximum is about e^11):
+    the factors are then float32; bfloat16 (float32's range) stays bfloat16."""
+    x = torch.tensor([-30.0, 0.0, 30.0])
+    assert models._sigmoid_factors(x, torch.float16).dtype == torch.float32
+    assert models._sigmoid_factors(x, torch.bfloat16).dtype == torch.bfloat16
+    assert models._sigmoid_factors(x, torch.float16).isfinite().all()
+
+
+def test_folded_encoder_drops_its_bfloat16_copy_when_weights_change() -> None:
+    """The bfloat16 copy a folded encoder makes on first use is dropped by load_state_dict (and .to()), so
+    new weights are used, not a stale copy of the old ones."""
+    folded = Encoder("resnet50", "none").eval().fold_batch_norm()
+    folded.precision = "bfloat16"
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = folded.feature_map(x)
+        state = {k: v * 0.5 if v.is_floating_point() else v for k, v in folded.state_dict().items()}
+        folded.load_state_dict(state)
+        after = folded.feature_map(x)
+        fresh = Encoder("resnet50", "none").eval().fold_batch_norm()
+        fresh.load_state_dict(state)
+        fresh.precision = "bfloat16"
+        assert torch.equal(after, fresh.feature_map(x)) and not torch.equal(after, before)

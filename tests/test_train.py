@@ -912,3 +912,25 @@ def test_adam_is_fused_and_equals_the_default_update() -> None:
             opt.step()
     for a, b in zip(weights, copies):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_optimizer_state_from_before_fused_adam_resumes_fused() -> None:
+    """Issue 10: an optimiser state saved by the default Adam (older checkpoints: "fused" None) loads into
+    train.adam's fused optimiser, which stays fused and continues the default Adam's steps."""
+    torch.manual_seed(0)
+    weights = [torch.randn(16, 8, requires_grad=True)]
+    old = torch.optim.Adam(weights, lr=1e-2)
+    for _ in range(2):
+        old.zero_grad()
+        (weights[0] ** 2).sum().backward()
+        old.step()
+    saved = copy.deepcopy(old.state_dict())
+    copies = [weights[0].detach().clone().requires_grad_()]
+    new = train.adam(copies, 1e-2, "cpu")
+    train.load_optimizer_state(new, saved)
+    assert new.param_groups[0]["fused"]
+    for params, opt in ((weights, old), (copies, new)):
+        opt.zero_grad()
+        (params[0] ** 2).sum().backward()
+        opt.step()
+    torch.testing.assert_close(copies[0], weights[0], rtol=1e-6, atol=1e-7)
