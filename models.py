@@ -293,16 +293,19 @@ class Encoder(nn.Module):
             chunk = max(1, _ENCODER_PIXELS // (x.shape[2] * x.shape[3]))
             return torch.cat([self.pool(features(part)) for part in x.split(chunk)]).float()
 
+    # .to(), .cuda(), .float() (all through _apply) and load_state_dict change the weights the bfloat16 copies
+    # were made from: they drop the copies, which are made again when next used.
     def _apply(self, fn, *args, **kwargs):
-        # .to(), .cuda(), .float() ... change the weights the bfloat16 copies were made from: drop the copies.
-        if self._low_copies:
-            self._low_copies = {}
+        self._drop_low_copies()
         return super()._apply(fn, *args, **kwargs)
 
     def load_state_dict(self, *args, **kwargs):
-        if self._low_copies:
-            self._low_copies = {}  # new weights: the bfloat16 copies are made again when next used
+        self._drop_low_copies()
         return super().load_state_dict(*args, **kwargs)
+
+    def _drop_low_copies(self) -> None:
+        if self._low_copies:
+            self._low_copies = {}
 
     def _bfloat16_copy(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         """The folded network's feature function with its weights in bfloat16 on ``device``, made once.
@@ -1060,18 +1063,15 @@ class DecoderWithAttention(nn.Module):
             z, alpha = self._attend(h, encoder_out, projected)
             # Finished beams only extend with a free <pad>, so the LSTM and classifier skip them. (Until a beam
             # finishes, every row is live: the gathers and scatters are skipped, a tenth of a step's operations.)
-            all_live = not bool(finished.any())
-            live = torch.arange(finished.numel(), device=device) if all_live else (~finished).nonzero().squeeze(1)
-            if all_live:
-                h, c, out = self._advance(self.embedding(words), h, c, z)
-            else:
-                h_live, c_live, out = self._advance(self.embedding(words[live]), h[live], c[live], z[live])
-                h, c = h.index_copy(0, live, h_live), c.index_copy(0, live, c_live)
+            live = (~finished).nonzero().squeeze(1) if finished.any() else None  # None: every beam is live
+            pick = functools.partial(_rows, index=live)
+            h_live, c_live, out = self._advance(self.embedding(pick(words)), pick(h), pick(c), pick(z))
+            h, c = (h_live, c_live) if live is None else (h.index_copy(0, live, h_live), c.index_copy(0, live, c_live))
             logits = F.log_softmax(self.fc(out), dim=1)
-            live_seqs = seqs if all_live else seqs[live]
+            live_seqs = pick(seqs)
             if word_bonus is not None:  # each word's bonus counts until the beam has said the word once
                 unsaid = torch.ones_like(logits).scatter_(1, live_seqs, 0.0) if seqs.size(1) else 1.0
-                logits = logits + word_bonus.repeat_interleave(k, dim=0)[live] * unsaid
+                logits = logits + pick(word_bonus.repeat_interleave(k, dim=0)) * unsaid
             logits = self._mask(logits, allow_unk)
             if block_trigrams and seqs.size(1) >= 3:
                 self._block_repeated_trigrams(logits, live_seqs)
@@ -1084,7 +1084,7 @@ class DecoderWithAttention(nn.Module):
                 stuck = torch.isinf(logits).all(dim=1)
                 logits[stuck, END_ID] = end[stuck]
             vocab = logits.size(1)
-            if all_live:  # (the masks above made <pad> -inf for every live beam)
+            if live is None:  # (the masks above made <pad> -inf for every live beam)
                 logp = logits
             else:
                 logp = logits.new_full((finished.numel(), vocab), float("-inf"))
@@ -1178,6 +1178,11 @@ class DecoderWithAttention(nn.Module):
                 picked.append(Decoded(ids[:length], flat_scores[b], alphas[b, :length].cpu(), norm_list[b]))
             results.append(replace(picked[0], alternatives=picked))
         return results
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """t[index], or t itself for ``index`` None (all rows)."""
+    return t if index is None else t[index]
 
 
 def content_word_mask(word_map: dict[str, int]) -> torch.Tensor:
