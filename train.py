@@ -74,6 +74,7 @@ from utils import (
     handle_sigterm,
     keep_freed_memory,
     mount_point,
+    new_hdf5,
     read_json,
     reverse_word_map,
     save_torch,
@@ -186,7 +187,7 @@ def cache_features(
     dataset = CaptionDataset(split_file, "eval", Preprocess(cfg.backbone, cfg.input_size))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval)
     encoder = copy.deepcopy(encoder).fold_batch_norm()
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(out) as tmp, new_hdf5(tmp) as f:
         feats = None
         for images, _, index in tqdm(loader, desc=f"encoding {split_file.stem}", unit="batch"):
             fmap = encoder.feature_map(images.to(device))

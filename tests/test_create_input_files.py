@@ -21,7 +21,7 @@ from PIL import Image
 
 import create_input_files as cif
 from create_input_files import Options, create_input_files, load_image
-from utils import SPECIAL_TOKENS, CamEyeError, decode_caption, reverse_word_map
+from utils import SPECIAL_TOKENS, CamEyeError, Terminated, decode_caption, reverse_word_map
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "create_input_files.py"
@@ -737,12 +737,17 @@ def temporaries(folder):
     return sorted(p.name for p in folder.rglob("*.tmp"))
 
 
+def is_progress_bar(line):
+    """A tqdm bar: its rate reads "2.42img/s", or "1.65s/img" while the first images come slowly."""
+    return "img/s" in line or "s/img" in line
+
+
 def one_error_line(result):
     """Assert a CLI run failed with exactly one ``error:`` line and no traceback; return that line."""
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr + result.stdout
     # tqdm's progress bars go to stderr too, redrawn with carriage returns
-    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and "img/s" not in line]
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not is_progress_bar(line)]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
 
@@ -1211,7 +1216,7 @@ def test_interrupted_preparation_leaves_no_temporary_and_keeps_earlier_output(tm
     else:
         status, what = (143, "terminated (SIGTERM)") if how.startswith("SIGTERM") else (130, "interrupted")
         assert proc.returncode == status, stderr
-        last = [line for line in re.split(r"[\r\n]", stderr) if line.strip() and "img/s" not in line]
+        last = [line for line in re.split(r"[\r\n]", stderr) if line.strip() and not is_progress_bar(line)]
         assert last == [f"{what} while preparing {out}: nothing was half-written there; run again"]
     assert temporaries(out) == [] and snapshot(out) == before
 
@@ -1271,3 +1276,119 @@ def test_large_jpeg_draft_decoding_matches_a_full_decode(tmp_path):
     got = load_image(path, 256)
     diff = np.abs(got.astype(int) - full)
     assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 6
+
+
+# ------------------------------------------------------------------------------- the fast decoding paths
+def _jpeg_variants(folder):
+    """JPEGs of the kinds photos come in, each (path, whether simplejpeg should decode it)."""
+    photo = Image.fromarray(smooth_photo(75, 101, seed=3))  # odd sides: partial MCUs at the edges
+    kinds = {
+        "4:2:0": dict(subsampling=2),
+        "4:2:2": dict(subsampling=1),
+        "4:4:4": dict(subsampling=0),
+        "progressive": dict(progressive=True),
+        "restart markers": dict(restart_marker_blocks=2),
+        "low quality": dict(quality=20),
+    }
+    files = []
+    for name, options in kinds.items():
+        photo.save(path := folder / f"{name}.jpg", "JPEG", **{"quality": 90, **options})
+        files.append((path, True))
+    photo.convert("L").save(path := folder / "grey.jpg", "JPEG")
+    files.append((path, True))
+    _exif_jpeg(path := folder / "exif 1.jpg", 1)
+    files.append((path, True))
+    _exif_jpeg(path := folder / "exif 6.jpg", 6)  # turned by PIL: not simplejpeg's
+    files.append((path, False))
+    Image.new("CMYK", (24, 24), (0, 255, 255, 0)).save(path := folder / "cmyk.jpg", "JPEG")
+    files.append((path, False))
+    Image.fromarray(smooth_photo(128, 160)).save(path := folder / "big.jpg", "JPEG")  # 4 x 32: PIL's draft
+    files.append((path, False))
+    return files
+
+
+def test_jpegs_decode_to_the_same_pixels_by_simplejpeg_as_by_pil(tmp_path, monkeypatch):
+    """Issue 10: plain JPEGs are decoded by simplejpeg, pixel for pixel what PIL's decode gives; orientated,
+    CMYK and draft-sized ones (at least 4 x 32 px) still go through PIL."""
+    files = _jpeg_variants(tmp_path)
+    by_pil = {}
+    with monkeypatch.context() as m:
+        m.setattr(cif, "_decodes_as_plain_jpeg", lambda im, size: False)
+        for path, _ in files:
+            by_pil[path] = cif.decode_image(path, 32)
+    calls = []
+    original = cif.simplejpeg.decode_jpeg
+    monkeypatch.setattr(cif.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for path, plain in files:
+        calls.clear()
+        got = cif.decode_image(path, 32)
+        assert bool(calls) == plain, path.name
+        assert got.dtype == np.uint8 and got.ndim == 3 and got.shape[2] == 3, path.name
+        np.testing.assert_array_equal(got, by_pil[path], err_msg=path.name)
+
+
+def test_a_jpeg_libjpeg_only_warns_about_is_decoded_as_pil_decodes_it(tmp_path):
+    """A JPEG with junk after its end marker makes simplejpeg (strict) raise; PIL decodes it: so do we."""
+    path = tmp_path / "junk.jpg"
+    Image.fromarray(smooth_photo(40, 40)).save(path, "JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[:-2] + b"\x00" * 64 + data[-2:])  # stray bytes before the end marker
+    with Image.open(path) as im:
+        expected = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(cif.decode_image(path, SIZE), expected)
+
+
+def test_a_task_resizes_same_shaped_images_together_with_the_same_pixels(tmp_path, monkeypatch):
+    """_load_jobs resizes the images of one shape in one call; each comes out as load_image makes it alone,
+    in its own slot or returned, and a bad file keeps its place with its reason."""
+    files = [p for p, _ in _jpeg_variants(tmp_path)]
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    files.insert(3, tmp_path / "broken.jpg")
+    solid(png := tmp_path / "solid.png", (10, 200, 30), size=(75, 101))
+    files.append(png)
+    expected = [cif._load_job((str(p), SIZE)) for p in files]
+    assert expected[3] == (None, "not an image") and sum(e[0] is None for e in expected) == 1
+    got = cif._load_jobs(SIZE, [(str(p), None) for p in files])
+    slots = np.zeros((len(files), 3, SIZE, SIZE), np.uint8)
+    monkeypatch.setattr(cif, "_worker_slots", slots)
+    in_slots = cif._load_jobs(SIZE, [(str(p), k) for k, p in enumerate(files)])
+    for k, ((want, reason), (image, why), (slot, why2)) in enumerate(zip(expected, got, in_slots)):
+        assert why == why2 == reason, files[k].name
+        if want is None:
+            assert image is None and slot is None
+            continue
+        assert image.flags.c_contiguous and image.shape == (3, SIZE, SIZE)
+        np.testing.assert_array_equal(image, want, err_msg=files[k].name)
+        assert slot == k
+        np.testing.assert_array_equal(slots[k], want, err_msg=files[k].name)
+
+
+def test_the_parent_process_does_not_import_torch():
+    """Issue 10: only the decoding workers need torch (to resize); the parent reads captions and writes HDF5
+    while they import it, and exits without torch's 0.6 s of interpreter shutdown."""
+    code = "import sys, create_input_files; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def _paths_for_workers(folder, n=400):
+    for i in range(n):
+        Image.fromarray(smooth_photo(60, 60, seed=i % 7)).save(folder / f"{i}.jpg", "JPEG")
+    return [str(folder / f"{i}.jpg") for i in range(n)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["one killed (OOM)", "all sent SIGTERM"])
+def test_a_worker_dying_midway_is_a_one_line_error_or_terminated(tmp_path, sig):
+    """A worker killed (the OOM killer's SIGKILL) stops preparation with a one-line CamEyeError naming the exit
+    status; workers that all died of SIGTERM (sent to the process group) mean Terminated, even if the
+    parent's own SIGTERM was lost."""
+    paths = _paths_for_workers(tmp_path)
+    with pytest.raises(Terminated if sig == signal.SIGTERM else CamEyeError) as info:
+        with cif.ImageDecoder(2, "fork", 32) as decode:
+            for k, _ in enumerate(decode(paths, 32)):
+                if k == 20:
+                    for p in decode.workers if sig == signal.SIGTERM else decode.workers[:1]:
+                        os.kill(p.pid, sig)
+    if sig == signal.SIGKILL:
+        assert str(info.value).startswith("an image-decoding worker process died (exit status -9")
+    assert all(p.exitcode is not None for p in decode.workers)

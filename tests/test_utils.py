@@ -381,3 +381,31 @@ def test_sigterm_becomes_terminated_so_finally_blocks_run(tmp_path: Path) -> Non
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 143 and result.stderr == "terminated (SIGTERM)\n", result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_new_hdf5_writes_an_atomic_temporary_afresh(tmp_path: Path) -> None:
+    """Issue 10: HDF5 files are made afresh at atomic_path's temporary (no O_TRUNC of the empty file, which
+    made ext4 write 1.2 GB out inside close()); the result is renamed into place with open()'s permissions."""
+    import h5py
+
+    target = tmp_path / "train.hdf5"
+    with utils.atomic_path(target) as tmp, utils.new_hdf5(tmp, rdcc_nbytes=0) as h5:
+        h5.create_dataset("x", data=np.arange(5))
+    with h5py.File(target, "r") as h5:
+        assert h5["x"][()].tolist() == [0, 1, 2, 3, 4]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~utils._UMASK
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_new_hdf5_does_not_follow_what_appeared_at_the_temporary_name(tmp_path: Path, monkeypatch) -> None:
+    """Made with O_EXCL: a link put where the temporary was is refused, not followed to overwrite its target."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    tmp = tmp_path / ".out.hdf5.tmp"
+    tmp.write_bytes(b"")
+    unlink = os.unlink
+    # The race, made certain: the link appears between the removal and the creation.
+    monkeypatch.setattr(os, "unlink", lambda p: (unlink(p), Path(p).symlink_to(victim)))
+    with pytest.raises(FileExistsError):
+        utils.new_hdf5(tmp)
+    assert victim.read_text() == "keep me"
