@@ -47,7 +47,15 @@ from caption import (
     save_attention_figure,
     save_attention_gif,
 )
-from utils import CamEyeError, add_decoding_arguments, cli_errors, handle_sigterm, keep_freed_memory, positive_int
+from utils import (
+    CamEyeError,
+    add_decoding_arguments,
+    cli_errors,
+    freeze_imported_objects,
+    handle_sigterm,
+    keep_freed_memory,
+    positive_int,
+)
 
 MAX_UPLOAD_MB = 20  # larger files are refused before decoding
 DISPLAY_SIDE = 512  # longest side, in pixels, of the photo the attention is drawn over
@@ -408,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             page = build_page(captioner, args.beam_size, args.length_penalty, args.queue_size, args.keep_outputs,
                               args.max_len, args.block_trigrams, args.block_bigrams)  # fmt: skip
             launch_page(page, captioner, args.host, args.port)
+            freeze_imported_objects()  # Gradio's too: a full collection mid-request would walk them all
             try:
                 while True:  # serve until Ctrl-C or SIGTERM (cli_errors turns them into exit status 130 / 143)
                     time.sleep(1)

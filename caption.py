@@ -35,6 +35,7 @@ from utils import (
     add_decoding_arguments,
     atomic_path,
     cli_errors,
+    freeze_imported_objects,
     keep_freed_memory,
     positive_int,
     read_json,
@@ -317,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
+    freeze_imported_objects()
     failed = 0
     with cli_errors():
         paths = collect_images(args.images)

@@ -59,6 +59,7 @@ from utils import (
     CamEyeError,
     add_decoding_arguments,
     cli_errors,
+    freeze_imported_objects,
     handle_sigterm,
     ignore_signals_in_worker,
     keep_freed_memory,
@@ -603,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handle_sigterm()
     keep_freed_memory()
+    freeze_imported_objects()
     with cli_errors():
         if not java_available() and args.coco:
             print("note: no Java found: METEOR, ROUGE-L, CIDEr and COCO BLEU are skipped", file=sys.stderr)

@@ -70,6 +70,7 @@ from utils import (
     atomic_path,
     check_free_space,
     cli_errors,
+    freeze_imported_objects,
     get_rng_state,
     handle_sigterm,
     keep_freed_memory,
@@ -1359,6 +1360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_args(parser, args)
     mcfg, tcfg = configs_from_args(args)
     keep_freed_memory()
+    freeze_imported_objects()
     handle_sigterm()
     with cli_errors():
         try:
