@@ -44,6 +44,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cpu_counters() -> list[int] | None:
+    """Linux's whole-machine CPU time counters (/proc/stat: user, nice, system, idle, iowait, irq, softirq,
+    steal, in ticks), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def report_steal(start: list[int] | None) -> None:
+    """Print the share of CPU time the hypervisor gave other machines since ``start`` (cpu_counters()).
+
+    On a shared virtual machine this "steal" slows every figure by about its share: the same code measured
+    2x apart within an hour here. Same-run ratios stay comparable; absolute figures only when steal is ~0.
+    """
+    end = cpu_counters()
+    if start is None or end is None or len(end) < 8:
+        return
+    delta = [b - a for a, b in zip(start, end)]
+    if total := sum(delta):
+        print(f"CPU time taken by the hypervisor (steal) while measuring: {delta[7] / total:.0%}")
+
+
 def matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 10) -> float:
     """Measured dense matmul FLOP/s (n x n x n, best of ``repeats``) in ``dtype`` on ``device``."""
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
@@ -92,6 +116,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    counters = cpu_counters()
     decoder = DecoderWithAttention(ModelConfig(vocab_size=args.vocab), 1280).train().to(device)
     opt = adam(list(decoder.parameters()), 4e-4, device)  # as train.py
     feats, caps, lengths, index = make_batch(args.batch_images, 5, args.grid, args.vocab)
@@ -140,6 +165,7 @@ def main() -> None:
         achieved = median * flops / captions
         print(f"{name:23s} median {median:6.1f} captions/s (best {max(values):6.1f}); "
               f"{achieved / peak32:6.1%} of float32 peak, {achieved / peak16:6.1%} of bfloat16 peak")  # fmt: skip
+    report_steal(counters)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
