@@ -416,7 +416,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             page = build_page(captioner, args.beam_size, args.length_penalty, args.queue_size, args.keep_outputs,
                               args.max_len, args.block_trigrams, args.block_bigrams)  # fmt: skip
             launch_page(page, captioner, args.host, args.port)
-            freeze_imported_objects()  # Gradio's too: a full collection mid-request would walk them all
             try:
                 while True:  # serve until Ctrl-C or SIGTERM (cli_errors turns them into exit status 130 / 143)
                     time.sleep(1)
@@ -428,4 +427,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    freeze_imported_objects()
     sys.exit(main())

@@ -318,7 +318,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
-    freeze_imported_objects()
     failed = 0
     with cli_errors():
         paths = collect_images(args.images)
@@ -343,4 +342,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    freeze_imported_objects()
     sys.exit(main())

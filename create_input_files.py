@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import mmap
 import multiprocessing
@@ -56,16 +55,18 @@ import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from concurrent.futures import wait as wait_for_futures
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import h5py
 import numpy as np
 import simplejpeg
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 from tqdm import tqdm
 
 if TYPE_CHECKING:
@@ -404,13 +405,13 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
     pixel for pixel, straight into a numpy array, in 0.6x of PIL's time (PIL decodes into its own 4-byte
     pixels and copies them out).
     """
-    data = Path(path).read_bytes()
-    with warnings.catch_warnings():
+    with open(path, "rb") as f, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(f) as im:  # reads the header only
             if _decodes_as_plain_jpeg(im, size):
+                f.seek(0)
                 with contextlib.suppress(ValueError):  # a file libjpeg only warns about: PIL's decode decides
-                    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
+                    return simplejpeg.decode_jpeg(f.read(), colorspace="RGB", fastdct=False, fastupsample=False)
             if im.format == "JPEG":
                 im.draft(im.mode, (2 * size, 2 * size))
             im.load()
@@ -436,10 +437,14 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
     return np.array(im)
 
 
+# simplejpeg bundles libjpeg-turbo; a Pillow built on IJG's libjpeg would decode (upsample) differently.
+_PIL_HAS_LIBJPEG_TURBO = bool(features.check_feature("libjpeg_turbo"))
+
+
 def _decodes_as_plain_jpeg(im: Image.Image, size: int) -> bool:
     """Whether ``im`` (opened, not loaded) is a JPEG that simplejpeg decodes exactly as PIL would: YCbCr, RGB or
     grey (not CMYK), upright (no EXIF or XMP orientation to apply) and not large enough for draft mode."""
-    if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+    if not _PIL_HAS_LIBJPEG_TURBO or im.format != "JPEG" or im.mode not in ("RGB", "L"):
         return False
     if min(im.width, im.height) >= 4 * size:  # draft mode would decode it at a reduced scale
         return False
@@ -662,9 +667,10 @@ def _start_worker(slots: np.ndarray | None = None) -> None:
 class ImageDecoder:
     """Decodes and resizes images in ``workers`` processes, in order (in this process for 1 worker).
 
-    ``start_method`` None is multiprocessing's default for the platform ("fork" on Linux, "spawn" on Windows and
-    macOS, which have no safe fork). Workers ignore Ctrl-C and die quietly on SIGTERM: the parent stops them. A
-    context manager: the workers are shut down on success and killed at once on an exception (an interruption).
+    ``start_method`` None is "fork" on Linux (where Python 3.14 made "forkserver" the default) and the
+    platform's default elsewhere ("spawn" on Windows and macOS, which have no safe fork). Workers ignore Ctrl-C
+    and die quietly on SIGTERM: the parent stops them. A context manager: the workers are shut down on success
+    and killed at once on an exception (an interruption).
 
     With fork and a known ``size``, workers write images into slots of an anonymous shared memory map made
     before they start, and send back only the slot's number. Sending each image (196 KB at 256 px) through
@@ -679,27 +685,38 @@ class ImageDecoder:
     def __init__(self, workers: int, start_method: str | None = None, size: int | None = None) -> None:
         self.pool: ProcessPoolExecutor | None = None
         self.slots: np.ndarray | None = None
-        self.count = workers
+        self.count = min(workers, 61) if sys.platform == "win32" else workers  # the most the pool takes there
         self.workers: list[multiprocessing.process.BaseProcess] = []
         self._before: set[multiprocessing.process.BaseProcess] = set()
-        if workers > 1:
-            self._before = set(multiprocessing.active_children())
-            context = multiprocessing.get_context(start_method)
-            if size and context.get_start_method() == "fork":
-                count = SLOTS_PER_WORKER * workers
-                shared = mmap.mmap(-1, count * 3 * size * size)
-                self.slots = np.frombuffer(shared, np.uint8).reshape(count, 3, size, size)
-            self.pool = ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(self.slots,))
+        self._unfinished: list[Future] = []  # tasks left running by a consumer that stopped early
+        if workers <= 1:
+            return
+        if start_method is None and sys.platform.startswith("linux"):
+            start_method = "fork"  # the shared slots need it; this process has no other thread yet
+        self._before = set(multiprocessing.active_children())
+        context = multiprocessing.get_context(start_method)
+        if size and context.get_start_method() == "fork":
+            count = SLOTS_PER_WORKER * self.count
+            shared = mmap.mmap(-1, count * 3 * size * size)
+            self.slots = np.frombuffer(shared, np.uint8).reshape(count, 3, size, size)
+        try:
+            self.pool = ProcessPoolExecutor(self.count, context, initializer=_start_worker, initargs=(self.slots,))
             # Forked workers all start with the first task: now, while this process has no other thread (tqdm's
             # monitor comes later), since forking a process with threads may deadlock it.
             self._submit(os.getpid)
+        except BaseException:
+            self._stop()  # e.g. the second fork failed: the first worker must not outlive us
+            raise
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         # Workers start here (spawned ones one per task, while too few), with Ctrl-C and SIGTERM blocked: a
         # worker forked before its initializer ran would otherwise raise the parent's Terminated, with a
         # traceback; signals go to the main thread, which stops the pool.
-        with _stop_signals_blocked():
-            future = self.pool.submit(fn, *args)
+        try:
+            with _stop_signals_blocked():
+                future = self.pool.submit(fn, *args)
+        except BrokenProcessPool:  # a worker died since the last result
+            self._raise_for_dead_worker()
         if len(self.workers) < self.count:
             self.workers = [p for p in multiprocessing.active_children() if p not in self._before]
         return future
@@ -713,11 +730,22 @@ class ImageDecoder:
         if exc_type is None:
             self.pool.shutdown()
             return
-        # Stop decoding now, not after the queue: a worker may be busy with a huge image.
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self._stop()  # now, not after the queue: a worker may be busy with a huge image
+
+    def _stop(self) -> None:
+        """Kill the workers and let the pool go."""
+        self.workers = [p for p in multiprocessing.active_children() if p not in self._before]
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
         for p in self.workers:
             p.kill()
         _exit_codes(self.workers, every=True)
+        # A worker killed while it wrote a result (images go through the pipe without shared slots) leaves the
+        # pool's thread waiting for the rest of it, and Python's exit waits for that thread: closing this
+        # process's copy of the pipe's write end (a private attribute, hence the care) ends the wait.
+        writer = getattr(getattr(self.pool, "_result_queue", None), "_writer", None)
+        if writer is not None:
+            writer.close()
 
     def __call__(self, paths: Iterable[str], size: int) -> Iterator[tuple[np.ndarray | None, str]]:
         """``(image, "")`` or ``(None, reason)`` for each path, as :func:`_load_job`. An image may be a view of
@@ -736,35 +764,51 @@ class ImageDecoder:
             while task := next_task():
                 yield from _load_jobs(size, task)
             return
+        wait_for_futures(self._unfinished)  # an earlier call's tasks may still be writing into the slots
         pending: deque[Future] = deque()
-        for task in iter(next_task, []):
-            pending.append(self._submit(_load_jobs, size, task))
-            if len(pending) == in_flight:
-                break
-        while pending:
-            for image, reason in self._result(pending.popleft()):
-                yield (slots[image] if isinstance(image, int) else image), reason
-            if task := next_task():
+        try:
+            for task in iter(next_task, []):
                 pending.append(self._submit(_load_jobs, size, task))
+                if len(pending) == in_flight:
+                    break
+            while pending:
+                for image, reason in self._result(pending[0]):
+                    yield (slots[image] if isinstance(image, int) else image), reason
+                pending.popleft()
+                if task := next_task():
+                    pending.append(self._submit(_load_jobs, size, task))
+        finally:  # the consumer stopped early (or failed): what has not started never will
+            self._unfinished = [f for f in pending if not f.cancel()]
 
     def _result(self, future: Future) -> list[tuple[np.ndarray | int | None, str]]:
-        """The task's images; raises if a worker died, which breaks the pool.
+        """The task's images; raises if a worker died."""
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except BrokenProcessPool:
+                self._raise_for_dead_worker()
+            except FutureTimeoutError:
+                # A worker killed while it wrote a result leaves its future pending forever: look at them.
+                if any(p.exitcode is not None for p in self.workers):
+                    self._raise_for_dead_worker()
+
+    def _raise_for_dead_worker(self) -> NoReturn:
+        """Terminated if the workers died of SIGTERM, else a one-line CamEyeError with the exit status.
 
         SIGTERM sent to the whole process group (SLURM, Kubernetes) kills the workers; the parent's own
         Terminated can be lost when Python runs its handler inside a finalizer, so the workers' death says it.
+        The pool sends SIGTERM to the workers left when one dies, so a death by anything else comes first.
         """
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            # The pool sends SIGTERM to the workers left when one dies: only all dying of it means a SIGTERM.
-            codes = _exit_codes(self.workers)
-            died = next((c for c in codes if c not in (None, -signal.SIGTERM)), None)
-            if died is None and -signal.SIGTERM in codes:
-                raise Terminated() from None
-            status = "unknown" if died is None else died
-            raise CamEyeError(
-                f"an image-decoding worker process died (exit status {status}; out of memory?): try fewer --workers"
-            ) from None
+        codes = _exit_codes(self.workers)
+        died = next((c for c in codes if c not in (None, -signal.SIGTERM)), None)
+        if died is None and -signal.SIGTERM in codes:
+            raise Terminated() from None
+        if died == 0:  # its initializer failed: the worker printed why
+            raise CamEyeError("an image-decoding worker process failed to start (see above)") from None
+        status = "unknown" if died is None else died
+        raise CamEyeError(
+            f"an image-decoding worker process died (exit status {status}; out of memory?): try fewer --workers"
+        ) from None
 
 
 def _exit_codes(
@@ -775,6 +819,8 @@ def _exit_codes(
     An ended process may not be reaped yet, or be being reaped by the pool's thread, whose ``waitpid`` makes
     ours fail until it has stored the status in the shared Process object: so the codes are waited for.
     """
+    if not processes:
+        return []
     deadline = time.monotonic() + timeout
     ended = multiprocessing.connection.wait([p.sentinel for p in processes], timeout=timeout)
     awaited = processes if every else [p for p in processes if p.sentinel in ended]
@@ -961,7 +1007,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="images are resized to this square size (the images take N x 3 x S x S bytes on disk)",
     )
-    p.add_argument("--workers", type=positive_int, default=2, help="processes that decode and resize images")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=2,
+        help="processes that decode and resize images (each imports torch: about 300 MB of memory apiece)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for choosing captions per image")
     p.add_argument(
         "--word-map",

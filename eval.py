@@ -604,7 +604,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handle_sigterm()
     keep_freed_memory()
-    freeze_imported_objects()
     with cli_errors():
         if not java_available() and args.coco:
             print("note: no Java found: METEOR, ROUGE-L, CIDEr and COCO BLEU are skipped", file=sys.stderr)
@@ -643,4 +642,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    freeze_imported_objects()
     sys.exit(main())

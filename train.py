@@ -1360,7 +1360,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_args(parser, args)
     mcfg, tcfg = configs_from_args(args)
     keep_freed_memory()
-    freeze_imported_objects()
     handle_sigterm()
     with cli_errors():
         try:
@@ -1371,4 +1370,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    freeze_imported_objects()
     sys.exit(main())

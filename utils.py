@@ -397,7 +397,8 @@ def freeze_imported_objects() -> None:
     Importing torch and torchvision leaves 330,000 objects that live until exit; every full collection walks
     them, and so do the collections at interpreter exit: 0.55 -> 0.25 s of caption.py's process wall time on
     this 2-core machine. It also keeps forked DataLoader workers from copying memory pages only to update
-    those objects' GC headers, the use ``gc.freeze`` documents. Command-line entry points only, after imports.
+    those objects' GC headers, the use ``gc.freeze`` documents. Called in the scripts' ``__main__`` blocks,
+    after their imports: a test calling ``main()`` in-process must not freeze its own objects (and garbage).
     """
     gc.freeze()
 
