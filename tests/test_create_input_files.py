@@ -1393,6 +1393,22 @@ def test_the_parent_process_does_not_import_torch(synthetic_prepared, tmp_path):
     assert result.stdout.splitlines()[-1] == "False" and (out / "train.hdf5").is_file()
 
 
+@pytest.mark.parametrize("workers, imported", [(2, False), (3, True)])
+def test_more_than_two_workers_share_the_parents_import_of_torch(workers, imported):
+    """Beyond the default 2 workers the parent imports torch before forking them, so that they share its pages
+    (each worker's own import costs it 0.3 GB)."""
+    if imported and not sys.platform.startswith("linux"):
+        pytest.skip("workers share the parent's pages only when forked (Linux)")
+    code = (
+        "import sys, create_input_files as c\n"
+        f"with c.ImageDecoder({workers}, None, 16) as d:\n"
+        "    assert len(d.workers) == " + str(workers) + "\n"
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == str(imported)
+
+
 def _paths_for_workers(folder, n=400):
     for i in range(n):
         Image.fromarray(smooth_photo(60, 60, seed=i % 7)).save(folder / f"{i}.jpg", "JPEG")
