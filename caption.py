@@ -250,7 +250,7 @@ class Captioner:
         ``block_bigrams`` blocks repeated bigrams that end in a content word)."""
         if not images:
             return []
-        with self._lock, torch.no_grad():
+        with self._lock, torch.inference_mode():  # a Captioner never trains: nothing made here needs autograd
             x = self.preprocess(torch.from_numpy(np.stack(images))).to(self.device)
             features = self.encoder(x)
             bonus = self.prior.bonus(features) if self.prior is not None else None

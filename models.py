@@ -989,12 +989,14 @@ class DecoderWithAttention(nn.Module):
                 break
         return torch.stack(drawn, 1), torch.stack(log_probs, 1), torch.stack(masks, 1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def greedy(self, encoder_out: torch.Tensor, max_len: int = 50, allow_unk: bool = False) -> list[Decoded]:
         """Pick the most probable word at each step, for a batch of images (N x P x C)."""
         return self.beam_search(encoder_out, beam_size=1, max_len=max_len, allow_unk=allow_unk)
 
-    @torch.no_grad()
+    # Inference mode rather than no_grad: no version counters or view tracking on its many small tensors, 16%
+    # off beam search for one photo (27.2 vs 32.3 ms median, interleaved), the same captions and attention.
+    @torch.inference_mode()
     def beam_search(
         self,
         encoder_out: torch.Tensor,
