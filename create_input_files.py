@@ -490,12 +490,6 @@ def _decode_job(path: str, size: int) -> tuple[np.ndarray | None, str]:
         return None, f"unreadable image ({type(e).__name__}: {e})"
 
 
-def _load_job(job: tuple[str, int]) -> tuple[np.ndarray | None, str]:
-    """One image (3 x size x size) or ``None`` with the reason it could not be used."""
-    (image, reason), *_ = _load_jobs(job[1], [(job[0], None)])
-    return image, reason
-
-
 # A worker's view of the parent's shared image slots (set by _start_worker; None: send images back by pipe).
 _worker_slots: np.ndarray | None = None
 
@@ -695,12 +689,13 @@ class ImageDecoder:
             start_method = "fork"  # the shared slots need it; this process has no other thread yet
         self._before = set(multiprocessing.active_children())
         context = multiprocessing.get_context(start_method)
-        if self.count > 2 and context.get_start_method() == "fork":
+        forked = context.get_start_method() == "fork"
+        if self.count > 2 and forked:
             # Forked after torch's import, workers share its pages; importing it themselves costs each 290 MB
             # (measured). For the default 2 workers that overlap with reading the captions is worth it (0.5 s
             # of 7.5 on Flickr8k here, for 0.3 GB); for more, memory comes first.
             import torch  # noqa: F401
-        if size and context.get_start_method() == "fork":
+        if size and forked:
             count = SLOTS_PER_WORKER * self.count
             shared = mmap.mmap(-1, count * 3 * size * size)
             self.slots = np.frombuffer(shared, np.uint8).reshape(count, 3, size, size)
@@ -723,8 +718,11 @@ class ImageDecoder:
         except BrokenProcessPool:  # a worker died since the last result
             self._raise_for_dead_worker()
         if len(self.workers) < self.count:
-            self.workers = [p for p in multiprocessing.active_children() if p not in self._before]
+            self.workers = self._started_workers()
         return future
+
+    def _started_workers(self) -> list[multiprocessing.process.BaseProcess]:
+        return [p for p in multiprocessing.active_children() if p not in self._before]
 
     def __enter__(self) -> ImageDecoder:
         return self
@@ -739,7 +737,7 @@ class ImageDecoder:
 
     def _stop(self) -> None:
         """Kill the workers and let the pool go."""
-        self.workers = [p for p in multiprocessing.active_children() if p not in self._before]
+        self.workers = self._started_workers()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
         for p in self.workers:
@@ -753,7 +751,7 @@ class ImageDecoder:
             writer.close()
 
     def __call__(self, paths: Iterable[str], size: int) -> Iterator[tuple[np.ndarray | None, str]]:
-        """``(image, "")`` or ``(None, reason)`` for each path, as :func:`_load_job`. An image may be a view of
+        """``(image, "")`` or ``(None, reason)`` for each path, as :func:`_load_jobs`. An image may be a view of
         a shared slot: it is valid until the next item is asked for (copy it to keep it)."""
         slots = self.slots if self.slots is not None and self.slots.shape[1:] == (3, size, size) else None
         # Jobs i and i + len(slots) share a slot. Tasks go out in order, at most len(slots) images at once,

@@ -989,7 +989,6 @@ class DecoderWithAttention(nn.Module):
                 break
         return torch.stack(drawn, 1), torch.stack(log_probs, 1), torch.stack(masks, 1)
 
-    @torch.inference_mode()
     def greedy(self, encoder_out: torch.Tensor, max_len: int = 50, allow_unk: bool = False) -> list[Decoded]:
         """Pick the most probable word at each step, for a batch of images (N x P x C)."""
         return self.beam_search(encoder_out, beam_size=1, max_len=max_len, allow_unk=allow_unk)

@@ -72,6 +72,11 @@ def solid(path, colour, size=(8, 8), fmt=None, mode="RGB"):
     return path
 
 
+def load_one(path):
+    """What a decoding worker makes of one file: (3 x SIZE x SIZE image, "") or (None, reason)."""
+    return cif._load_jobs(SIZE, [(str(path), None)])[0]
+
+
 def sentence(raw, tokens=None):
     return {"raw": raw, "tokens": tokens if tokens is not None else cif.tokenize(raw)}
 
@@ -411,7 +416,7 @@ def _bad(kind, stem):
 @pytest.mark.parametrize("kind", list(BAD_REASONS))
 def test_bad_image_gives_a_reason_not_an_exception(tmp_path, kind):
     path = _bad(kind, tmp_path / "bad")
-    array, reason = cif._load_job((str(path), SIZE))
+    array, reason = load_one(path)
     assert array is None
     assert reason.startswith(BAD_REASONS[kind]), reason
     assert "\n" not in reason
@@ -1363,7 +1368,7 @@ def test_a_task_resizes_same_shaped_images_together_with_the_same_pixels(tmp_pat
     files.insert(3, tmp_path / "broken.jpg")
     solid(png := tmp_path / "solid.png", (10, 200, 30), size=(75, 101))
     files.append(png)
-    expected = [cif._load_job((str(p), SIZE)) for p in files]
+    expected = [load_one(p) for p in files]
     assert expected[3] == (None, "not an image") and sum(e[0] is None for e in expected) == 1
     got = cif._load_jobs(SIZE, [(str(p), None) for p in files])
     slots = np.zeros((len(files), 3, SIZE, SIZE), np.uint8)
