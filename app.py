@@ -8,7 +8,8 @@ A Gradio page (the usual form of a model demo). A photo comes by upload, drag-an
 of the example photos that ship inside scikit-image. The caption comes at once, with the best beams and their
 length-normalised scores; clicking a word lays that word's attention over the photo (smoothed as in caption.py's
 figures, stretched back to the photo's own aspect ratio), and the full attention figure and GIF are made on
-demand for download. Decoding and figures are caption.py's own code (:class:`caption.Captioner`).
+demand for download. Decoding and figures are the Python API's (:class:`captioner.Captioner`, attention_maps.py), with
+decoding.DecodeConfig's defaults, so the page and caption.py give the same caption.
 
 Offline and private by construction: the server listens on 127.0.0.1 unless --host says otherwise, no share
 link, no analytics, no run history, system fonts only (nothing is fetched from the internet). Uploads go to a
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -39,17 +40,12 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from caption import (
-    Captioner,
-    attention_grids,
-    attention_overlay,
-    read_image,
-    save_attention_figure,
-    save_attention_gif,
-)
+from attention_maps import attention_grids, attention_overlay, save_attention_figure, save_attention_gif
+from captioner import Captioner, read_image
+from cli import HelpFormatter, options_from_args
+from decoding import DecodeConfig, add_decoding_arguments
 from utils import (
     CamEyeError,
-    add_decoding_arguments,
     cli_errors,
     freeze_imported_objects,
     handle_sigterm,
@@ -61,7 +57,6 @@ MAX_UPLOAD_MB = 20  # larger files are refused before decoding
 DISPLAY_SIDE = 512  # longest side, in pixels, of the photo the attention is drawn over
 BEAM_SIZES = (1, 10)  # the page's bounds for beam size ...
 LENGTH_PENALTIES = (0.0, 2.0)  # ... and for the length penalty
-MAX_LEN = 50  # longest caption, in words
 EXAMPLE_PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "motorcycle_left.png", "rocket.jpg", "camera.png")
 EXIF_ORIENTATION = 0x0112
 LIMITS = {
@@ -127,21 +122,27 @@ def decode_upload(path: Path, name: str, captioner: Captioner) -> tuple[np.ndarr
 
 
 def answer_photo(captioner: Captioner, path: Path, name: str, beam_size: Any, length_penalty: Any,
-                 **search: Any) -> Answer:  # fmt: skip
-    """Decode and caption one photo file (see :func:`caption_answer`, which takes ``search``).
+                 decode: DecodeConfig = DecodeConfig()) -> Answer:  # fmt: skip
+    """Decode and caption one photo file with the page's ``beam_size`` and ``length_penalty`` and the rest of
+    ``decode`` (see :func:`caption_answer`).
 
     Raises :class:`CamEyeError` (one line) for an unusable file or a beam size / length penalty out of bounds.
     """
-    beam_size, length_penalty = check_controls(beam_size, length_penalty)
+    decode = page_search(decode, beam_size, length_penalty)
     image, photo = decode_upload(path, name, captioner)
-    return caption_answer(captioner, str(path), name, image, photo, beam_size, length_penalty, **search)
+    return caption_answer(captioner, str(path), name, image, photo, decode)
+
+
+def page_search(decode: DecodeConfig, beam_size: Any, length_penalty: Any) -> DecodeConfig:
+    """``decode`` with the page's controls (checked: :func:`check_controls`), showing every beam."""
+    beam_size, length_penalty = check_controls(beam_size, length_penalty)
+    return replace(decode, beam_size=beam_size, length_penalty=length_penalty, n_best=beam_size)
 
 
 def caption_answer(captioner: Captioner, source: str, name: str, image: np.ndarray, photo: np.ndarray,
-                   beam_size: int, length_penalty: float, max_len: int = MAX_LEN,
-                   block_trigrams: bool = False, block_bigrams: bool = False) -> Answer:  # fmt: skip
-    """Caption a decoded photo: its words, per-word attention grids and all ``beam_size`` best beams."""
-    [decoded] = captioner.decode([image], beam_size, max_len, length_penalty, beam_size, block_trigrams, block_bigrams)
+                   decode: DecodeConfig) -> Answer:  # fmt: skip
+    """Caption a decoded photo: its words, per-word attention grids and the ``decode.n_best`` best beams."""
+    [decoded] = captioner.decode([image], decode)
     beams = [
         [" ".join(captioner.words(d)), round(d.score, 3), round(d.normalised_score, 3)]
         for d in decoded.alternatives or [decoded]
@@ -224,14 +225,11 @@ def page_theme():
     return gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
-def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float = 0.5, queue_size: int = 16,
-               keep_outputs: int = 300, max_len: int = MAX_LEN, block_trigrams: bool = False,
-               block_bigrams: bool = False):  # fmt: skip
-    """The Gradio Blocks of the page (not launched). ``beam_size`` and ``length_penalty`` are the sliders' first
-    values; ``max_len``, ``block_trigrams`` and ``block_bigrams`` hold for every request. ``queue_size`` requests
-    may wait while one decodes; outputs (overlays, figures) are deleted ``keep_outputs`` seconds after they were
-    made."""
-    search = {"max_len": max_len, "block_trigrams": block_trigrams, "block_bigrams": block_bigrams}
+def build_page(captioner: Captioner, decode: DecodeConfig = DecodeConfig(), queue_size: int = 16,
+               keep_outputs: int = 300):  # fmt: skip
+    """The Gradio Blocks of the page (not launched). ``decode``'s beam size and length penalty are the sliders'
+    first values; the rest of it holds for every request. ``queue_size`` requests may wait while one decodes;
+    outputs (overlays, figures) are deleted ``keep_outputs`` seconds after they were made."""
     import gradio as gr
 
     def forget_upload(path: Path) -> None:
@@ -258,10 +256,10 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
             if previous is not None and previous.source == str(path) and not path.exists():
                 # The same photo again (new settings): its upload was deleted after the first answer.
                 result = caption_answer(
-                    captioner, previous.source, name, previous.image, previous.photo, beam, penalty, **search
+                    captioner, previous.source, name, previous.image, previous.photo, page_search(decode, beam, penalty)
                 )
             elif path.is_file():
-                result = answer_photo(captioner, path, name, beam, penalty, **search)
+                result = answer_photo(captioner, path, name, beam, penalty, decode)
             else:
                 raise CamEyeError(f"{name}: the upload is no longer on the server; please add the photo again")
         except CamEyeError as err:
@@ -304,8 +302,8 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
                     type="filepath",
                     elem_id="photo",
                 )
-                beam_in = gr.Slider(*BEAM_SIZES, value=beam_size, step=1, label="beam size", elem_id="beam")
-                penalty_in = gr.Slider(*LENGTH_PENALTIES, value=length_penalty, step=0.1, label="length penalty",
+                beam_in = gr.Slider(*BEAM_SIZES, value=decode.beam_size, step=1, label="beam size", elem_id="beam")
+                penalty_in = gr.Slider(*LENGTH_PENALTIES, value=decode.length_penalty, step=0.1, label="length penalty",
                                        info="beams are ranked by log-probability / length ** penalty",
                                        elem_id="penalty")  # fmt: skip
                 submit = gr.Button("Caption", variant="primary", elem_id="submit")
@@ -330,13 +328,13 @@ def build_page(captioner: Captioner, beam_size: int = 3, length_penalty: float =
                                     elem_id="downloads")  # fmt: skip
 
         outputs = [status, caption_out, words, beams, state, downloads]
-        decode = {"outputs": outputs, "preprocess": False, "concurrency_id": "decode", "concurrency_limit": 1}
+        events = {"outputs": outputs, "preprocess": False, "concurrency_id": "decode", "concurrency_limit": 1}
         inputs = [photo_in, beam_in, penalty_in, state]
         # The caption is shown as soon as it is decoded; the first word's attention image follows.
         first_word = {"fn": lambda result: word_overlay(result, 0), "inputs": state, "outputs": overlay,
                       "api_visibility": "private", "concurrency_limit": 4}  # fmt: skip
-        submit.click(lambda *a: answer(*a, required=True), inputs, api_name="caption", **decode).then(**first_word)
-        photo_in.change(lambda *a: answer(*a, required=False), inputs, api_name="caption_new_photo", **decode).then(
+        submit.click(lambda *a: answer(*a, required=True), inputs, api_name="caption", **events).then(**first_word)
+        photo_in.change(lambda *a: answer(*a, required=False), inputs, api_name="caption_new_photo", **events).then(
             **first_word
         )
         words.input(word_overlay, [state, words], overlay, api_name="show_word", concurrency_limit=4)
@@ -378,13 +376,13 @@ def warm_up(captioner: Captioner) -> None:
     """Caption one example photo before serving: a model's first run pays for one-off allocations and kernel
     choices (measured: the first photo took 1.0-1.6 s in the browser, later ones 0.4-0.9 s on a busy CPU)."""
     for path in example_photos()[:1]:
-        captioner.decode([captioner.read(path)], 3, MAX_LEN, 0.5, n_best=3)
+        captioner.decode([captioner.read(path)], replace(DecodeConfig(), n_best=DecodeConfig.beam_size))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Serve the CamEye page: caption a photo in the browser and see, word by word, where it looked.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_decoding_arguments(p)
     p.set_defaults(device="cpu")  # a demo server: predictable, and the GPU stays free for training
@@ -413,8 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["GRADIO_TEMP_DIR"] = cache
         os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
         try:
-            page = build_page(captioner, args.beam_size, args.length_penalty, args.queue_size, args.keep_outputs,
-                              args.max_len, args.block_trigrams, args.block_bigrams)  # fmt: skip
+            page = build_page(captioner, options_from_args(DecodeConfig, args), args.queue_size, args.keep_outputs)
             launch_page(page, captioner, args.host, args.port)
             try:
                 while True:  # serve until Ctrl-C or SIGTERM (cli_errors turns them into exit status 130 / 143)

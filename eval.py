@@ -33,9 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
+from checkpoint import load_captioner
+from cli import HelpFormatter, options_from_args
 from datasets import CaptionDataset, check_split_has_images, collate_eval
+from decoding import DecodeConfig, Decoded, add_decoding_arguments, content_word_mask, decode_loader
 from metrics import (
     MEAN_OF_PER_IMAGE,
     MetricError,
@@ -53,11 +55,10 @@ from metrics import (
     nltk_bleu,
 )
 from metrics_data import COCO_SYNONYMS
-from models import Decoded, Preprocess, content_word_mask, load_captioner
+from models import Preprocess
 from object_prior import ObjectPrior
 from utils import (
     CamEyeError,
-    add_decoding_arguments,
     cli_errors,
     freeze_imported_objects,
     handle_sigterm,
@@ -72,44 +73,6 @@ from utils import (
 )
 
 EXIT_METRIC_FAILED = 3  # everything was written, but some metric could not be computed
-
-
-@torch.no_grad()
-def decode_loader(
-    encoder,
-    decoder,
-    loader: DataLoader,
-    device: torch.device,
-    beam_size: int = 3,
-    max_len: int = 50,
-    length_penalty: float = 1.0,
-    progress: bool = False,
-    block_trigrams: bool = False,
-    prior: ObjectPrior | None = None,
-    repeat_words: torch.Tensor | None = None,
-) -> tuple[list[Decoded], list, list[int]]:
-    """Caption every item of an eval-mode loader (images, or cached features when ``encoder`` is None).
-
-    ``prior`` adds its per-image bonuses on object words to beam search (see object_prior.py);
-    ``repeat_words`` (see models.content_word_mask) blocks repeated bigrams ending in those words.
-
-    Returns the decoded captions, each image's references and the dataset indices, in loader order.
-    """
-    decoder.eval()
-    if encoder is not None:
-        encoder.eval()
-    predictions, references, indices = [], [], []
-    for images, refs, index in tqdm(loader, desc="decoding", unit="batch", disable=not progress):
-        images = images.to(device)
-        feats = encoder(images) if encoder is not None else images
-        bonus = prior.bonus(feats) if prior is not None else None
-        predictions += decoder.beam_search(
-            feats, beam_size, max_len, length_penalty, block_trigrams=block_trigrams, word_bonus=bonus,
-            repeat_words=repeat_words,
-        )  # fmt: skip
-        references += refs
-        indices += index
-    return predictions, references, indices
 
 
 def object_word_records(tokens: Sequence[str], alphas: torch.Tensor, objects: dict):
@@ -372,9 +335,7 @@ def evaluate(
     data: Path,
     split: str,
     out: Path,
-    beam_size: int = 3,
-    length_penalty: float = 0.5,
-    max_len: int = 50,
+    decode: DecodeConfig = DecodeConfig(),
     batch_size: int = 64,
     device: str = "auto",
     max_images: int = 0,
@@ -383,11 +344,9 @@ def evaluate(
     instances: Path | None = None,
     bootstrap: int = 0,
     skip_images: int = 0,
-    block_trigrams: bool = False,
     encoder_weights: str | None = None,
     precision: str = "float32",
     object_prior: float = 0.0,
-    block_bigrams: bool = False,
 ) -> dict:
     """Decode ``split`` with the checkpoint's model, score it and write predictions and metrics to ``out``.
 
@@ -396,8 +355,8 @@ def evaluate(
     as soon as decoding ends; ``metrics_<split>.json`` is rewritten after each further family of metrics, and
     a family that fails (Java) is reported in one line under ``"failed_metrics"`` while the others still run.
     ``bootstrap`` > 0 adds 95% percentile intervals over images (``"intervals"``). Only the images from row
-    ``skip_images`` on are evaluated, at most ``max_images`` of them (0: all). ``block_trigrams``,
-    ``block_bigrams`` and ``encoder_weights`` go to beam search and ``load_captioner``. Returns the results.
+    ``skip_images`` on are evaluated, at most ``max_images`` of them (0: all). ``decode`` says how captions are
+    searched for; ``encoder_weights`` and ``precision`` go to ``load_captioner``. Returns the results.
     """
     dataset = open_eval_split(data, split)
     if skip_images >= len(dataset):
@@ -425,9 +384,8 @@ def evaluate(
     )
     prior = ObjectPrior(cfg.backbone, word_map, object_prior) if object_prior else None
     preds, refs, indices = decode_loader(
-        encoder, decoder, loader, dev, beam_size, max_len, length_penalty, True, block_trigrams, prior,
-        content_word_mask(word_map) if block_bigrams else None,
-    )  # fmt: skip
+        encoder, decoder, loader, dev, decode, content_word_mask(word_map), prior, progress=True
+    )
     rev = reverse_word_map(word_map)
     hyps = [[rev[i] for i in p.tokens] for p in preds]
     all_ids = coco_ids(dataset.image_ids)
@@ -446,10 +404,11 @@ def evaluate(
         "checkpoint": str(checkpoint),
         "split": split,
         "images": len(preds),
-        "beam_size": beam_size,
-        "length_penalty": length_penalty,
-        "block_trigrams": block_trigrams,
-        "block_bigrams": block_bigrams,
+        "beam_size": decode.beam_size,
+        "length_penalty": decode.length_penalty,
+        "block_trigrams": decode.block_trigrams,
+        "block_bigrams": decode.block_bigrams,
+        "max_len": decode.max_len,
         "encoder_precision": encoder.precision,
         "object_prior": object_prior,
     }
@@ -564,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 when every metric was computed; 2 for bad input (nothing done); 3 when a metric "
         "failed (e.g. Java would not start): the predictions, references and every other metric are written "
         "anyway and the failure is recorded in metrics_<split>.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data", type=Path, required=True, help="folder made by create_input_files.py")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to evaluate")
@@ -613,9 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.data,
             args.split,
             out,
-            args.beam_size,
-            args.length_penalty,
-            args.max_len,
+            options_from_args(DecodeConfig, args),
             args.batch_size,
             args.device,
             args.max_images,
@@ -624,11 +581,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.instances,
             args.bootstrap,
             args.skip_images,
-            args.block_trigrams,
             args.encoder_weights,
             args.precision,
             args.object_prior,
-            args.block_bigrams,
         )
         print(format_results(results))
         if results.get("failed_metrics"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from models import LITE_RESOLUTION, package_weights_file
+from backbones import LITE_RESOLUTION, package_weights_file
 from utils import CamEyeError
 
 # ImageNet-1k class indices (the standard 0..999 order) behind each caption word. Plural forms get the same

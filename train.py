@@ -39,7 +39,6 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-import h5py
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -48,21 +47,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from backbones import BACKBONES, resolve_precision
+from checkpoint import load_checkpoint_file, training_checkpoint
 from datasets import CaptionDataset, FeatureDataset, check_split_has_images, collate_eval, collate_train, open_split
-from eval import decode_loader
+from decoding import DecodeConfig, content_word_mask, decode_loader
+from features import cache_features, cache_is_current, features_path, weights_fingerprint
+from fused import FastDropout, FusedTeacherForcing
 from metrics import CiderD, cider_d_corpus, coco_mentions, image_truth, nltk_bleu
-from models import (
-    BACKBONES,
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
-    END_ID,
-    Encoder,
-    ModelConfig,
-    Preprocess,
-    build_captioner,
-    load_checkpoint_file,
-    resolve_precision,
-)
+from models import END_ID, Encoder, ModelConfig, Preprocess, build_captioner
 from utils import (
     FUNCTION_WORDS,
     CamEyeError,
@@ -75,7 +67,6 @@ from utils import (
     handle_sigterm,
     keep_freed_memory,
     mount_point,
-    new_hdf5,
     read_json,
     reverse_word_map,
     save_torch,
@@ -107,9 +98,11 @@ class TrainConfig:
     lr_patience: int = 1  # ... after this many epochs without a better validation BLEU-4
     lr_drop_epochs: tuple[int, ...] = ()  # ... and, regardless of BLEU-4, at the start of these epochs
     early_stop: int = 4  # stop after this many epochs without a better validation BLEU-4
-    val_beam_size: int = 1  # 1 = greedy decoding for model selection (fast); >1 = beam search
+    # Model selection decodes as eval.py does (DecodeConfig: beam search with repeat blocking), so that the
+    # epoch kept is the best by the numbers that are reported; 1 = greedy (faster, the common tutorial's way).
+    val_beam_size: int = DecodeConfig.beam_size
     val_images: int = 0  # decode only the first N validation images (0 = all)
-    max_decode_len: int = 50
+    max_decode_len: int = DecodeConfig.max_len
     cache_features: bool = True
     workers: int = 2
     seed: int = 0
@@ -131,82 +124,6 @@ class TrainConfig:
     scst_max_len: int = 16  # longest drawn caption, in words
     scst_hallucination_penalty: float = 0.0  # reward minus this per COCO object the image's references never name
     tensorboard: bool = True
-
-
-# ------------------------------------------------------------------------------------------ feature cache
-def features_path(cfg: ModelConfig, data: Path, split: str, precision: str) -> Path:
-    """Where the cached features of ``split`` for this encoder configuration and precision ("float32" or
-    "bfloat16", as resolved by models.resolve_precision) live."""
-    weights = (
-        cfg.encoder_weights
-        if cfg.encoder_weights in ("package", "torchvision", "none")
-        else "file-" + Path(cfg.encoder_weights).stem
-    )
-    low = "-bf16" if precision == "bfloat16" else ""
-    return data / "features" / f"{split}-{cfg.backbone}-{weights}-in{cfg.input_size}-grid{cfg.grid_size}{low}.hdf5"
-
-
-def source_fingerprint(cfg: ModelConfig, split_file: Path) -> str:
-    """Identifies what a cache was computed from: the split file (and a weights file) by size and mtime.
-
-    Re-running create_input_files.py (e.g. at another --image-size) changes it, so a stale cache is rebuilt
-    instead of silently reused.
-    """
-    files = [split_file] + ([Path(cfg.encoder_weights)] if Path(cfg.encoder_weights).is_file() else [])
-    return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-
-
-def cache_is_current(cfg: ModelConfig, split_file: Path, cache: Path, precision: str) -> bool:
-    """True when ``cache`` exists and was computed from ``split_file`` as it is now, by the encoder in
-    ``precision`` (caches written before precisions were recorded are float32)."""
-    if not cache.is_file():
-        return False
-    try:
-        with h5py.File(cache, "r") as f:
-            same_source = f.attrs.get("source") == source_fingerprint(cfg, split_file)
-            return same_source and f.attrs.get("precision", "float32") == precision
-    except OSError:
-        return False
-
-
-@torch.no_grad()
-def cache_features(
-    encoder: Encoder,
-    cfg: ModelConfig,
-    split_file: Path,
-    out: Path,
-    device: torch.device,
-    workers: int = 2,
-) -> None:
-    """Encode every image of a split once and store float16 features N x P x C (atomically).
-
-    The encoder is frozen here, so a copy with its batch norms folded into the convolutions does the work
-    (:meth:`Encoder.fold_batch_norm`, the same function up to rounding); ``encoder`` itself is unchanged.
-    """
-    # Small batches stay in the CPU's caches (measured 34 vs 22 images/s for 4 vs 16 on 2 cores).
-    batch_size = 8 if device.type == "cpu" else 64
-    dataset = CaptionDataset(split_file, "eval", Preprocess(cfg.backbone, cfg.input_size))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval)
-    encoder = copy.deepcopy(encoder).fold_batch_norm()
-    with atomic_path(out) as tmp, new_hdf5(tmp) as f:
-        feats = None
-        for images, _, index in tqdm(loader, desc=f"encoding {split_file.stem}", unit="batch"):
-            fmap = encoder.feature_map(images.to(device))
-            x = fmap.flatten(2).transpose(1, 2).half().cpu()
-            if not torch.isfinite(x).all():
-                peak = float(fmap.abs().max())
-                raise CamEyeError(
-                    f"the encoder's features are not finite in float16 (largest |value| {peak:.3g}; float16 holds "
-                    "65504): its weights are probably wrong (--encoder-weights none?); nothing was cached"
-                )
-            x = x.numpy()
-            if feats is None:
-                shape = (len(dataset), x.shape[1], x.shape[2])
-                feats = f.create_dataset("features", shape, np.float16, chunks=(1, *shape[1:]))
-                f.attrs["grid"] = list(fmap.shape[2:])
-                f.attrs["source"] = source_fingerprint(cfg, split_file)
-                f.attrs["precision"] = encoder.precision
-            feats[index[0] : index[0] + len(index)] = x
 
 
 def load_word_vectors(path: Path, word_map: dict[str, int], init: torch.Tensor) -> int:
@@ -586,9 +503,9 @@ def validate(encoder, decoder, loader, tcfg: TrainConfig, device, use_cache: boo
     document frequencies from these references as in COCOEvalCap, on our tokens rather than the PTB
     tokenizer's), and what SCST can spoil: mean caption length, distinct words used, the share of captions
     ending in a function word."""
-    predictions, references, _ = decode_loader(
-        None if use_cache else encoder, decoder, loader, device, tcfg.val_beam_size, tcfg.max_decode_len
-    )
+    cfg = dataclasses.replace(DecodeConfig(), beam_size=tcfg.val_beam_size, max_len=tcfg.max_decode_len)
+    words = content_word_mask({w: i for i, w in enumerate(rev_word_map)})
+    predictions, references, _ = decode_loader(None if use_cache else encoder, decoder, loader, device, cfg, words)
     hyps = [[rev_word_map[i] for i in p.tokens] for p in predictions]
     metrics = {f"val_{k}": v for k, v in nltk_bleu(references, hyps).items()}
     metrics["val_CIDEr"] = 100 * cider_d_corpus(references, hyps)[0]
@@ -601,20 +518,12 @@ def validate(encoder, decoder, loader, tcfg: TrainConfig, device, use_cache: boo
 def checkpoint_dict(
     mcfg, tcfg, word_map, encoder, decoder, optimizers, scheduler, scaler, epoch, history, state, progress=None
 ) -> dict:
-    """Everything needed to resume or to caption: plain tensors, numbers, strings, lists and dicts only.
+    """Everything needed to resume or to caption (checkpoint.training_checkpoint).
 
     ``epoch`` is the last finished epoch (-1 before the first); ``progress`` (mid-epoch checkpoints only) says
     how far the next epoch got, with its running sums, so a resume continues at that very step.
     """
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "config": asdict(mcfg),
-        "train_config": asdict(tcfg),
-        "word_map": word_map,
-        "encoder": encoder.state_dict(),
-        "encoder_partial": False,
-        "decoder": decoder.state_dict(),
+    training_state = {
         "optimizers": [opt.state_dict() for opt in optimizers],
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -626,6 +535,7 @@ def checkpoint_dict(
         "epochs_since_improvement": state["since"],
         "rng": get_rng_state(),
     }
+    return training_checkpoint(mcfg, tcfg, word_map, encoder, decoder, training_state)
 
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "steps.jsonl")
@@ -779,9 +689,10 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     encoder, decoder = build_captioner(
         mcfg if init is None else dataclasses.replace(mcfg, encoder_weights=build_weights)
     )
-    decoder.fused_training = tcfg.fused
+    teacher = FusedTeacherForcing(decoder) if tcfg.fused else decoder  # what teacher forcing runs through
+    decoder.dropout = FastDropout(mcfg.dropout)  # the same dropout, a faster mask on the CPU (either path)
     if tcfg.compile and tcfg.fused and not tcfg.scst:
-        compile_attention(decoder, device, tcfg.amp)
+        compile_attention(teacher, device, tcfg.amp)
     elif tcfg.compile:
         print("note: --compile speeds up cross-entropy's fused path only; --plain-loop and --scst runs do not use it")
     if tcfg.embeddings and ckpt is None:
@@ -799,16 +710,22 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
         except RuntimeError as exc:
             raise CamEyeError(f"{tcfg.init_from}: weights do not fit ({str(exc).splitlines()[0]})") from None
         print(f"weights from {tcfg.init_from} (epoch {init.get('epoch')})")
+    if ckpt is not None:  # the weights to cache features with: the run's own, not the freshly built ones
+        encoder.load_state_dict(ckpt["encoder"])
     encoder.to(device)
     decoder.to(device)
     use_cache = tcfg.cache_features and mcfg.fine_tune_stages == 0
+    fingerprint = weights_fingerprint(encoder) if use_cache else ""
     if rank == 0:
         cleanup.callback(claim_run_folder(out, tcfg.resume, tcfg.overwrite).close)
     stale = [
         s
         for s in ("train", "val")
         if not cache_is_current(
-            mcfg, data / f"{s}.hdf5", features_path(mcfg, data, s, tcfg.encoder_precision), tcfg.encoder_precision
+            data / f"{s}.hdf5",
+            features_path(mcfg, data, s, tcfg.encoder_precision),
+            tcfg.encoder_precision,
+            fingerprint,
         )
     ]
     if rank == 0:
@@ -873,7 +790,7 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
         # 0's RNG state was saved, so the ranks are re-seeded from (seed, rank, where the run is): a resumed DDP
         # run is reproducible but not bit-identical to an uninterrupted one (a single process is).
         torch.manual_seed(tcfg.seed + rank if ckpt is None else hash((tcfg.seed, rank, progress.epoch, progress.step)))
-    train_decoder = DistributedDataParallel(decoder) if world > 1 else decoder
+    train_decoder = DistributedDataParallel(teacher) if world > 1 else teacher
     train_encoder = DistributedDataParallel(encoder) if world > 1 and mcfg.fine_tune_stages else encoder
     train_loader, val_loader = make_loaders(mcfg, tcfg, use_cache, world, rank)
     scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp and device.type == "cuda")
@@ -939,7 +856,7 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
             )
             if rank == 0:
                 metrics.update(validate(encoder, decoder, val_loader, tcfg, device, use_cache, rev_word_map))
-            score = broadcast_float(metrics.get(score_key, 0.0), world)
+            score = broadcast_float(metrics.get(score_key, 0.0), world, device)
             scheduler.step(score)
             _sync_encoder_lr(optimizers, scheduler, tcfg)
             improved = score > state["best"]
@@ -978,14 +895,14 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def compile_attention(decoder, device: torch.device, amp: bool) -> None:
+def compile_attention(teacher: FusedTeacherForcing, device: torch.device, amp: bool) -> None:
     """Compile the fused path's attention kernels before training starts, so that a missing compiler is a
     one-line error and compile time is reported apart (inductor caches the kernels on disk for later runs)."""
     dtype = amp_dtype(device) if amp else torch.float32
     start = time.perf_counter()
     print("compiling the attention kernels (--compile; cached for later runs) ...", flush=True)
     try:
-        decoder.use_compiled_attention(device, dtype)
+        teacher.compile_kernels(device, dtype)
     except Exception as exc:  # inductor raises many types: no compiler, a broken toolchain, an unsupported device
         first = (str(exc).strip().splitlines() or [""])[0]
         raise CamEyeError(
@@ -1105,11 +1022,12 @@ def _sync_encoder_lr(optimizers, scheduler, tcfg: TrainConfig) -> None:
             g["lr"] = tcfg.encoder_lr * factor
 
 
-def broadcast_float(value: float, world: int) -> float:
-    """Rank 0's value on every rank (validation runs on rank 0 only)."""
+def broadcast_float(value: float, world: int, device: torch.device) -> float:
+    """Rank 0's value on every rank (validation runs on rank 0 only), sent from the run's ``device`` (the one
+    its process group's backend serves: NCCL for CUDA, gloo for the CPU, also on a machine with a GPU)."""
     if world == 1:
         return float(value)
-    t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(t, 0)
     return float(t.item())
 

@@ -30,8 +30,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caption import collect_images, read_image  # noqa: E402
-from models import DecoderWithAttention, ModelConfig, Preprocess, load_captioner  # noqa: E402
+from captioner import collect_images, read_image  # noqa: E402
+from checkpoint import load_captioner  # noqa: E402
+from decoding import DecodeConfig, beam_search  # noqa: E402
+from models import DecoderWithAttention, ModelConfig, Preprocess  # noqa: E402
 from utils import DEFAULT_CHECKPOINT, keep_freed_memory  # noqa: E402
 
 DEMO_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "camera.png", "rocket.jpg")
@@ -101,8 +103,11 @@ def main() -> None:
         source = f"random decoder on {args.images} random feature maps (no checkpoint found)"
     n, b = len(feats), args.batch_size
 
+    # Without repeat blocking (the random decoder has no word map), as in the earlier figures.
+    search_cfg = DecodeConfig(args.beam_size, args.length_penalty, args.max_len, False, False)
+
     def search(x: torch.Tensor):
-        return decoder.beam_search(x, args.beam_size, args.max_len, args.length_penalty)
+        return beam_search(decoder, x, search_cfg)
 
     search(feats[:2])  # warm-up
     rates = []  # (batched, one at a time) images/s per repeat, timed back to back so they see the same machine

@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import Encoder, bfloat16_is_fast  # noqa: E402
+from backbones import bfloat16_is_fast  # noqa: E402
+from models import Encoder  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
 

@@ -25,8 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from caption import Captioner  # noqa: E402
-from models import bfloat16_is_fast  # noqa: E402
+from backbones import bfloat16_is_fast  # noqa: E402
+from captioner import Captioner  # noqa: E402
 from utils import DEFAULT_CHECKPOINT, keep_freed_memory  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def default_photo() -> Path:
 
 def caption_once(captioner: Captioner, photo: Path) -> list[str]:
     """Read, encode and beam-search one photo as caption.py does."""
-    decoded = captioner.decode([captioner.read(photo)], 3, 50, 0.5, block_trigrams=True, block_bigrams=True)
+    decoded = captioner.decode([captioner.read(photo)])  # caption.py's defaults (decoding.DecodeConfig)
     return captioner.words(decoded[0])
 
 

@@ -6,7 +6,7 @@
 
 Prints captions/s of full training steps (forward, backward, clipping, Adam) of the default decoder on
 random "cached" features shaped like EfficientNet-Lite0's (P x 1280, five captions per image), for the plain
-step-by-step loop and the fused path (models.DecoderWithAttention._teacher_forcing_fused), each in float32
+step-by-step loop (models.DecoderWithAttention.forward) and the fused path (fused.py), each in float32
 and under bfloat16 autocast (what ``train.py --amp`` does on a CPU), and the fused path with its attention
 energies in torch.compile'd kernels (``train.py --compile``; compile time is printed apart, not timed).
 Modes are timed back to back in each repeat and the median and best of the repeats are printed. Also the
@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fused import FastDropout, FusedTeacherForcing  # noqa: E402
 from models import DecoderWithAttention, ModelConfig  # noqa: E402
 from train import adam, caption_loss  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
@@ -118,15 +119,17 @@ def main() -> None:
     torch.manual_seed(0)
     counters = cpu_counters()
     decoder = DecoderWithAttention(ModelConfig(vocab_size=args.vocab), 1280).train().to(device)
+    decoder.dropout = FastDropout(decoder.cfg.dropout)  # as train.py
+    fused = FusedTeacherForcing(decoder)
     opt = adam(list(decoder.parameters()), 4e-4, device)  # as train.py
     feats, caps, lengths, index = make_batch(args.batch_images, 5, args.grid, args.vocab)
     batch = (feats.to(device), caps.to(device), lengths, index.to(device))  # lengths stay on the CPU (train.py)
     captions = caps.shape[0]
 
-    def step(fused: bool, low: bool, compiled: bool) -> None:
-        decoder.compile_attention = compiled
+    def step(use_fused: bool, low: bool, compiled: bool) -> None:
+        fused.compiled = compiled
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
-            logits, targets, alphas = decoder(*batch, fused=fused)
+            logits, targets, alphas = (fused if use_fused else decoder)(*batch)
             loss, _ = caption_loss(logits.float(), targets, alphas.float(), 0.01, 0.1)
         opt.zero_grad()
         loss.backward()
@@ -136,7 +139,7 @@ def main() -> None:
     if not args.no_compile:
         start = time.perf_counter()
         for dtype in (torch.float32, torch.bfloat16):
-            decoder.use_compiled_attention(device, dtype)
+            fused.compile_kernels(device, dtype)
         compile_seconds = time.perf_counter() - start
     for mode in modes.values():
         step(*mode)

@@ -48,7 +48,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench_train import cpu_counters, make_batch, report_steal  # noqa: E402
 
-from models import DecoderWithAttention, Encoder, ModelConfig, resolve_precision  # noqa: E402
+from backbones import resolve_precision  # noqa: E402
+from decoding import DecodeConfig, beam_search  # noqa: E402
+from fused import FastDropout, FusedTeacherForcing  # noqa: E402
+from models import DecoderWithAttention, Encoder, ModelConfig  # noqa: E402
 from train import adam, caption_loss  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
@@ -144,6 +147,8 @@ def main() -> None:
         row(f"encode ResNet-101 {SIZE} px ({precision})", "img/s", encode_ips, float("nan"), True)
 
     decoder = DecoderWithAttention(cfg, CHANNELS).train()
+    decoder.dropout = FastDropout(cfg.dropout)  # as train.py
+    teacher = FusedTeacherForcing(decoder)  # train.py's default path
     opt = adam(list(decoder.parameters()), 4e-4, "cpu")  # as train.py
     if "decoder" not in args.skip:
         data = batch(6, 5)
@@ -153,10 +158,10 @@ def main() -> None:
         for low, compiled in modes:
             if compiled:
                 start = time.perf_counter()
-                decoder.use_compiled_attention("cpu", torch.bfloat16)
+                teacher.compile_kernels("cpu", torch.bfloat16)
                 print(f"  (compiling the attention kernels: {time.perf_counter() - start:.0f} s, not timed)")
-            decoder.compile_attention = compiled
-            step = functools.partial(train_step, decoder, opt, data, low)
+            teacher.compiled = compiled
+            step = functools.partial(train_step, teacher, opt, data, low)
             step()  # warm-up
             cps = [captions / t for t in timed(step, args.repeats * 3)]
             name = ("bfloat16" if low else "float32") + (" compiled" if compiled else "")
@@ -165,7 +170,7 @@ def main() -> None:
             row(f"  frozen epoch 2+ ({name})", "min", epoch, TUTORIAL["epoch_min"], False)
             row(f"  frozen epoch 1, cache included ({name})", "min", [m + cache_min for m in epoch],
                 TUTORIAL["epoch_min"], False)  # fmt: skip
-        decoder.compile_attention = False  # fine-tuning below is measured as train.py runs it by default
+        teacher.compiled = False  # fine-tuning below is measured as train.py runs it by default
 
     if "finetune" not in args.skip:
         tuned = Encoder("resnet101", weights="none", fine_tune_stages=3, grid_size=GRID).train()
@@ -173,7 +178,7 @@ def main() -> None:
         opt2 = adam(params, 1e-4, "cpu")
         data = batch(6, 5)
         pixels = torch.randn(6, 3, SIZE, SIZE)
-        cps = [30 / t for t in timed(lambda: train_step(decoder, opt2, data, False, tuned, pixels), args.repeats)]
+        cps = [30 / t for t in timed(lambda: train_step(teacher, opt2, data, False, tuned, pixels), args.repeats)]
         row("fine-tune ResNet-101 stages 2-4 (float32)", "captions/s", cps, TUTORIAL["finetune_cps"], True)
 
     if "eval" not in args.skip:
@@ -182,7 +187,9 @@ def main() -> None:
         def evaluate() -> None:
             with torch.inference_mode():
                 feats = encoder(images)
-                decoder.beam_search(feats, 3, args.caption_len, 0.5, min_len=args.caption_len)
+                # The tutorial's beam search has no repeat blocking; every caption runs caption_len words.
+                cfg = DecodeConfig(3, 0.5, args.caption_len, False, False, min_len=args.caption_len)
+                beam_search(decoder, feats, cfg)
 
         ips = [32 / t for t in timed(evaluate, args.repeats)]
         row(f"eval beam 3, encoder included ({precision})", "img/s", ips, TUTORIAL["eval_ips"], True)

@@ -11,6 +11,7 @@ report ``test`` only for the chosen setting.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from checkpoint import load_captioner  # noqa: E402
 from datasets import FeatureDataset, collate_eval  # noqa: E402
-from eval import coco_id, decode_loader  # noqa: E402
+from decoding import DecodeConfig, content_word_mask, decode_loader  # noqa: E402
+from eval import coco_id  # noqa: E402
+from features import cache_features, cache_is_current, features_path, weights_fingerprint  # noqa: E402
 from metrics import coco_metrics, java_available, nltk_bleu  # noqa: E402
-from models import load_captioner  # noqa: E402
-from train import cache_features, cache_is_current, features_path  # noqa: E402
 from utils import reverse_word_map  # noqa: E402
 
 
@@ -39,7 +41,7 @@ def main() -> None:
     device = torch.device("cpu")
     encoder, decoder, word_map, cfg = load_captioner(args.checkpoint, device, precision=args.precision)
     cache = features_path(cfg, args.data, args.split, encoder.precision)
-    if not cache_is_current(cfg, args.data / f"{args.split}.hdf5", cache, encoder.precision):
+    if not cache_is_current(args.data / f"{args.split}.hdf5", cache, encoder.precision, weights_fingerprint(encoder)):
         cache_features(encoder, cfg, args.data / f"{args.split}.hdf5", cache, device)
     dataset = FeatureDataset(args.data / f"{args.split}.hdf5", cache, "eval")
     loader = DataLoader(dataset, batch_size=100, collate_fn=collate_eval)
@@ -48,7 +50,8 @@ def main() -> None:
     print("beam  lp   | nltk B4 | COCO B4  METEOR  ROUGE-L  CIDEr | words")
     for beam in args.beam_sizes:
         for lp in args.length_penalties:
-            preds, refs, idx = decode_loader(None, decoder, loader, device, beam, 50, lp)
+            search = dataclasses.replace(DecodeConfig(), beam_size=beam, length_penalty=lp)
+            preds, refs, idx = decode_loader(None, decoder, loader, device, search, content_word_mask(word_map))
             hyps = [[rev[i] for i in d.tokens] for d in preds]
             row = f"{beam:4d}  {lp:3.1f} | {nltk_bleu(refs, hyps)['BLEU-4'] * 100:7.2f} |"
             if java_available():

@@ -29,8 +29,10 @@ from _tiny_model import SPECIAL_TOKENS, one_torch_thread, tiny_model
 from PIL import Image
 
 import app
+from attention_maps import smooth_attention
 from benchmarks import bench_app as browser
-from caption import Captioner, caption_images, smooth_attention
+from captioner import Captioner, caption_images
+from decoding import DecodeConfig
 from utils import DEFAULT_CHECKPOINT, CamEyeError
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates: its warning, not ours.
@@ -101,7 +103,7 @@ def test_a_photo_gives_its_caption_beams_and_a_map_per_word(captioner: Captioner
     answer = app.answer_photo(captioner, photos.wide, "wide.png", 3, 0.5)
     check_words(answer.words, captioner)
     # the caption caption.py writes for the same file, through the same code
-    [(_, cli_words, _, _)] = list(caption_images([photos.wide], captioner, beam_size=3, length_penalty=0.5))
+    [(_, cli_words, _, _)] = list(caption_images([photos.wide], captioner))
     assert answer.words == cli_words
     size = captioner.config.image_size
     assert answer.image.shape == (3, size, size) and answer.image.dtype == np.uint8
@@ -129,9 +131,9 @@ def trigrams(words: list[str]) -> list[tuple[str, ...]]:
 
 
 def test_server_wide_search_settings_reach_the_beam_search(captioner: Captioner, photos: SimpleNamespace) -> None:
-    short = app.answer_photo(captioner, photos.wide, "wide.png", 3, 0.5, max_len=2)
+    short = app.answer_photo(captioner, photos.wide, "wide.png", 3, 0.5, DecodeConfig(max_len=2))
     assert 1 <= len(short.words) <= 2 and all(len(b[0].split()) <= 2 for b in short.beams)
-    blocked = app.answer_photo(captioner, photos.wide, "wide.png", 5, 0.0, block_trigrams=True)
+    blocked = app.answer_photo(captioner, photos.wide, "wide.png", 5, 0.0, DecodeConfig(block_trigrams=True))
     for text, _, _ in blocked.beams:
         grams = trigrams(text.split())
         assert len(grams) == len(set(grams)), f"a repeated trigram in {text!r}"

@@ -21,6 +21,8 @@ from _tiny_model import SPECIAL_TOKENS, one_torch_thread, started_cli, tiny_mode
 from PIL import Image
 
 import caption
+import captioner as captioner_module
+from attention_maps import save_attention_figure, save_attention_gif, smooth_attention
 from utils import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,13 +168,13 @@ def test_precision_and_object_prior_options_reach_the_captioner(
 ) -> None:  # fmt: skip
     """Fix: caption.py and app.py accepted --precision and --object-prior and then ignored them."""
     loaded = []
-    original = caption.Captioner.load.__func__
+    original = captioner_module.Captioner.load.__func__
 
     def spy(cls, *args, **kwargs):
         loaded.append(original(cls, *args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(caption.Captioner, "load", classmethod(spy))
+    monkeypatch.setattr(captioner_module.Captioner, "load", classmethod(spy))
     argv = [str(photos.one), "--precision", precision, "--object-prior", "2", "--no-figures"]
     run = run_main([*argv, *base_args(model, tmp_path)], capsys)
     assert run.status == 0 and run.err == []
@@ -208,7 +210,7 @@ def _image_and_grids(steps: int, grid: int = 2, repeat: bool = False) -> tuple[n
 def test_attention_figure_has_a_panel_per_word_plus_the_photo(tmp_path: Path, n_words: int) -> None:
     image, grids = _image_and_grids(n_words)
     words = [f"w{i}" for i in range(n_words)]
-    panels = caption.save_attention_figure(image, words, grids, tmp_path / "fig.png")
+    panels = save_attention_figure(image, words, grids, tmp_path / "fig.png")
     assert panels == n_words + 1
     with Image.open(tmp_path / "fig.png") as im:
         im.load()
@@ -224,7 +226,7 @@ def test_attention_figure_has_a_panel_per_word_plus_the_photo(tmp_path: Path, n_
 def test_attention_gif_has_one_frame_per_word(tmp_path: Path, words: list[str], repeat: bool) -> None:
     # Identical attention at every step used to give identical frames, which Pillow's GIF writer merges.
     image, grids = _image_and_grids(len(words), repeat=repeat)
-    frames = caption.save_attention_gif(image, words, grids, tmp_path / "anim.gif")
+    frames = save_attention_gif(image, words, grids, tmp_path / "anim.gif")
     assert frames == len(words)
     with Image.open(tmp_path / "anim.gif") as im:
         assert im.format == "GIF" and im.size == (64, 64)
@@ -240,7 +242,7 @@ def test_smooth_attention_is_size_by_size_in_unit_range_with_the_peak_in_place(
     alpha = np.random.default_rng(1).random((grid, grid)) * 0.2
     alpha[peak] = 1.0
     alpha /= alpha.sum()
-    heat = caption.smooth_attention(alpha, size)
+    heat = smooth_attention(alpha, size)
     assert heat.shape == (size, size)
     assert np.all(np.isfinite(heat)) and heat.min() == pytest.approx(0.0) and heat.max() == pytest.approx(1.0)
     assert 0.0 <= heat.min() and heat.max() <= 1.0
@@ -250,7 +252,7 @@ def test_smooth_attention_is_size_by_size_in_unit_range_with_the_peak_in_place(
 
 
 def test_smooth_attention_of_uniform_attention_is_flat_and_finite() -> None:
-    heat = caption.smooth_attention(np.full((4, 4), 1 / 16), 64)
+    heat = smooth_attention(np.full((4, 4), 1 / 16), 64)
     assert heat.shape == (64, 64) and np.all(heat == 0.0)
 
 

@@ -25,7 +25,8 @@ import torch
 import create_input_files
 import synthetic
 import train
-from models import ModelConfig, load_captioner
+from checkpoint import load_captioner
+from models import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 40

@@ -29,10 +29,13 @@ from _tiny_model import SPECIAL_TOKENS, one_torch_thread, started_cli, tiny_mode
 from conftest import fake_java
 from nltk.translate.bleu_score import corpus_bleu
 
+import decoding
 import eval as cameye_eval
+from checkpoint import load_captioner, load_checkpoint_file
 from create_input_files import Options, create_input_files
+from decoding import DecodeConfig, Decoded, beam_search, content_word_mask
 from metrics import attention_in_box, java_available
-from models import Decoded, DecoderWithAttention, Preprocess, load_captioner, load_checkpoint_file
+from models import Preprocess
 from utils import CamEyeError
 
 REPO = Path(cameye_eval.__file__).resolve().parent
@@ -144,8 +147,7 @@ def evaluated(model: SimpleNamespace, cli_procs: dict, tmp_path_factory: pytest.
             model.data,
             "test",
             out,
-            beam_size=3,
-            max_len=20,
+            decode=DecodeConfig(max_len=20),
             batch_size=4,  # 6 test images: two batches, so results are gathered across batches
             device="cpu",
             workers=0,
@@ -218,9 +220,7 @@ def test_predictions_belong_to_their_images(
     with torch.no_grad():
         for image_id, image in zip(split.ids, split.images):
             feats = encoder(preprocess(torch.from_numpy(image)).unsqueeze(0))
-            (decoded,) = decoder.beam_search(
-                feats, beam_size=3, max_len=20, length_penalty=evaluated.results["length_penalty"]
-            )
+            (decoded,) = beam_search(decoder, feats, DecodeConfig(max_len=20), content_word_mask(word_map))
             assert written[image_id] == " ".join(rev[t] for t in decoded.tokens), f"image {image_id}"
 
 
@@ -359,7 +359,7 @@ def _evaluate_with_fake_decoder(model, folder: Path, entries: list[dict], monkey
     create_input_files([source], None, Options(out=folder / "prepared", min_word_freq=1, image_size=64, workers=1))
     queue = list(entries)
 
-    def fake_beam_search(self, encoder_out, beam_size=3, max_len=50, length_penalty=1.0, **options):
+    def fake_beam_search(decoder, encoder_out, cfg, content_words=None, word_bonus=None):
         decoded = []
         for _ in range(encoder_out.shape[0]):
             entry = queue.pop(0)
@@ -371,7 +371,7 @@ def _evaluate_with_fake_decoder(model, folder: Path, entries: list[dict], monkey
             decoded.append(Decoded([model.word_map[w] for w in words], 0.0, alphas))
         return decoded
 
-    monkeypatch.setattr(DecoderWithAttention, "beam_search", fake_beam_search)
+    monkeypatch.setattr(decoding, "beam_search", fake_beam_search)
     results = cameye_eval.evaluate(
         model.checkpoint, folder / "prepared", "test", folder / "out", batch_size=2, device="cpu", workers=0, coco=False
     )
@@ -675,7 +675,7 @@ def test_a_failing_meteor_loses_no_other_metric(
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "out"
     results = cameye_eval.evaluate(
-        model.checkpoint, model.data, "test", out, beam_size=3, max_len=20, batch_size=4, device="cpu", workers=0
+        model.checkpoint, model.data, "test", out, DecodeConfig(max_len=20), batch_size=4, device="cpu", workers=0
     )
     good = evaluated.results
     assert set(results["failed_metrics"]) == {"METEOR"}
@@ -881,18 +881,18 @@ def test_chair_and_attention_on_coco_dev80_with_the_shipped_model(coco_dev80: Pa
 def test_decoding_options_reach_beam_search(model: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """--block-trigrams (shared with caption.py) is passed to beam search and recorded, not silently ignored."""
     seen = []
-    original = DecoderWithAttention.beam_search
+    original = decoding.beam_search
 
-    def recording(self, encoder_out, *args, **kwargs):
-        seen.append(kwargs.get("block_trigrams"))
-        return original(self, encoder_out, *args, **kwargs)
+    def recording(decoder, encoder_out, cfg, *args):
+        seen.append(cfg.block_trigrams)
+        return original(decoder, encoder_out, cfg, *args)
 
-    monkeypatch.setattr(DecoderWithAttention, "beam_search", recording)
+    monkeypatch.setattr(decoding, "beam_search", recording)
     results = cameye_eval.evaluate(
-        model.checkpoint, model.data, "test", tmp_path, max_len=20, device="cpu", workers=0, coco=False,
-        max_images=2, block_trigrams=True,
+        model.checkpoint, model.data, "test", tmp_path, DecodeConfig(max_len=20, block_trigrams=False),
+        device="cpu", workers=0, coco=False, max_images=2,
     )  # fmt: skip
-    assert seen == [True] and results["block_trigrams"] is True and results["images"] == 2
+    assert seen == [False] and results["block_trigrams"] is False and results["images"] == 2
 
 
 @needs_java

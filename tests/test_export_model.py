@@ -7,9 +7,10 @@ import torch
 from _tiny_model import one_torch_thread
 from _tiny_model import tiny_model as build_tiny_model
 
-from caption import caption_images
-from export_model import export_checkpoint, main
-from models import load_captioner
+from captioner import caption_images
+from checkpoint import export_checkpoint, load_captioner
+from export_model import main
+from models import Preprocess
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def tiny_model(tmp_path_factory):
 
 def _captions(checkpoint, images):
     with one_torch_thread():
-        return [(words, d.alphas) for _, words, d, _ in caption_images(images, checkpoint, beam_size=3)]
+        return [(words, d.alphas) for _, words, d, _ in caption_images(images, checkpoint)]
 
 
 def test_export_keeps_captions_and_drops_training_state(tiny_model, tmp_path):
@@ -67,3 +68,26 @@ def test_exporting_an_exported_checkpoint_is_a_one_line_error(tiny_model, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "already an inference checkpoint" in err[0]
     assert not (tmp_path / "twice.pt").exists()
+
+
+def test_export_keeps_encoder_stages_fine_tuned_earlier_in_the_run(tiny_model, tmp_path):
+    """Issue 19, bug 2: a run that fine-tuned its encoder and then continued frozen has fine_tune_stages 0 in
+    its config; its export must still carry the fine-tuned weights, so that it encodes like best.pt."""
+    ckpt = torch.load(tiny_model.checkpoint, map_location="cpu", weights_only=True)
+    assert ckpt["config"]["fine_tune_stages"] == 0
+    torch.manual_seed(0)
+    for key in ("net._conv_head.weight", "net._bn1.weight", "net._bn1.running_mean"):
+        ckpt["encoder"][key] = ckpt["encoder"][key] + 0.1 * torch.randn_like(ckpt["encoder"][key])
+    trained = tmp_path / "fine_tuned_then_frozen.pt"
+    torch.save(ckpt, trained)
+    out = tmp_path / "model.pt"
+    export_checkpoint(trained, out)
+    exported = torch.load(out, map_location="cpu", weights_only=True)
+    assert {"net._conv_head.weight", "net._bn1.weight", "net._bn1.running_mean"} <= set(exported["encoder"])
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    features = []
+    for path in (trained, out):
+        encoder, _, _, cfg = load_captioner(path, precision="float32")
+        with torch.no_grad():
+            features.append(encoder(Preprocess(cfg.backbone, cfg.input_size)(images)))
+    torch.testing.assert_close(features[1], features[0])

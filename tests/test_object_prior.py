@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _decoders import search
 
 from models import END_ID, DecoderWithAttention, Encoder, ModelConfig, Preprocess
 from object_prior import ObjectPrior
@@ -51,10 +52,10 @@ def test_a_bonus_changes_the_word_beam_search_picks() -> None:
         dec.fc.weight.zero_()
         dec.fc.bias.copy_(probs.log())
     feats = torch.randn(2, 4, 8)
-    plain = dec.beam_search(feats, beam_size=1, max_len=1, length_penalty=0.0)
+    plain = search(dec, feats, beam_size=1, max_len=1, length_penalty=0.0)
     bonus = torch.zeros(2, len(WORDS))
     bonus[1, WORD_MAP["cat"]] = 1.0
-    biased = dec.beam_search(feats, beam_size=1, max_len=1, length_penalty=0.0, word_bonus=bonus)
+    biased = search(dec, feats, beam_size=1, max_len=1, length_penalty=0.0, word_bonus=bonus)
     assert [d.tokens for d in plain] == [[WORD_MAP["dog"]]] * 2
     assert [d.tokens for d in biased] == [[WORD_MAP["dog"]], [WORD_MAP["cat"]]]
     assert biased[1].score == pytest.approx(math.log(0.3) + 1.0, abs=1e-4)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from caption import caption_images
+from captioner import caption_images
+from checkpoint import load_captioner
 from create_input_files import Options, create_input_files
 from eval import evaluate
-from models import load_captioner
 from utils import DEFAULT_CHECKPOINT
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
@@ -39,7 +39,7 @@ def test_shipped_model_captions_a_real_photo(tmp_path):
 
     Image.fromarray(data.astronaut()).save(photo)
     _, _, word_map, _ = load_captioner(DEFAULT_CHECKPOINT)
-    [(path, words, decoded, image)] = list(caption_images([photo], DEFAULT_CHECKPOINT, beam_size=3))
+    [(path, words, decoded, image)] = list(caption_images([photo], DEFAULT_CHECKPOINT))
     assert path == photo
     assert 3 <= len(words) <= 30, words
     assert all(w in word_map and not w.startswith("<") for w in words), words
@@ -72,8 +72,29 @@ def test_shipped_model_bleu_on_flickr8k_test_images(tmp_path):
     prepared = tmp_path / "prepared"
     counts = create_input_files([source], None, Options(out=prepared, workers=1))
     assert counts["test"] == 100
-    results = evaluate(DEFAULT_CHECKPOINT, prepared, "test", tmp_path / "results", beam_size=3, workers=0, coco=False)
+    results = evaluate(DEFAULT_CHECKPOINT, prepared, "test", tmp_path / "results", workers=0, coco=False)
     bleu4 = results["nltk_corpus_bleu"]["BLEU-4"]
     print(f"shipped model, first 100 Flickr8k test images, beam 3: nltk BLEU-4 {bleu4:.4f}")
     assert bleu4 >= BLEU4_FLOOR
     shutil.rmtree(prepared)
+
+
+def test_python_api_command_line_and_page_decode_alike(tmp_path, capsys):
+    """Issue 19, bug 3: one set of decoding defaults. The Python API (Captioner.decode with no options), the
+    command line (caption.py) and the page's first answer (app.answer_photo at its sliders' defaults) give the
+    same caption; on this photo the API used to say "a man is riding a motorcycle on a motorcycle"."""
+    from skimage import data
+
+    import app
+    import caption
+    from captioner import Captioner
+
+    photo = Path(data.__file__).parent / "motorcycle_left.png"  # make demo's photo
+    captioner = Captioner.load(DEFAULT_CHECKPOINT, "cpu", precision="float32")
+    [decoded] = captioner.decode([captioner.read(photo)])
+    api = " ".join(captioner.words(decoded))
+    assert caption.main([str(photo), "--precision", "float32", "--device", "cpu", "--no-figures"]) == 0
+    cli = capsys.readouterr().out.strip().split(": ", 1)[1]
+    beam, penalty = app.build_parser().get_default("beam_size"), app.build_parser().get_default("length_penalty")
+    page = " ".join(app.answer_photo(captioner, photo, photo.name, beam, penalty).words)
+    assert api == cli == page, (api, cli, page)

@@ -9,6 +9,7 @@ and takes about 45 s on one CPU core.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fcntl
 import json
 import os
@@ -28,21 +29,17 @@ import torch
 from conftest import mounted_tmpfs
 from torch.utils.data import DataLoader
 
+import backbones
+import fused
 import models
 import train
+from backbones import resolve_precision
+from checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_captioner, load_checkpoint_file
 from create_input_files import Options, create_input_files
 from datasets import CaptionDataset, FeatureDataset, collate_eval
-from eval import decode_loader
+from decoding import DecodeConfig, decode_loader
 from metrics import nltk_bleu
-from models import (
-    CHECKPOINT_FORMAT,
-    ModelConfig,
-    Preprocess,
-    build_captioner,
-    load_captioner,
-    load_checkpoint_file,
-    resolve_precision,
-)
+from models import ModelConfig, Preprocess, build_captioner
 from synthetic import generate_dataset
 from utils import CamEyeError, read_json, reverse_word_map
 
@@ -146,8 +143,22 @@ def test_load_captioner_decodes_exactly_like_the_in_memory_model(trained_run) ->
     loader = DataLoader(dataset, batch_size=4, collate_fn=collate_eval)
     device = torch.device("cpu")
     for beam in (1, 3):
-        mine, _, _ = decode_loader(mem_encoder, mem_decoder, loader, device, beam, 20)
-        loaded, _, _ = decode_loader(encoder, decoder, loader, device, beam, 20)
+        mine, _, _ = decode_loader(
+            mem_encoder,
+            mem_decoder,
+            loader,
+            device,
+            DecodeConfig(beam_size=beam, max_len=20, block_trigrams=False, block_bigrams=False),
+            None,
+        )
+        loaded, _, _ = decode_loader(
+            encoder,
+            decoder,
+            loader,
+            device,
+            DecodeConfig(beam_size=beam, max_len=20, block_trigrams=False, block_bigrams=False),
+            None,
+        )
         assert len(mine) == len(dataset) == 4
         for a, b in zip(mine, loaded):
             assert a.tokens == b.tokens and a.score == b.score
@@ -624,7 +635,8 @@ def test_checkpoint_never_makes_the_loader_read_a_file_or_download(trained_run, 
         c["encoder"] = {}
 
     path = _altered(trained_run, tmp_path, resnet_partial)
-    monkeypatch.setattr(models, "_load_state_dict", lambda p: pytest.fail(f"the checkpoint made the loader read {p}"))
+    refuse = lambda p: pytest.fail(f"the checkpoint made the loader read {p}")  # noqa: E731
+    monkeypatch.setattr(backbones, "_load_state_dict", refuse)
     with pytest.raises(CamEyeError, match="pass --encoder-weights") as info:
         load_captioner(path)
     _one_line(info)
@@ -632,7 +644,7 @@ def test_checkpoint_never_makes_the_loader_read_a_file_or_download(trained_run, 
 
 def test_todays_and_the_shipped_checkpoints_still_load(trained_run, tmp_path: Path) -> None:
     _, out, _, _ = trained_run
-    assert torch.load(out / "last.pt", weights_only=True)["version"] == train.CHECKPOINT_VERSION
+    assert torch.load(out / "last.pt", weights_only=True)["version"] == CHECKPOINT_VERSION
     load_captioner(out / "last.pt")
     shipped = REPO / "checkpoints" / "flickr8k" / "cameye-flickr8k.pt"
     encoder, decoder, word_map, cfg = load_captioner(shipped)
@@ -655,7 +667,14 @@ E2E_SPLITS = (0.75, 0.2, 0.05)  # 300 train, 80 val images: a less noisy validat
 
 
 def _val_bleu4(decoder, loader: DataLoader, rev: list[str], beam: int) -> float:
-    predictions, references, _ = decode_loader(None, decoder, loader, torch.device("cpu"), beam, 20)
+    predictions, references, _ = decode_loader(
+        None,
+        decoder,
+        loader,
+        torch.device("cpu"),
+        DecodeConfig(beam_size=beam, max_len=20, block_trigrams=False, block_bigrams=False),
+        None,
+    )
     return nltk_bleu(references, [[rev[i] for i in p.tokens] for p in predictions])["BLEU-4"]
 
 
@@ -782,7 +801,7 @@ def test_compile_without_a_working_compiler_is_a_one_line_error(
     def no_compiler():
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(traceback lines)")
 
-    monkeypatch.setattr(models, "compiled_attention_kernels", no_compiler)
+    monkeypatch.setattr(fused, "compiled_attention_kernels", no_compiler)
     with pytest.raises(CamEyeError) as info:
         train.train(*_configs(tiny_data, tmp_path / "run", 1, compile=True))
     assert "--compile failed" in str(info.value) and "\n" not in str(info.value)
@@ -891,8 +910,9 @@ def test_feature_cache_records_its_precision_and_each_precision_has_its_own(tiny
         with h5py.File(path, "r") as f:
             assert f.attrs["precision"] == precision
         other = "float32" if precision == "bfloat16" else "bfloat16"
-        assert train.cache_is_current(mcfg, data / "val.hdf5", path, precision)
-        assert not train.cache_is_current(mcfg, data / "val.hdf5", path, other)
+        encoder = h5py.File(path, "r").attrs["encoder"]  # the weights it was computed by (the same for both)
+        assert train.cache_is_current(data / "val.hdf5", path, precision, encoder)
+        assert not train.cache_is_current(data / "val.hdf5", path, other, encoder)
     with h5py.File(paths["bfloat16"], "r") as low, h5py.File(paths["float32"], "r") as full:
         assert not np.array_equal(low["features"][:], full["features"][:])
 
@@ -934,3 +954,41 @@ def test_optimizer_state_from_before_fused_adam_resumes_fused() -> None:
         (params[0] ** 2).sum().backward()
         opt.step()
     torch.testing.assert_close(copies[0], weights[0], rtol=1e-6, atol=1e-7)
+
+
+def test_feature_cache_follows_the_encoder_weights_not_their_name(tiny_data: Path, tmp_path: Path) -> None:
+    """Issue 19, bug 1: a frozen-encoder run whose encoder was fine-tuned before (here: --resume with
+    --fine-tune-stages 0 after a fine-tuning epoch) has other weights under the same name ("package"). Its
+    cache must hold the features of those weights, not the pretrained encoder's cache made earlier."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    out = tmp_path / "run"
+    base = ["--data", str(data), "--out", str(out), *CLI_MODEL, *CLI_RUN]
+    train.main([*base, "--epochs", "1"])  # caches the pretrained encoder's features
+    train.main([*base, "--resume", "--epochs", "2", "--fine-tune-stages", "1", "--encoder-lr", "0.05"])
+    train.main([*base, "--resume", "--epochs", "3", "--fine-tune-stages", "0"])  # frozen again: from the cache
+    ckpt = load_checkpoint_file(out / "last.pt")
+    mcfg = ModelConfig.from_dict(ckpt["config"])
+    precision = ckpt["train_config"]["encoder_precision"]
+    encoder, _, _, _ = load_captioner(out / "last.pt", precision=precision)  # the run's weights, folded as cached
+    pretrained, _ = build_captioner(dataclasses.replace(mcfg, fine_tune_stages=0))
+    pretrained.precision = precision
+    dataset = CaptionDataset(data / "val.hdf5", "eval", Preprocess(mcfg.backbone, mcfg.input_size))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with h5py.File(train.features_path(mcfg, data, "val", precision), "r") as f:
+        cached = torch.from_numpy(f["features"][:]).float()
+    with torch.no_grad():
+        want, old = encoder(images), pretrained.eval()(images)
+    assert (want - old).abs().mean() > 0.1, "degenerate test: fine-tuning did not change the features"
+    scale = want.abs().max()
+    assert (cached - want).abs().max() < 0.05 * scale, "the cache does not hold the run's own encoder's features"
+
+
+def test_broadcast_float_sends_from_the_runs_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19, bug 4: a gloo run on the CPU (torchrun, --device cpu) of a machine that has a GPU must send its
+    score from the CPU: gloo cannot broadcast a CUDA tensor."""
+    sent = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train.dist, "broadcast", lambda t, src: sent.append(t.device))
+    assert train.broadcast_float(2.5, 2, torch.device("cpu")) == 2.5
+    assert sent == [torch.device("cpu")]

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import utils
+from decoding import add_decoding_arguments
 from utils import (
     DEFAULT_CHECKPOINT,
     SPECIAL_TOKENS,
     CamEyeError,
-    add_decoding_arguments,
     atomic_path,
     cli_errors,
     decode_caption,

@@ -1,0 +1,321 @@
+"""Decoding: turning a trained decoder and annotation vectors into captions.
+
+One :class:`DecodeConfig` holds every decoding default; caption.py, eval.py, the web page, the Python API
+(``captioner.Captioner``) and train.py's validation all decode through :func:`beam_search` with it, and the
+command-line options of caption.py, eval.py and app.py are made from its fields (:func:`cli.add_options`).
+
+:func:`beam_search` decodes a batch of images at once (greedy decoding is ``beam_size=1``), with the repeat
+blocking of :func:`block_repeated_trigrams` and :func:`block_repeated_bigrams`; :func:`decode_loader` runs it
+over a DataLoader. The teacher-forcing and sampling loops of the model itself are in models.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cli import add_options, opt
+from models import END_ID, PAD_ID, START_ID, DecoderWithAttention, mask_non_words
+from utils import DEFAULT_CHECKPOINT, FUNCTION_WORDS, SPECIAL_TOKENS, positive_int
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How captions are searched for: the one place where every decoding default is written."""
+
+    beam_size: int = opt(3, "beams per image (1 = greedy decoding)", type=positive_int)
+    # Rank finished beams by score / length**P. 0 favours short captions (raw log-probability); 0.5 was best on
+    # Flickr8k val (README, Evaluation).
+    length_penalty: float = opt(0.5, "rank finished beams by log-probability / length**P (0 = raw log-probability)")
+    max_len: int = opt(50, "longest caption, in words", type=positive_int)
+    # Against "a man riding a bike with a man riding a bike" (a hard block; Paulus et al., 2018, for summaries).
+    block_trigrams: bool = opt(True, "forbid a beam to repeat a word trigram it already contains")
+    # Against "a man is riding a motorcycle on a motorcycle": no trigram repeats, but "a motorcycle" is a repeated
+    # bigram ending in a content word. Bigrams ending in a function word ("in a") may repeat.
+    block_bigrams: bool = opt(True, "forbid a beam to repeat a bigram ending in a content word ('a bike ... a bike')")
+    min_len: int = 1  # <end> is not allowed before this many words (1: never an empty caption)
+    allow_unk: bool = False  # whether <unk> may be emitted
+    n_best: int = 1  # each result's ``alternatives``: the image's n_best best finished beams (1..beam_size)
+
+
+@dataclass
+class Decoded:
+    """One decoded caption: word ids (no <start>/<end>), its log-probability score, attention per word."""
+
+    tokens: list[int]
+    score: float
+    alphas: torch.Tensor  # len(tokens) x P
+    normalised_score: float = float("nan")  # score / length**length_penalty: what beams are ranked by
+    # The image's best beams (DecodeConfig.n_best), best first; the first is this caption itself.
+    alternatives: list[Decoded] = field(default_factory=list)
+
+
+def content_word_mask(word_map: dict[str, int]) -> torch.Tensor:
+    """Bool mask over the vocabulary (V, by word id): True for content words, False for the special tokens and
+    utils.FUNCTION_WORDS; the words a repeated bigram may not end in (``DecodeConfig.block_bigrams``)."""
+    mask = torch.zeros(max(word_map.values()) + 1, dtype=torch.bool)
+    for word, i in word_map.items():
+        mask[i] = word not in FUNCTION_WORDS and word not in SPECIAL_TOKENS
+    return mask
+
+
+# Inference mode rather than no_grad: no version counters or view tracking on its many small tensors.
+@torch.inference_mode()
+def beam_search(
+    decoder: DecoderWithAttention,
+    encoder_out: torch.Tensor,
+    cfg: DecodeConfig = DecodeConfig(),
+    content_words: torch.Tensor | None = None,
+    word_bonus: torch.Tensor | None = None,
+) -> list[Decoded]:
+    """Beam search for a batch of images at once: the N*k beams advance together.
+
+    Every image keeps ``cfg.beam_size`` beams ranked by summed log-probability. A beam that emits <end> is
+    finished: it keeps its slot and score and only extends with free <pad>s, so later beams must beat it
+    (the common tutorial shrinks the beam instead). At the end each image's best beam is chosen by
+    score / length**length_penalty (length counts <end>), preferring finished beams; if none finished within
+    ``max_len`` steps, the best unfinished beam is returned, so there is always a caption. ``<pad>``,
+    ``<start>`` (and ``<unk>`` unless allowed) are never emitted: a beam with no real word left ends instead.
+    With ``beam_size=1`` this is exactly greedy decoding.
+
+    Args:
+        encoder_out: N x P x C annotation vectors.
+        content_words: V bools (:func:`content_word_mask`), needed when ``cfg.block_bigrams``.
+        word_bonus: N x V, added to each image's next-word log-probabilities until the beam has used the word
+            (e.g. object_prior.ObjectPrior's bonuses: a bonus that stayed would invite "a bird in a bird").
+    Returns:
+        N :class:`Decoded` captions, in input order.
+    Raises:
+        ValueError: if ``cfg.n_best`` is not in 1..beam_size, or bigram blocking has no ``content_words``.
+    """
+    n, p, _ = encoder_out.shape
+    k, device = cfg.beam_size, encoder_out.device
+    if not 1 <= cfg.n_best <= k:
+        raise ValueError(f"n_best must be in 1..beam_size ({k}), got {cfg.n_best}")
+    if cfg.block_bigrams and content_words is None:
+        raise ValueError("block_bigrams needs content_words (see content_word_mask)")
+    if n == 0:
+        return []
+    repeat_words = content_words.to(device) if cfg.block_bigrams else None  # moved once, not every step
+    # Beams never change image (a beam's successors stay in its image's k rows), so the images are not
+    # repeated per beam: projection and context read each image once.
+    projected = decoder.attention.project(encoder_out)  # N x P x A
+    h, c = (s.repeat_interleave(k, dim=0) for s in decoder.init_state(encoder_out))  # N*k x D each
+    scores = torch.zeros(n, k, device=device)  # N x k
+    scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    words = torch.full((n * k,), START_ID, dtype=torch.long, device=device)  # N*k
+    seqs = torch.zeros(n * k, 0, dtype=torch.long, device=device)  # N*k x steps
+    alphas = torch.zeros(n * k, 0, p, device=device)  # N*k x steps x P
+    finished = torch.zeros(n * k, dtype=torch.bool, device=device)  # N*k
+    lengths = torch.zeros(n * k, device=device)  # N*k: words so far, <end> included
+    images = torch.arange(n, device=device)  # the input image of each image still being searched
+    results: dict[int, Decoded] = {}  # input image -> its caption, filled as images become final
+    for step in range(cfg.max_len):
+        m = images.numel()
+        z, alpha = decoder.attend(h, encoder_out, projected)  # m*k x C, m*k x P
+        # Finished beams only extend with a free <pad>, so the LSTM and classifier skip them. (Until a beam
+        # finishes, every row is live: the gathers and scatters are skipped.)
+        live = (~finished).nonzero().squeeze(1) if finished.any() else None  # None: every beam is live
+        pick = functools.partial(_rows, index=live)
+        h_live, c_live, out = decoder.advance(decoder.embedding(pick(words)), pick(h), pick(c), pick(z))
+        h, c = (h_live, c_live) if live is None else (h.index_copy(0, live, h_live), c.index_copy(0, live, c_live))
+        bonus = pick(word_bonus.repeat_interleave(k, dim=0)) if word_bonus is not None else None
+        logits = _allowed_next_words(F.log_softmax(decoder.fc(out), dim=1), pick(seqs), step, cfg, repeat_words, bonus)
+        logp = logits if live is None else _with_finished_rows(logits, live, finished.numel())  # m*k x V
+        vocab = logp.size(1)
+        scores, flat = (scores.view(-1, 1) + logp).view(m, k * vocab).topk(k, dim=1)  # m x k each
+        src = (torch.arange(0, m * k, k, device=device).unsqueeze(1) + flat // vocab).view(-1)  # m*k
+        words = (flat % vocab).view(-1)  # m*k
+        # A beam chosen at -inf had no allowed word left (a vocabulary smaller than the beam): it ends here
+        # instead of emitting a masked token, and its -inf score keeps it from ever being chosen.
+        words = torch.where(torch.isinf(scores.view(-1)) & (words != PAD_ID), END_ID, words)
+        seqs = torch.cat([seqs[src], words.unsqueeze(1)], dim=1)
+        alphas = torch.cat([alphas[src], alpha[src].unsqueeze(1)], dim=1)
+        h, c = h[src], c[src]
+        was_finished = finished[src]
+        lengths = lengths[src] + (~was_finished).float()
+        finished = was_finished | (words == END_ID)
+        # An image whose k beams have all ended is final. Its rows already skip the LSTM (all finished); once
+        # half the batch is final those images leave it, so attention stops reading them too. (Leaving at
+        # once is slower: every exit copies the remaining images' annotation vectors.)
+        done = finished.view(m, k).all(dim=1)  # m
+        n_done = int(done.sum())
+        if n_done == m:
+            break
+        if 2 * n_done >= m:
+            ended, keep = done.repeat_interleave(k), (~done).repeat_interleave(k)
+            picked = best_beams(scores[done], lengths[ended], finished[ended], seqs[ended], alphas[ended], cfg)
+            results.update(zip(images[done].tolist(), picked))
+            images, encoder_out, projected, scores = (t[~done] for t in (images, encoder_out, projected, scores))
+            word_bonus = word_bonus[~done] if word_bonus is not None else None
+            h, c, words, seqs, alphas, finished, lengths = (
+                t[keep] for t in (h, c, words, seqs, alphas, finished, lengths)
+            )
+    # The rest: final images, and any still searching after max_len steps (their best beam, finished or not).
+    results.update(zip(images.tolist(), best_beams(scores, lengths, finished, seqs, alphas, cfg)))
+    return [results[i] for i in range(n)]
+
+
+def _allowed_next_words(
+    logp: torch.Tensor,
+    seqs: torch.Tensor,
+    step: int,
+    cfg: DecodeConfig,
+    repeat_words: torch.Tensor | None,
+    bonus: torch.Tensor | None,
+) -> torch.Tensor:
+    """The live beams' next-word log-probabilities (rows x V) with the bonus added and every word that the
+    configuration forbids after ``seqs`` (rows x steps) set to -inf."""
+    if bonus is not None:  # each word's bonus counts until the beam has said the word once
+        unsaid = torch.ones_like(logp).scatter_(1, seqs, 0.0) if seqs.size(1) else 1.0
+        logp = logp + bonus * unsaid
+    logp = mask_non_words(logp, cfg.allow_unk)
+    if cfg.block_trigrams and seqs.size(1) >= 3:
+        block_repeated_trigrams(logp, seqs)
+    if repeat_words is not None and seqs.size(1) >= 2:
+        block_repeated_bigrams(logp, seqs, repeat_words)
+    if step < cfg.min_len:
+        end = logp[:, END_ID].clone()
+        logp[:, END_ID] = float("-inf")  # an empty caption says nothing about the photo
+        stuck = torch.isinf(logp).all(dim=1)  # ... unless the vocabulary has no real word: it ends (empty)
+        logp[stuck, END_ID] = end[stuck]
+    return logp
+
+
+def _with_finished_rows(logp: torch.Tensor, live: torch.Tensor, rows: int) -> torch.Tensor:
+    """All ``rows`` beams' next-word scores (rows x V) from the live ones' (``logp``, at rows ``live``): a
+    finished beam's only continuation is a free <pad>."""
+    full = logp.new_full((rows, logp.size(1)), float("-inf"))
+    full[:, PAD_ID] = 0.0
+    full[live] = logp
+    return full
+
+
+def block_repeated_trigrams(logp: torch.Tensor, seqs: torch.Tensor) -> None:
+    """Set to -inf, in place, each word that would complete a trigram its row's sequence already holds.
+
+    ``logp``: rows x V next-word scores; ``seqs``: rows x L words so far. The next trigram is
+    (seq[-2], seq[-1], w): every earlier position where (seq[i], seq[i+1]) equals (seq[-2], seq[-1])
+    blocks w = seq[i+2].
+    """
+    last = seqs[:, -2:]  # rows x 2
+    match = (seqs[:, :-2] == last[:, :1]) & (seqs[:, 1:-1] == last[:, 1:])  # rows x L-2
+    blocked = torch.where(match, seqs[:, 2:], PAD_ID)  # <pad> is never allowed anyway
+    logp.scatter_(1, blocked, float("-inf"))
+
+
+def block_repeated_bigrams(logp: torch.Tensor, seqs: torch.Tensor, repeat_words: torch.Tensor) -> None:
+    """Set to -inf, in place, each word w of ``repeat_words`` (bool, V) that would complete a bigram
+    (seq[-1], w) its row's sequence already holds. ``logp``: rows x V; ``seqs``: rows x L words so far."""
+    following = seqs[:, 1:]  # rows x L-1
+    match = (seqs[:, :-1] == seqs[:, -1:]) & repeat_words[following]  # rows x L-1
+    logp.scatter_(1, torch.where(match, following, PAD_ID), float("-inf"))
+
+
+def best_beams(
+    scores: torch.Tensor,
+    lengths: torch.Tensor,
+    finished: torch.Tensor,
+    seqs: torch.Tensor,
+    alphas: torch.Tensor,
+    cfg: DecodeConfig,
+) -> list[Decoded]:
+    """The best beam of each of m images, from its k beams' scores (m x k) and the m*k beams' lengths,
+    finished flags, word ids and attention rows (image i owning beams i*k .. i*k+k-1); with ``cfg.n_best`` > 1
+    each also lists the image's best finished beams (at least the best beam) in ``alternatives``."""
+    m, k = scores.shape
+    normalised = scores.view(-1) / lengths.clamp(min=1) ** cfg.length_penalty  # m*k
+    # A finished beam beats any unfinished one; among equals, the better normalised score wins.
+    rank = torch.where(finished, normalised, normalised - 1e9).view(m, k)
+    order = torch.arange(0, m * k, k, device=scores.device).unsqueeze(1) + rank.argsort(dim=1, descending=True)
+    order, finished_list, flat_scores = order.tolist(), finished.tolist(), scores.view(-1).tolist()
+    norm_list = normalised.tolist()
+    results = []
+    for beams in order:
+        picked = []
+        for j, b in enumerate(beams[: cfg.n_best]):
+            if j > 0 and not (finished_list[b] and math.isfinite(flat_scores[b])):
+                break  # alternatives are real, finished captions only
+            ids = seqs[b].tolist()
+            length = ids.index(END_ID) if END_ID in ids else len(ids)
+            picked.append(Decoded(ids[:length], flat_scores[b], alphas[b, :length].cpu(), norm_list[b]))
+        results.append(replace(picked[0], alternatives=picked))
+    return results
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """t[index], or t itself for ``index`` None (all rows)."""
+    return t if index is None else t[index]
+
+
+@torch.no_grad()
+def decode_loader(
+    encoder: torch.nn.Module | None,
+    decoder: DecoderWithAttention,
+    batches: Iterable,
+    device: torch.device,
+    cfg: DecodeConfig,
+    content_words: torch.Tensor | None,
+    prior=None,
+    progress: bool = False,
+) -> tuple[list[Decoded], list, list[int]]:
+    """Caption every item of an eval-mode loader of (images, references, indices) batches, or of cached
+    features when ``encoder`` is None.
+
+    ``prior`` (object_prior.ObjectPrior) adds its per-image bonuses on object words to beam search.
+    Returns the decoded captions, each image's references and the dataset indices, in loader order.
+    """
+    decoder.eval()
+    if encoder is not None:
+        encoder.eval()
+    predictions, references, indices = [], [], []
+    for images, refs, index in tqdm(batches, desc="decoding", unit="batch", disable=not progress):
+        images = images.to(device)
+        feats = encoder(images) if encoder is not None else images
+        bonus = prior.bonus(feats) if prior is not None else None
+        predictions += beam_search(decoder, feats, cfg, content_words, bonus)
+        references += refs
+        indices += index
+    return predictions, references, indices
+
+
+def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """The options caption.py, eval.py and app.py share: which model, how to search (every field of
+    :class:`DecodeConfig`), where to run."""
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=DEFAULT_CHECKPOINT,
+        help="CamEye checkpoint (.pt)",
+    )
+    add_options(p, DecodeConfig)
+    p.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="the encoder's precision: bfloat16 runs it on the bfloat16 matrix units of recent CPUs and GPUs "
+        "(1.4-2.8x faster encoding, captions equal within noise: README, Evaluation); 'auto' picks bfloat16 "
+        "where the hardware has them, float32 elsewhere (the decoder always runs in float32)",
+    )
+    p.add_argument(
+        "--object-prior",
+        type=float,
+        default=0.0,
+        help="add STRENGTH x p to the log-probability of object words whose ImageNet classes the encoder's own "
+        "classifier sees with probability p (0 = off; EfficientNet-Lite encoders; see object_prior.py)",
+    )
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
+    p.add_argument(
+        "--encoder-weights",
+        default=None,
+        help="ImageNet weights for a checkpoint that holds only its fine-tuned encoder stages (a ResNet's): "
+        "a local state-dict file, or 'torchvision' to download (never taken from the checkpoint itself)",
+    )
