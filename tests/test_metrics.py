@@ -754,6 +754,11 @@ def test_chair_counts_over_captions_and_mentions() -> None:
         ("a baby elephant and an adult giraffe", ["elephant", "giraffe"]),  # "baby" is no person here
         ("a passenger train on the train tracks", ["train"]),  # no passenger; tracks are no train
         ("a toilet with the seat up", ["toilet"]),  # the toilet's seat is no chair
+        ("two toilets and their seats", ["toilet"]),
+        ("a urinal beside a seat", ["toilet", "chair"]),  # only the word "toilet" makes a seat the toilet's
+        ("a toilet seat next to a potty seat", ["toilet", "toilet"]),  # "toilet" is there: no seat counts
+        ("a stove top oven in a kitchen", ["oven", "oven"]),  # the reference counts "stove" and "oven"
+        ("two stove top ovens and a stove top", ["oven", "oven", "oven"]),
         ("a man on a seat", ["person", "chair"]),
         ("a glass of water by the plant under a light", []),  # ambiguous words name nothing
         ("a boy with a bow tie", ["person", "tie"]),
@@ -768,6 +773,12 @@ def test_coco_mentions_follow_the_papers_rules(caption: str, expected: list[str]
 def test_mentions_locate_their_words() -> None:
     words = caption_words("a hot dog beside a dog")
     assert coco_mentions(words) == [(1, 3, "hot dog"), (5, 6, "dog")]
+    assert coco_mentions(caption_words("a stove top oven")) == [(1, 2, "oven"), (3, 4, "oven")]
+
+
+def test_chair_counts_a_stove_top_oven_twice_as_the_reference_does() -> None:
+    result = chair([caption_words("a stove top oven")], [set()])
+    assert (result["mentions"], result["hallucinated"], result["CHAIR-i"]) == (2, 2, 1.0)
 
 
 def test_image_truth_adds_objects_named_by_references() -> None:
