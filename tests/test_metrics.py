@@ -25,6 +25,7 @@ from conftest import fake_java
 
 import metrics
 from metrics import (
+    BLEU_WEIGHTS,
     COCO_FAMILIES,
     MEAN_OF_PER_IMAGE,
     CiderD,
@@ -45,6 +46,7 @@ from metrics import (
     java_available,
     mean_attention_correctness,
     nltk_bleu,
+    paired_bootstrap,
     ptb_tokenize,
 )
 from metrics_data import COCO_SYNONYMS
@@ -754,6 +756,11 @@ def test_chair_counts_over_captions_and_mentions() -> None:
         ("a baby elephant and an adult giraffe", ["elephant", "giraffe"]),  # "baby" is no person here
         ("a passenger train on the train tracks", ["train"]),  # no passenger; tracks are no train
         ("a toilet with the seat up", ["toilet"]),  # the toilet's seat is no chair
+        ("two toilets and their seats", ["toilet"]),
+        ("a urinal beside a seat", ["toilet", "chair"]),  # only the word "toilet" makes a seat the toilet's
+        ("a toilet seat next to a potty seat", ["toilet", "toilet"]),  # "toilet" is there: no seat counts
+        ("a stove top oven in a kitchen", ["oven", "oven"]),  # the reference counts "stove" and "oven"
+        ("two stove top ovens and a stove top", ["oven", "oven", "oven"]),
         ("a man on a seat", ["person", "chair"]),
         ("a glass of water by the plant under a light", []),  # ambiguous words name nothing
         ("a boy with a bow tie", ["person", "tie"]),
@@ -768,6 +775,12 @@ def test_coco_mentions_follow_the_papers_rules(caption: str, expected: list[str]
 def test_mentions_locate_their_words() -> None:
     words = caption_words("a hot dog beside a dog")
     assert coco_mentions(words) == [(1, 3, "hot dog"), (5, 6, "dog")]
+    assert coco_mentions(caption_words("a stove top oven")) == [(1, 2, "oven"), (3, 4, "oven")]
+
+
+def test_chair_counts_a_stove_top_oven_twice_as_the_reference_does() -> None:
+    result = chair([caption_words("a stove top oven")], [set()])
+    assert (result["mentions"], result["hallucinated"], result["CHAIR-i"]) == (2, 2, 1.0)
 
 
 def test_image_truth_adds_objects_named_by_references() -> None:
@@ -813,3 +826,78 @@ def test_bootstrap_interval_of_a_ratio_of_sums() -> None:
     nan_low, nan_high = bootstrap_interval([0.0, 0.0], [0.0, 0.0])
     assert math.isnan(nan_low) and math.isnan(nan_high)
     assert all(math.isnan(v) for v in bootstrap_interval([]))
+
+
+def _corpus(seed: int, n_images: int = 60) -> tuple[list, list]:
+    """Random references (5 per image) and one caption per image drawn near them, over a small vocabulary."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(25)]
+    refs = [[[rng.choice(vocab) for _ in range(rng.randint(6, 12))] for _ in range(5)] for _ in range(n_images)]
+    hyps = [[w if rng.random() < 0.6 else rng.choice(vocab) for w in rng.choice(r)][: rng.randint(1, 12)] for r in refs]
+    return refs, hyps
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bleu_from_summed_statistics_equals_nltk(seed: int) -> None:
+    refs, hyps = _corpus(seed)
+    hyps[0] = []  # an empty caption, and a corpus without 4-gram matches below
+    sums = metrics._bleu_statistics(refs, hyps).sum(axis=0, keepdims=True)
+    for name, weights in BLEU_WEIGHTS.items():
+        assert metrics._bleu_from_sums(sums, weights)[0] == pytest.approx(nltk_bleu(refs, hyps)[name], rel=1e-12)
+    no_4grams = [[h[0]] if h else [] for h in hyps]
+    sums = metrics._bleu_statistics(refs, no_4grams).sum(axis=0, keepdims=True)
+    assert metrics._bleu_from_sums(sums, BLEU_WEIGHTS["BLEU-4"])[0] == pytest.approx(
+        nltk_bleu(refs, no_4grams)["BLEU-4"], abs=1e-300
+    )
+    nothing = [["zz"] for _ in hyps]  # no unigram match: nltk returns 0
+    assert metrics._bleu_from_sums(metrics._bleu_statistics(refs, nothing).sum(0, keepdims=True), (1.0,))[0] == 0.0
+
+
+def test_paired_bootstrap_of_identical_systems_is_exactly_zero() -> None:
+    refs, hyps = _corpus(3)
+    result = paired_bootstrap(refs, hyps, [list(h) for h in hyps], resamples=200)
+    assert set(result) == {"BLEU-4", "CIDEr-D"}
+    for metric, r in result.items():
+        assert (r.difference, r.low, r.high) == (0.0, 0.0, 0.0), metric
+        assert r.a == r.b and r.resamples == 200 and r.level == 0.95
+    assert result["BLEU-4"].a == nltk_bleu(refs, hyps)["BLEU-4"]
+    assert result["CIDEr-D"].a == cider_d_corpus(refs, hyps)[0]
+
+
+def test_paired_bootstrap_of_a_system_better_on_every_image_lies_above_zero() -> None:
+    refs, hyps = _corpus(4)
+    better = [list(r[0]) for r in refs]  # a reference itself: better than the noisy caption on every image
+    result = paired_bootstrap(refs, hyps, better, metrics=("BLEU-1", "BLEU-4", "CIDEr-D"), resamples=500)
+    for metric, r in result.items():
+        assert 0 < r.low <= r.difference <= r.high, metric
+        assert r.difference == pytest.approx(r.b - r.a)
+    worse = paired_bootstrap(refs, better, hyps, resamples=500)  # B - A: the order matters
+    assert worse["CIDEr-D"].high < 0 and worse["CIDEr-D"].difference == -result["CIDEr-D"].difference
+
+
+def test_paired_bootstrap_resamples_the_same_images_for_both_systems() -> None:
+    """CIDEr-D is a mean over images, so the paired interval is the interval of the per-image differences with
+    bootstrap_interval's own draws; it is much narrower than the two marginal intervals when the systems'
+    per-image scores go together, which is why model comparisons need it."""
+    refs, hyps = _corpus(5, n_images=80)
+    rng = random.Random(0)
+    edited = [[w if rng.random() < 0.9 else r[0][i % len(r[0])] for i, w in enumerate(h)] for h, r in zip(hyps, refs)]
+    paired = paired_bootstrap(refs, hyps, edited, metrics=("CIDEr-D",), resamples=1000, seed=3)["CIDEr-D"]
+    per_a, per_b = cider_d_corpus(refs, hyps)[1], cider_d_corpus(refs, edited)[1]
+    assert (paired.low, paired.high) == pytest.approx(bootstrap_interval(per_b - per_a, resamples=1000, seed=3))
+    low_a, high_a = bootstrap_interval(per_a, resamples=1000, seed=3)
+    low_b, high_b = bootstrap_interval(per_b, resamples=1000, seed=3)
+    assert paired.high - paired.low < 0.5 * min(high_a - low_a, high_b - low_b)
+    assert paired_bootstrap(refs, hyps, edited, resamples=300, seed=3) == paired_bootstrap(
+        refs, hyps, edited, resamples=300, seed=3
+    ), "seeded: repeatable"
+
+
+def test_paired_bootstrap_rejects_bad_input() -> None:
+    refs, hyps = _corpus(6, n_images=4)
+    with pytest.raises(ValueError, match="one caption per image"):
+        paired_bootstrap(refs, hyps, hyps[:3])
+    with pytest.raises(ValueError, match="unknown metric"):
+        paired_bootstrap(refs, hyps, hyps, metrics=("METEOR",))
+    with pytest.raises(ValueError, match="no reference"):
+        paired_bootstrap([[], *refs[1:]], hyps, hyps)
