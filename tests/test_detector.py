@@ -96,7 +96,8 @@ def test_a_malformed_or_truncated_graph_is_refused_in_one_line(tmp_path: Path) -
         "dtype": manifest(["model.bin"], {"name": "w", "shape": [1], "dtype": "string"}),
         "nodes": {"modelTopology": {"node": "x"}},
     }
-    cases = {"cut": cut / "model.json", "short": bin_short, "long": bin_long}
+    nan = _conv_graph(tmp_path / "nan", np.full((3, 3, 2, 4), np.nan))
+    cases = {"cut": cut / "model.json", "short": bin_short, "long": bin_long, "nan": nan}
     for name, change in bad.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.bin").write_bytes((path.parent / "model.bin").read_bytes())
