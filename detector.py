@@ -209,27 +209,44 @@ def load_graph(json_path: str | Path) -> Graph:
 
 
 # ------------------------------------------------------------------------------------- the graph, in torch
-def _attr_str(node: Node, key: str, default: str = "") -> str:
-    """A string attribute (TF.js stores them base64-encoded, ``{"s": "U0FNRQ=="}`` = "SAME")."""
+def _attr(node: Node, key: str, kind: str, default: Any) -> Any:
+    """Attribute ``key`` of ``node`` as TF.js stores it (``{"s": base64}``, ``{"i": "3"}``, ``{"b": true}``,
+    ``{"list": {"i": [...]}}``), or ``default``; a malformed one is a one-line :class:`CamEyeError`."""
     value = node.attr.get(key)
     if value is None:
         return default
-    return base64.b64decode(value["s"]).decode("ascii")
+    try:
+        if kind == "s":  # strings are base64: {"s": "U0FNRQ=="} is "SAME"
+            return base64.b64decode(value["s"], validate=True).decode("ascii")
+        if kind == "ints":
+            return [int(i) for i in value["list"].get("i", [])] or list(default)
+        if kind == "strs":
+            return [base64.b64decode(v, validate=True).decode("ascii") for v in value["list"].get("s", [])]
+        if kind == "i":
+            return int(value.get("i", default))
+        if kind == "b":
+            return bool(value.get("b", default))
+        if kind == "f":
+            return float(value.get("f", default))
+        return value["type"]  # "type"
+    except (AttributeError, KeyError, TypeError, ValueError):  # binascii and Unicode errors are ValueErrors
+        raise CamEyeError(f"node {node.name}: malformed attribute {key}") from None
+
+
+def _attr_str(node: Node, key: str, default: str = "") -> str:
+    return _attr(node, key, "s", default)
 
 
 def _attr_ints(node: Node, key: str, default: Sequence[int]) -> list[int]:
-    value = node.attr.get(key)
-    return list(default) if value is None else [int(i) for i in value.get("list", {}).get("i", [])] or list(default)
+    return _attr(node, key, "ints", default)
 
 
 def _attr_bool(node: Node, key: str, default: bool = False) -> bool:
-    value = node.attr.get(key)
-    return default if value is None else bool(value.get("b", default))
+    return _attr(node, key, "b", default)
 
 
 def _attr_int(node: Node, key: str, default: int = 0) -> int:
-    value = node.attr.get(key)
-    return default if value is None else int(value.get("i", default))
+    return _attr(node, key, "i", default)
 
 
 def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -295,6 +312,18 @@ _OTHER_OPS = {"Const", "Placeholder", "Identity", "Add", "AddV2", "Sub", "Mul", 
               "Mean", "ConcatV2", "Reshape", "Cast", "ExpandDims", "StridedSlice", "ResizeBilinear", "MaxPool", "Equal",
               "TopKV2", "GatherV2", "FloorDiv", "FloorMod"}  # fmt: skip
 SUPPORTED_OPS = frozenset(_CONV_OPS | _OTHER_OPS)
+# Inputs each op takes (ConcatV2: N tensors and the axis; fused convolutions: filter and bias).
+_ARITY = {"Const": 0, "Placeholder": 0, "Identity": 1, "Relu": 1, "Relu6": 1, "Sigmoid": 1, "Cast": 1,
+          "MaxPool": 1, "Conv2D": 2, "DepthwiseConv2dNative": 2, "Add": 2, "AddV2": 2, "Sub": 2, "Mul": 2,
+          "RealDiv": 2, "FloorDiv": 2, "FloorMod": 2, "Mean": 2, "Reshape": 2, "ExpandDims": 2, "Equal": 2,
+          "ResizeBilinear": 2, "TopKV2": 2, "_FusedConv2D": 3, "FusedDepthwiseConv2dNative": 3, "GatherV2": 3,
+          "StridedSlice": 4}  # fmt: skip
+# Attributes read while running, read once at build time so that a malformed one fails there.
+_RUNTIME_ATTRS = {"Mean": [("keep_dims", "b")], "Cast": [("DstT", "type")], "GatherV2": [("batch_dims", "i")],
+                  "ResizeBilinear": [("align_corners", "b"), ("half_pixel_centers", "b")],
+                  "MaxPool": [("ksize", "ints"), ("strides", "ints"), ("padding", "s")],
+                  "StridedSlice": [(m, "i") for m in ("begin_mask", "end_mask", "ellipsis_mask", "new_axis_mask",
+                                                      "shrink_axis_mask")]}  # fmt: skip
 
 
 @dataclass
@@ -330,6 +359,13 @@ class GraphModule(nn.Module):
             for i in n.inputs:
                 if i.split(":")[0] not in self.nodes:
                     raise CamEyeError(f"node {n.name} reads {i}, which the graph does not have")
+            arity = _ARITY.get(n.op)
+            if (len(n.inputs) < 3) if n.op == "ConcatV2" else (len(n.inputs) != arity):
+                raise CamEyeError(f"node {n.name}: {n.op} with {len(n.inputs)} inputs")
+            for key, kind in _RUNTIME_ATTRS.get(n.op, []):
+                _attr(n, key, kind, None)
+            if n.op == "MaxPool" and _attr_str(n, "data_format", "NHWC") != "NHWC":
+                raise CamEyeError(f"node {n.name}: only NHWC max-pooling is supported")
             if n.op == "Const" and n.name not in graph.weights:
                 raise CamEyeError(f"constant {n.name} has no weights in the manifest")
         self.inputs, self.outputs = graph.inputs, graph.outputs
@@ -369,8 +405,7 @@ class GraphModule(nn.Module):
         weight = self._add_buffer(node.name + "/weight", kernel.contiguous(memory_format=torch.channels_last))
         bias, activation = None, None
         if fused:
-            listed = node.attr.get("fused_ops", {}).get("list", {}).get("s", [])
-            ops = [base64.b64decode(s).decode("ascii") for s in listed]
+            ops = _attr(node, "fused_ops", "strs", [])
             if not ops or ops[0] != "BiasAdd" or len(ops) > 2 or (len(ops) == 2 and ops[1] not in _ACTIVATIONS):
                 raise CamEyeError(f"{node.name}: fused ops {ops} are not supported (BiasAdd, then Relu/Relu6/Sigmoid)")
             if _attr_int(node, "num_args", 1) != 1 or len(node.inputs) != 3:
@@ -475,7 +510,7 @@ class GraphModule(nn.Module):
         if op == "ExpandDims":
             return a[0].unsqueeze(int(a[1]))
         if op == "Cast":
-            dtype = _DTYPES.get(node.attr.get("DstT", {}).get("type", ""))
+            dtype = _DTYPES.get(_attr(node, "DstT", "type", ""))
             if dtype is None:
                 raise CamEyeError(f"{node.name}: Cast to {node.attr.get('DstT')} is not supported")
             return a[0].to(dtype)

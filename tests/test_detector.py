@@ -111,10 +111,22 @@ def test_a_malformed_or_truncated_graph_is_refused_in_one_line(tmp_path: Path) -
     assert "too many" in str(pytest.raises(CamEyeError, load_graph, bin_long).value)
 
 
-def test_the_interpreter_refuses_an_op_it_does_not_know(tmp_path: Path) -> None:
-    nodes = [{"name": "x", "op": "Placeholder"}, {"name": "out", "op": "Softplus", "input": ["x"]}]
-    graph = load_graph(_write_graph(tmp_path, nodes, {}))
-    with pytest.raises(CamEyeError, match="Softplus"):
+def test_the_interpreter_refuses_a_graph_it_cannot_run_in_one_line(tmp_path: Path) -> None:
+    x = {"name": "x", "op": "Placeholder"}
+    cases = {
+        "Softplus": [x, {"name": "out", "op": "Softplus", "input": ["x"]}],  # an op it does not know
+        "2 inputs": [x, {"name": "out", "op": "Relu", "input": ["x", "x"]}],
+        "reads y": [x, {"name": "out", "op": "Relu", "input": ["y"]}],
+        "keep_dims": [x, {"name": "out", "op": "Mean", "input": ["x", "x"], "attr": {"keep_dims": "yes"}}],
+    }
+    for i, (message, nodes) in enumerate(cases.items()):
+        graph = load_graph(_write_graph(tmp_path / str(i), nodes, {}))
+        with pytest.raises(CamEyeError, match=message) as err:
+            GraphModule(graph)
+        assert "\n" not in str(err.value)
+    graph = load_graph(_conv_graph(tmp_path / "conv", np.ones((3, 3, 1, 1))))
+    graph.nodes[1].attr["padding"] = {"s": "not base64!"}
+    with pytest.raises(CamEyeError, match="malformed attribute padding"):
         GraphModule(graph)
 
 
