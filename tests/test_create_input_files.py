@@ -20,7 +20,9 @@ import pytest
 from PIL import Image
 
 import create_input_files as cif
-from create_input_files import Options, create_input_files, load_image
+import images
+from create_input_files import Options, create_input_files
+from images import load_image
 from utils import SPECIAL_TOKENS, CamEyeError, Terminated, decode_caption, reverse_word_map
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1267,7 +1269,7 @@ def test_resize_equals_pil_bicubic_within_rounding(shape):
     fixed-point roundings differ by a grey level at a few pixels (two, rarely, at an 8x enlargement)."""
     rgb = smooth_photo(*shape)
     expected = np.asarray(Image.fromarray(rgb).resize((256, 256), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
-    got = cif.resize_uint8(rgb, 256)
+    got = images.resize_uint8(rgb, 256)
     assert got.shape == (3, 256, 256) and got.dtype == np.uint8
     diff = np.abs(got.astype(int) - expected)
     assert diff.max() <= 2 and diff.mean() < 0.01
@@ -1323,15 +1325,15 @@ def test_jpegs_decode_to_the_same_pixels_by_simplejpeg_as_by_pil(tmp_path, monke
     files = _jpeg_variants(tmp_path)
     by_pil = {}
     with monkeypatch.context() as m:
-        m.setattr(cif, "_decodes_as_plain_jpeg", lambda im, size: False)
+        m.setattr(images, "_decodes_as_plain_jpeg", lambda im, size: False)
         for path, _ in files:
-            by_pil[path] = cif.decode_image(path, 32)
+            by_pil[path] = images.decode_image(path, 32)
     calls = []
-    original = cif.simplejpeg.decode_jpeg
-    monkeypatch.setattr(cif.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = images.simplejpeg.decode_jpeg
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or original(*a, **k))
     for path, plain in files:
         calls.clear()
-        got = cif.decode_image(path, 32)
+        got = images.decode_image(path, 32)
         assert bool(calls) == plain, path.name
         assert got.dtype == np.uint8 and got.ndim == 3 and got.shape[2] == 3, path.name
         np.testing.assert_array_equal(got, by_pil[path], err_msg=path.name)
@@ -1346,7 +1348,7 @@ def test_a_jpeg_libjpeg_only_warns_about_is_decoded_as_pil_decodes_it(tmp_path, 
     with Image.open(path) as im:
         expected = np.asarray(im.convert("RGB"))
     raised = []
-    original = cif.simplejpeg.decode_jpeg
+    original = images.simplejpeg.decode_jpeg
 
     def spy(*args, **kwargs):
         try:
@@ -1355,8 +1357,8 @@ def test_a_jpeg_libjpeg_only_warns_about_is_decoded_as_pil_decodes_it(tmp_path, 
             raised.append(e)
             raise
 
-    monkeypatch.setattr(cif.simplejpeg, "decode_jpeg", spy)
-    np.testing.assert_array_equal(cif.decode_image(path, SIZE), expected)
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", spy)
+    np.testing.assert_array_equal(images.decode_image(path, SIZE), expected)
     assert len(raised) == 1  # simplejpeg was tried, and refused the file
 
 
