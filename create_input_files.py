@@ -64,11 +64,12 @@ from typing import Any, NoReturn
 
 import h5py
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from images import (
+    UNUSABLE_IMAGE_ERRORS,
     decode_image,
+    image_problem,
     load_image,  # noqa: F401  (caption.py still imports it from here; it should import images)
     resize_images,
 )
@@ -395,13 +396,8 @@ def _decode_job(path: str, size: int) -> tuple[np.ndarray | None, str]:
     """An image decoded (H x W x 3) or ``None`` with the reason it could not be used."""
     try:
         return decode_image(path, size), ""
-    except FileNotFoundError:
-        return None, "file not found"
-    except UnidentifiedImageError:
-        empty = Path(path).stat().st_size == 0
-        return None, "empty file" if empty else "not an image"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return None, f"unreadable image ({type(e).__name__}: {e})"
+    except UNUSABLE_IMAGE_ERRORS as exc:
+        return None, image_problem(path, exc)
 
 
 # A worker's view of the parent's shared image slots (set by _start_worker; None: send images back by pipe).

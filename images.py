@@ -8,21 +8,102 @@ Nothing here starts processes or imports torch before a resize needs it.
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import simplejpeg
-from PIL import ExifTags, Image, ImageOps, features
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
+
+from utils import CamEyeError
 
 if TYPE_CHECKING:
     import torch
 
 
+class NotARegularFile(OSError):
+    """A path that names a folder, FIFO, socket or device rather than a file; ``str()`` says which."""
+
+
+_SPECIAL_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _refuse_special(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), "a special file")
+        raise NotARegularFile(f"not a regular file ({kind})")
+
+
+def open_regular_file(path: str | Path) -> BinaryIO:
+    """``open(path, "rb")`` for a regular file only; raises ``FileNotFoundError``, :class:`NotARegularFile` or
+    another ``OSError``.
+
+    Opening a FIFO for reading waits until some process opens it for writing, which may be never (a dataset
+    listing one hung preparation); opening a device may have effects of its own. So the path is looked at
+    first, opened without waiting (O_NONBLOCK), and looked at again through the open file, in case it was
+    replaced in between.
+    """
+    _refuse_special(os.stat(path).st_mode)
+    no_wait = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | no_wait | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        _refuse_special(os.fstat(fd).st_mode)
+        if no_wait:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# What decoding an unusable file raises: a missing, special, empty, foreign, truncated or corrupt file, or one
+# over Pillow's decompression-bomb limits.
+UNUSABLE_IMAGE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+
+def image_problem(path: str | Path, exc: BaseException) -> str:
+    """Why ``path`` could not be used, in a few words, for one of :data:`UNUSABLE_IMAGE_ERRORS` that
+    :func:`decode_image` raised on it: "file not found", "not a regular file (a FIFO (named pipe))",
+    "empty file", "not an image (or an unsupported format)" or "unreadable image (TYPE: details)"."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, NotARegularFile):
+        return str(exc)
+    if isinstance(exc, UnidentifiedImageError):
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_size == 0:
+                return "empty file"
+        return "not an image (or an unsupported format)"
+    return f"unreadable image ({type(exc).__name__}: {exc})"
+
+
+def read_image(path: str | Path, size: int) -> np.ndarray:
+    """:func:`load_image`, or a one-line :class:`CamEyeError` "PATH: reason" (:func:`image_problem`)."""
+    try:
+        return load_image(path, size)
+    except UNUSABLE_IMAGE_ERRORS as exc:
+        raise CamEyeError(f"{path}: {image_problem(path, exc)}") from None
+
+
 def decode_image(path: str | Path, size: int) -> np.ndarray:
-    """Decode any common image as RGB uint8, H x W x 3, on its way to ``size`` x ``size``; raises
-    ``OSError``/``ValueError`` (``FileNotFoundError``, ``UnidentifiedImageError``) if unusable.
+    """Decode any common image as RGB uint8, H x W x 3, on its way to ``size`` x ``size``; raises one of
+    :data:`UNUSABLE_IMAGE_ERRORS` if unusable (``FileNotFoundError``, :class:`NotARegularFile`,
+    ``UnidentifiedImageError``, ...).
 
     Handles EXIF orientation, grayscale, palette, CMYK, alpha (composited on white, how viewers show it) and
     16-bit images (scaled down to 8 bits rather than clipped, which would turn them white).
@@ -34,7 +115,7 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
     pixel for pixel, straight into a numpy array, in 0.6x of PIL's time (PIL decodes into its own 4-byte
     pixels and copies them out).
     """
-    with open(path, "rb") as f, warnings.catch_warnings():
+    with open_regular_file(path) as f, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(f) as im:  # reads the header only
             if _decodes_as_plain_jpeg(im, size):

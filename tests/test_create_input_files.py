@@ -481,6 +481,31 @@ def test_bad_images_are_skipped_and_captions_stay_aligned(tmp_path, capsys, work
             np.testing.assert_allclose(mean_colour(data["images"][n]), colour_of(i), atol=1)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_fifo_or_folder_listed_as_an_image_is_skipped_with_its_reason_not_waited_for(tmp_path):
+    """Issue 21: a FIFO listed in a dataset hung preparation until it was killed (a worker waited to open it).
+    A writer lets a waiting reader through after 20 s, so the old behaviour fails the test rather than hangs."""
+    write_indexed_source(tmp_path / "src", {})
+    source = tmp_path / "src" / "dataset_indexed.json"
+    data = json.loads(source.read_text())
+    data["images"][2]["filename"], data["images"][3]["filename"] = "pipe.png", "folder.png"
+    source.write_text(json.dumps(data))
+    os.mkfifo(tmp_path / "src" / "pipe.png")
+    (tmp_path / "src" / "folder.png").mkdir()
+    writer = subprocess.Popen(["sh", "-c", f"sleep 20; : > '{tmp_path / 'src' / 'pipe.png'}'"])
+    try:
+        result = run_cli(source, "--out", tmp_path / "out", "--min-word-freq", 1, "--workers", 2)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert result.returncode == 0, result.stderr
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("skipped ")]
+    assert skipped == [
+        f"skipped {tmp_path / 'src' / 'pipe.png'}: not a regular file (a FIFO (named pipe))",
+        f"skipped {tmp_path / 'src' / 'folder.png'}: not a regular file (a folder)",
+    ]
+
+
 def test_images_without_captions_are_skipped(tmp_path):
     solid(tmp_path / "src" / "a.png", (255, 0, 0))
     solid(tmp_path / "src" / "b.png", (0, 255, 0))
