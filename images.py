@@ -8,6 +8,8 @@ Nothing here starts processes or imports torch before a resize needs it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import os
 import stat
 import warnings
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import simplejpeg
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
 from utils import CamEyeError
 
@@ -105,8 +107,9 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
     :data:`UNUSABLE_IMAGE_ERRORS` if unusable (``FileNotFoundError``, :class:`NotARegularFile`,
     ``UnidentifiedImageError``, ...).
 
-    Handles EXIF orientation, grayscale, palette, CMYK, alpha (composited on white, how viewers show it) and
-    16-bit images (scaled down to 8 bits rather than clipped, which would turn them white).
+    Handles EXIF orientation, grayscale, palette, CMYK, alpha (composited on white, how viewers show it),
+    16-bit images (scaled down to 8 bits rather than clipped, which would turn them white) and embedded colour
+    profiles (converted to sRGB, :func:`_srgb_transform`).
 
     A JPEG at least four times the target side is decoded at a reduced DCT scale (PIL's draft mode) to no less
     than twice the target side, as ``Image.thumbnail`` does: a 12-megapixel phone photo then decodes several
@@ -118,6 +121,7 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
     with open_regular_file(path) as f, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(f) as im:  # reads the header only
+            icc = im.info.get("icc_profile") or None  # later conversions drop it from im.info
             if _decodes_as_plain_jpeg(im, size):
                 f.seek(0)
                 with contextlib.suppress(ValueError):  # a file libjpeg only warns about: PIL's decode decides
@@ -142,9 +146,55 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, rgba)
+    if icc and im.mode in ("L", "CMYK") and (transform := _srgb_transform(icc, im.mode)):
+        im = transform.apply(im)  # grey or CMYK profile -> sRGB
     if im.mode != "RGB":
         im = im.convert("RGB")
+    if icc and (transform := _srgb_transform(icc, "RGB")):
+        im = transform.apply(im)
     return np.array(im)
+
+
+# A 9 x 9 x 9 grid of colours (and 9 greys) a profile's conversion must leave alone for it to count as sRGB.
+_LEVELS = np.linspace(0, 255, 9).round().astype(np.uint8)
+_PROBES = {
+    "RGB": np.stack(np.meshgrid(_LEVELS, _LEVELS, _LEVELS, indexing="ij"), axis=-1).reshape(1, -1, 3),
+    "L": _LEVELS[None, :],
+}
+
+
+@functools.lru_cache(maxsize=32)
+def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The conversion from the embedded profile ``icc`` to sRGB for an image of ``mode`` ("RGB", "L" or
+    "CMYK"; the result is "RGB"), or None when there is nothing to convert.
+
+    None for a profile that is sRGB already, whatever it is called (camera JPEGs embed "sRGB IEC61966-2.1",
+    editors their own variants): one whose conversion moves no colour of a coarse grid by more than a grey
+    level, so such photos keep exactly the pixels they decode to. None also for a profile of another colour
+    space than the image's (a grey profile on a photo that compositing made RGB) and one LittleCMS cannot
+    read: the photo's values are then used as they are, as they were before profiles were read. Cached: a
+    dataset's photos share a handful of profiles, and building a conversion costs milliseconds.
+    """
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space = {"RGB": "RGB", "GRAY": "L", "CMYK": "CMYK"}.get(profile.profile.xcolor_space.strip())
+        if space != mode:
+            return None
+        transform = ImageCms.buildTransform(profile, _srgb_profile(), mode, "RGB", ImageCms.Intent.PERCEPTUAL)
+        if mode in _PROBES:
+            probe = _PROBES[mode]
+            converted = np.asarray(transform.apply(Image.fromarray(probe)), dtype=np.int16)
+            expected = probe[..., None] if mode == "L" else probe
+            if np.abs(converted - expected).max() <= 1:
+                return None
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
+    return transform
+
+
+@functools.cache
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 # simplejpeg bundles libjpeg-turbo; a Pillow built on IJG's libjpeg would decode (upsample) differently.
@@ -152,12 +202,15 @@ _PIL_HAS_LIBJPEG_TURBO = bool(features.check_feature("libjpeg_turbo"))
 
 
 def _decodes_as_plain_jpeg(im: Image.Image, size: int) -> bool:
-    """Whether ``im`` (opened, not loaded) is a JPEG that simplejpeg decodes exactly as PIL would: YCbCr, RGB or
-    grey (not CMYK), upright (no EXIF or XMP orientation to apply) and not large enough for draft mode."""
+    """Whether ``im`` (opened, not loaded) is a JPEG that simplejpeg decodes exactly as PIL would, with nothing
+    left to do: YCbCr, RGB or grey (not CMYK), upright (no EXIF or XMP orientation to apply), not large enough
+    for draft mode and without a colour profile other than sRGB."""
     if not _PIL_HAS_LIBJPEG_TURBO or im.format != "JPEG" or im.mode not in ("RGB", "L"):
         return False
     if min(im.width, im.height) >= 4 * size:  # draft mode would decode it at a reduced scale
         return False
+    if (icc := im.info.get("icc_profile")) and _srgb_transform(icc, im.mode) is not None:
+        return False  # its colours must be converted
     return im.getexif().get(ExifTags.Base.Orientation, 1) == 1
 
 
