@@ -1396,7 +1396,7 @@ def test_a_task_resizes_same_shaped_images_together_with_the_same_pixels(tmp_pat
     solid(png := tmp_path / "solid.png", (10, 200, 30), size=(75, 101))
     files.append(png)
     expected = [load_one(p) for p in files]
-    assert expected[3] == (None, "not an image") and sum(e[0] is None for e in expected) == 1
+    assert expected[3] == (None, "not an image (or an unsupported format)") and sum(e[0] is None for e in expected) == 1
     got = cif._load_jobs(SIZE, [(str(p), None) for p in files])
     slots = np.zeros((len(files), 3, SIZE, SIZE), np.uint8)
     monkeypatch.setattr(cif, "_worker_slots", slots)
