@@ -83,7 +83,9 @@ from utils import (
     disk_full_errors,
     handle_sigterm,
     ignore_signals_in_worker,
+    local_path,
     new_hdf5,
+    output_folder,
     positive_int,
     read_json,
     validate_word_map,
@@ -827,8 +829,7 @@ def create_input_files(sources: Sequence[Path], image_folder: Path | None, opt: 
     source is unusable, no training image (evaluation-only: no image) could be read, the vocabulary is empty or
     the output would not fit on the disk.
     """
-    if opt.out.exists() and not opt.out.is_dir():
-        raise CamEyeError(f"--out must be a folder, but {opt.out} is a file")
+    output_folder(opt.out, "--out", create=False)  # made when the files are written, not for a failed run
     # The workers start first: each imports torch (1.5-2.5 s) while this process reads the captions.
     with ImageDecoder(opt.workers, opt.start_method, opt.image_size) as decode:
         return _prepare(sources, image_folder, opt, decode)
@@ -892,14 +893,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "sources",
         nargs="+",
-        type=Path,
+        type=local_path,
         help="Karpathy dataset_*.json, a Flickr8k folder (with Flickr8k.token.txt), "
         "or one or more COCO captions_*.json files",
     )
     p.add_argument(
-        "--images", type=Path, default=None, help="image folder for JSON sources (default: the JSON's folder)"
+        "--images", type=local_path, default=None, help="image folder for JSON sources (default: the JSON's folder)"
     )
-    p.add_argument("--out", type=Path, required=True, help="output folder for {split}.hdf5 and word_map.json")
+    p.add_argument("--out", type=local_path, required=True, help="output folder for {split}.hdf5 and word_map.json")
     p.add_argument("--captions-per-image", type=positive_int, default=5, help="captions kept per training image")
     p.add_argument(
         "--min-word-freq",
@@ -930,7 +931,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for choosing captions per image")
     p.add_argument(
         "--word-map",
-        type=Path,
+        type=local_path,
         default=None,
         help="use this word map (e.g. a trained model's word_map.json) instead of building one; it is copied to "
         "--out. A source without training images is then an evaluation-only set, all in one split (test "

@@ -1487,3 +1487,26 @@ def test_a_worker_dying_midway_is_a_one_line_error_or_terminated(tmp_path, sig):
     if sig == signal.SIGKILL:
         assert str(info.value).startswith("an image-decoding worker process died (exit status -9")
     assert all(p.exitcode is not None for p in decode.workers)
+
+
+# ------------------------------------------------------------------------------------- paths on the command line
+@pytest.mark.parametrize("where", ["source", "--images", "--word-map"])
+def test_a_url_is_refused_in_one_line_naming_it(tmp_path, where):
+    """Issue 21: a URL became a mangled path (https:/...) reported as not found."""
+    url = "https://example.com/dataset_x.json"
+    args = {"source": [url], "--images": ["x.json", "--images", url], "--word-map": ["x.json", "--word-map", url]}
+    result = run_cli(*args[where], "--out", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].endswith(f"{url}: URLs are not read: download the file first")
+
+
+@pytest.mark.parametrize("out", ["file", "file/sub"])
+def test_out_under_or_at_a_file_is_one_line_and_nothing_is_written(tmp_path, synthetic_prepared, out):
+    """Issue 21: `--out FILE/sub` was a NotADirectoryError traceback after the captions had been read."""
+    (tmp_path / "file").write_text("not a folder")
+    line = one_error_line(run_cli(synthetic_prepared.json, "--out", tmp_path / out, "--workers", 1))
+    if out == "file":
+        assert line == f"error: --out must be a folder, but {tmp_path / 'file'} is a file"
+    else:
+        assert line == f"error: --out {tmp_path / out}: cannot make this folder: {tmp_path / 'file'} is a file"
+    assert (tmp_path / "file").read_text() == "not a folder"
