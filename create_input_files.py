@@ -648,8 +648,9 @@ class ImageDecoder:
         self._stop()  # now, not after the queue: a worker may be busy with a huge image
 
     def _stop(self) -> None:
-        """Kill the workers and let the pool go."""
+        """Kill the workers and let the pool go, once its manager thread has wound it down."""
         self.workers = self._started_workers()
+        manager = getattr(self.pool, "_executor_manager_thread", None)  # shutdown forgets it (private: hence getattr)
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
         for p in self.workers:
@@ -661,6 +662,12 @@ class ImageDecoder:
         writer = getattr(getattr(self.pool, "_result_queue", None), "_writer", None)
         if writer is not None:
             writer.close()
+        # With its workers dead the manager thread closes the pool's pipes. Left running, it can do so while
+        # Python's exit writes to its wake-up pipe (concurrent.futures checks that the pipe is open, then
+        # writes, without a lock): "Exception ignored ... Bad file descriptor" after our one-line error. So it
+        # is waited for here (milliseconds; bounded, should a pipe ever block it).
+        if manager is not None:
+            manager.join(timeout=10)
 
     def __call__(self, paths: Iterable[str], size: int) -> Iterator[tuple[np.ndarray | None, str]]:
         """``(image, "")`` or ``(None, reason)`` for each path, as :func:`_load_jobs`. An image may be a view of

@@ -1510,3 +1510,38 @@ def test_out_under_or_at_a_file_is_one_line_and_nothing_is_written(tmp_path, syn
     else:
         assert line == f"error: --out {tmp_path / out}: cannot make this folder: {tmp_path / 'file'} is a file"
     assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_no_exception_at_exit_after_a_one_line_error_from_a_running_pool():
+    """Issue 21: once in ~124 runs an "Exception ignored ... Bad file descriptor" traceback followed a correct
+    one-line error. At exit Python wakes each process pool's manager thread (concurrent.futures'
+    ``_python_exit``: check that the wake-up pipe is open, then write to it) while that thread, still winding
+    the killed pool down, may close the pipe in between. The race is made certain here by widening both sides:
+    the manager closes the pipe 0.3 s late, and the exit's wake-up waits 0.6 s between its check and its write.
+    The decoder now waits for the manager thread when it stops the pool, so nothing is left to race."""
+    code = """if True:
+        import time
+        import concurrent.futures.process as cfp
+        import create_input_files as c
+        from utils import CamEyeError, cli_errors
+
+        join_internals, wakeup = cfp._ExecutorManagerThread.join_executor_internals, cfp._ThreadWakeup.wakeup
+
+        def join_later(self):
+            time.sleep(0.3)
+            join_internals(self)
+
+        def wakeup_at_exit_slowly(self):
+            if cfp._global_shutdown and not self._closed:  # _python_exit's call
+                time.sleep(0.6)
+                self._writer.send_bytes(b"")
+            else:
+                wakeup(self)
+
+        cfp._ExecutorManagerThread.join_executor_internals = join_later
+        cfp._ThreadWakeup.wakeup = wakeup_at_exit_slowly
+        with cli_errors(), c.ImageDecoder(2, "fork", 16):
+            raise CamEyeError("a bad dataset")
+    """
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (2, "error: a bad dataset\n")
