@@ -346,6 +346,47 @@ def keep_real_captions(records: Iterable[ImageRecord]) -> list[ImageRecord]:
     return kept
 
 
+def drop_duplicates(records: Iterable[ImageRecord], source: str) -> list[ImageRecord]:
+    """Each image once, and each of an image's captions once; one warning line counts what was dropped.
+
+    A repeated image would be trained on and scored twice, and a repeated caption would count twice as a
+    reference. An image listed again (the same file, or the same image id) is dropped; the captions of that
+    listing which the first lacks join the first (a Karpathy file may list an image twice with different
+    sentences), and the first listing's split stands. A caption is repeated when its text is the same up to
+    spaces ("A dog." and "A  dog. ").
+    """
+    kept: list[ImageRecord] = []
+    first: dict[tuple[str, str], ImageRecord] = {}
+    seen: dict[int, set[str]] = {}  # id(record) -> its captions' texts
+    images = captions = 0
+    for r in records:
+        earlier = first.get(("file", str(r.path))) or first.get(("id", r.image_id))
+        target = earlier or r
+        texts = seen.setdefault(id(target), set())
+        pairs = list(zip(r.tokens, r.raw))
+        if earlier is None:
+            r.tokens, r.raw = [], []
+            kept.append(r)
+            first[("file", str(r.path))] = first[("id", r.image_id)] = r
+        else:
+            images += 1
+        for tokens, raw in pairs:
+            text = " ".join(raw.split())
+            if text in texts:
+                captions += earlier is None  # a dropped listing's copies are counted as its image
+                continue
+            texts.add(text)
+            target.tokens.append(tokens)
+            target.raw.append(raw)
+    if images or captions:
+        parts = [f"{images} image{'s' * (images != 1)} listed more than once"] if images else []
+        parts += [f"{captions} repeated caption{'s' * (captions != 1)} of one image"] if captions else []
+        print(
+            f"warning: {source}: dropped {' and '.join(parts)} (each image and caption is used once)", file=sys.stderr
+        )
+    return kept
+
+
 # ----------------------------------------------------------------------------------------- captions
 def caption_pool(record: ImageRecord, max_len: int) -> list[list[str]]:
     """The captions an image's encoded captions are drawn from (and the vocabulary is counted on).
@@ -847,7 +888,8 @@ def _prepare(sources: Sequence[Path], image_folder: Path | None, opt: Options, d
     given_map = load_word_map(opt.word_map) if opt.word_map is not None else None
     unnamed_split = opt.split or ("test" if given_map is not None else None)
     name, records = read_source(sources, image_folder, unnamed_split)
-    records = keep_real_captions(records)  # an image without captions teaches nothing
+    where = f"{sources[0]}" + (f" (and {len(sources) - 1} more)" if len(sources) > 1 else "")
+    records = keep_real_captions(drop_duplicates(records, where))  # an image without captions teaches nothing
     if not records:
         raise CamEyeError(f"{sources[0]}: no images with captions found")
     eval_only = assign_splits(records, opt)

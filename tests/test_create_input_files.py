@@ -1545,3 +1545,46 @@ def test_no_exception_at_exit_after_a_one_line_error_from_a_running_pool():
     """
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (2, "error: a bad dataset\n")
+
+
+# ------------------------------------------------------------------------------------------------ duplicates
+def test_an_image_or_caption_listed_twice_is_used_once_with_a_warning(tmp_path, capsys):
+    """Issue 21: a COCO file listing an image twice had it prepared (and scored) twice, and a repeated caption
+    became an extra reference, silently."""
+    for i in range(3):
+        solid(tmp_path / "val2014" / f"{i}.jpg", colour_of(i), fmt="JPEG")
+    images = {0: "0.jpg", 1: "1.jpg", 2: "2.jpg"}
+    captions = [(0, "A red dog."), (0, "A red dog."), (0, "A  red dog. "), (0, "A big dog."), (1, "A cat."),
+                (2, "A bird."), (2, "A small bird.")]  # fmt: skip
+    source = write_coco_captions(tmp_path / "captions_val2014.json", images, captions)
+    data = json.loads(source.read_text())
+    data["images"].append(dict(data["images"][1]))  # image 1 listed twice
+    source.write_text(json.dumps(data))
+    words = word_map_file(tmp_path / "word_map.json", ["a", "red", "dog", "big", "cat", "bird", "small"])
+    counts = prepare([source], tmp_path / "out", images=tmp_path, word_map=words)
+    assert counts == {"train": 0, "val": 0, "test": 3}  # evaluation-only: all in test
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warnings == [
+        f"warning: {source}: dropped 1 image listed more than once and 2 repeated captions of one image "
+        "(each image and caption is used once)"
+    ]
+    test = read_split(tmp_path / "out" / "test.hdf5")
+    assert test["image_ids"] == ["0", "1", "2"]
+    assert test["reference_offsets"].tolist() == [0, 2, 3, 5]
+    assert test["references_raw"][:2] == ["A red dog.", "A big dog."]
+
+
+def test_a_karpathy_image_listed_twice_keeps_the_captions_of_both_listings(tmp_path, capsys):
+    solid(tmp_path / "a.png", (200, 0, 0))
+    solid(tmp_path / "b.png", (0, 200, 0))
+    entries = [
+        {"filename": "a.png", "imgid": 0, "split": "train", "sentences": [sentence("a red one"), sentence("red")]},
+        {"filename": "b.png", "imgid": 1, "split": "train", "sentences": [sentence("a green one")]},
+        {"filename": "a.png", "imgid": 0, "split": "test", "sentences": [sentence("red"), sentence("a red square")]},
+    ]
+    source = write_karpathy(tmp_path / "dataset_x.json", entries)
+    assert prepare([source], tmp_path / "out") == {"train": 2, "val": 0, "test": 0}  # the first listing's split
+    assert "dropped 1 image listed more than once (each" in capsys.readouterr().err
+    train = read_split(tmp_path / "out" / "train.hdf5")
+    assert train["image_ids"] == ["0", "1"]
+    assert image_refs(train, 0) == [["a", "red", "one"], ["red"], ["a", "red", "square"]]
