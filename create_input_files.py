@@ -28,10 +28,12 @@ Text: captions are NFC-normalised and case-folded; words are runs of letters (an
 marks; apostrophes inside words are removed (``dog's``, ``girl’s`` -> ``dogs``, ``girls``); everything else
 separates words. Karpathy's ``tokens`` are kept as given but pass through the same rule.
 
-Images are decoded and resized in worker processes. A file that cannot be read is reported and skipped along
-with its captions, so captions never shift onto the wrong image. Everything is written under temporary names
-(removed on errors, Ctrl-C and SIGTERM; a killed run's are removed by the next run) and renamed only when every
-split is complete; nothing is written when no training image could be read.
+Images are decoded (images.py: orientation, colour profiles to sRGB) and resized in worker processes. A file
+that cannot be read (or is no regular file, e.g. a FIFO) is reported and skipped along with its captions, so
+captions never shift onto the wrong image. An image or caption listed twice is used once, with a warning.
+Everything is written under temporary names (removed on errors, Ctrl-C and SIGTERM; a killed run's are removed
+by the next run) and renamed only when every split is complete; nothing is written when no training image could
+be read.
 """
 
 from __future__ import annotations
