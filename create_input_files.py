@@ -352,24 +352,25 @@ def drop_duplicates(records: Iterable[ImageRecord], source: str) -> list[ImageRe
     """Each image once, and each of an image's captions once; one warning line counts what was dropped.
 
     A repeated image would be trained on and scored twice, and a repeated caption would count twice as a
-    reference. An image listed again (the same file, or the same image id) is dropped; the captions of that
-    listing which the first lacks join the first (a Karpathy file may list an image twice with different
-    sentences), and the first listing's split stands. A caption is repeated when its text is the same up to
-    spaces ("A dog." and "A  dog. ").
+    reference. An image listed again (its image id again: COCO's id, Karpathy's cocoid or imgid, Flickr8k's
+    file name; the id is what evaluation scores by) is dropped; the captions of that listing which the first
+    lacks join the first (a Karpathy file may list an image twice with different sentences), and the first
+    listing's split stands. One file under two ids is two images, as the dataset says. A caption is repeated
+    when its text is the same up to spaces ("A dog." and "A  dog. ").
     """
     kept: list[ImageRecord] = []
-    first: dict[tuple[str, str], ImageRecord] = {}
+    first: dict[str, ImageRecord] = {}
     seen: dict[int, set[str]] = {}  # id(record) -> its captions' texts
     images = captions = 0
     for r in records:
-        earlier = first.get(("file", str(r.path))) or first.get(("id", r.image_id))
+        earlier = first.get(r.image_id)
         target = earlier or r
         texts = seen.setdefault(id(target), set())
         pairs = list(zip(r.tokens, r.raw))
         if earlier is None:
             r.tokens, r.raw = [], []
             kept.append(r)
-            first[("file", str(r.path))] = first[("id", r.image_id)] = r
+            first[r.image_id] = r
         else:
             images += 1
         for tokens, raw in pairs:
