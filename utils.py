@@ -504,7 +504,7 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     """The options caption.py and eval.py share: which model, how to search, where to run."""
     p.add_argument(
         "--checkpoint",
-        type=Path,
+        type=local_path,
         default=DEFAULT_CHECKPOINT,
         help="CamEye checkpoint (.pt)",
     )

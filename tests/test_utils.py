@@ -479,3 +479,15 @@ def test_output_folder_without_permission_is_a_one_line_error(tmp_path, monkeypa
     )
     with pytest.raises(CamEyeError, match=f"--out-dir {tmp_path / 'locked'}: no permission to write in it"):
         utils.output_folder(tmp_path / "locked", "--out-dir", create=create)
+
+
+def test_decoding_arguments_refuse_a_checkpoint_url(capsys):
+    """caption.py, eval.py and app.py share --checkpoint: a URL is refused there, naming it as typed."""
+    p = argparse.ArgumentParser(prog="tool")
+    add_decoding_arguments(p)
+    assert p.parse_args([]).checkpoint == DEFAULT_CHECKPOINT
+    with pytest.raises(SystemExit):
+        p.parse_args(["--checkpoint", "https://example.com/m.pt"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "tool: error: argument --checkpoint: https://example.com/m.pt: URLs are not read: download the file first"
+    )
