@@ -41,9 +41,10 @@ import numpy as np
 from PIL import Image
 
 from attention_maps import attention_grids, attention_overlay, save_attention_figure, save_attention_gif
-from captioner import Captioner, read_image
+from captioner import Captioner
 from cli import HelpFormatter, options_from_args
 from decoding import DecodeConfig, add_decoding_arguments
+from images import read_image
 from utils import (
     CamEyeError,
     cli_errors,

@@ -29,6 +29,8 @@ from utils import (
     cli_errors,
     freeze_imported_objects,
     keep_freed_memory,
+    local_path,
+    output_folder,
     positive_int,
 )
 
@@ -47,11 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Caption images and save per-word attention figures.", formatter_class=HelpFormatter
     )
-    p.add_argument("images", nargs="+", type=Path, help="image files and/or folders of images")
+    p.add_argument("images", nargs="+", type=local_path, help="image files and/or folders of images")
     add_decoding_arguments(p)
-    p.add_argument("--word-map", type=Path, default=None, help="optional word map JSON that must match the model's")
+    p.add_argument(
+        "--word-map", type=local_path, default=None, help="optional word map JSON that must match the model's"
+    )
     p.add_argument("--batch-size", type=positive_int, default=16, help="images captioned together")
-    p.add_argument("--out-dir", type=Path, default=Path("outputs"), help="folder for the attention figures")
+    p.add_argument("--out-dir", type=local_path, default=Path("outputs"), help="folder for the attention figures")
     p.add_argument("--no-figures", dest="figures", action="store_false", help="only print the captions")
     p.add_argument("--gif", action="store_true", help="also write an animated GIF per image")
     return p
@@ -63,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()
     failed = 0
     with cli_errors():
+        if args.figures:
+            output_folder(args.out_dir, "--out-dir", create=False)  # made by the first figure's atomic write
         paths = collect_images(args.images)
         captioner = Captioner.load(args.checkpoint, args.device, args.word_map, args.encoder_weights,
                                    args.precision, args.object_prior)  # fmt: skip

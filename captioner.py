@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from checkpoint import load_captioner
-from create_input_files import load_image
 from decoding import DecodeConfig, Decoded, beam_search, content_word_mask
+from images import read_image
 from models import DecoderWithAttention, Encoder, ModelConfig, Preprocess
 from utils import CamEyeError, read_json, reverse_word_map, select_device, validate_word_map
 
@@ -46,20 +45,6 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
         else:
             paths.append(p)
     return paths
-
-
-def read_image(path: Path, size: int) -> np.ndarray:
-    """The image as uint8 3 x size x size, or a one-line :class:`CamEyeError` saying why not."""
-    if not path.exists():
-        raise CamEyeError(f"{path}: file not found")
-    if not path.is_file():
-        raise CamEyeError(f"{path}: not a file")
-    try:
-        return load_image(path, size)
-    except UnidentifiedImageError:
-        raise CamEyeError(f"{path}: not an image (or an unsupported format)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise CamEyeError(f"{path}: unreadable image ({e})") from None
 
 
 @dataclass

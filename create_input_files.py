@@ -28,10 +28,12 @@ Text: captions are NFC-normalised and case-folded; words are runs of letters (an
 marks; apostrophes inside words are removed (``dog's``, ``girl’s`` -> ``dogs``, ``girls``); everything else
 separates words. Karpathy's ``tokens`` are kept as given but pass through the same rule.
 
-Images are decoded and resized in worker processes. A file that cannot be read is reported and skipped along
-with its captions, so captions never shift onto the wrong image. Everything is written under temporary names
-(removed on errors, Ctrl-C and SIGTERM; a killed run's are removed by the next run) and renamed only when every
-split is complete; nothing is written when no training image could be read.
+Images are decoded (images.py: orientation, colour profiles to sRGB) and resized in worker processes. A file
+that cannot be read (or is no regular file, e.g. a FIFO) is reported and skipped along with its captions, so
+captions never shift onto the wrong image. An image or caption listed twice is used once, with a warning.
+Everything is written under temporary names (removed on errors, Ctrl-C and SIGTERM; a killed run's are removed
+by the next run) and renamed only when every split is complete; nothing is written when no training image could
+be read.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ import sys
 import threading
 import time
 import unicodedata
-import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -61,17 +62,18 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import h5py
 import numpy as np
-import simplejpeg
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    import torch
-
+from images import (
+    UNUSABLE_IMAGE_ERRORS,
+    decode_image,
+    image_problem,
+    resize_images,
+)
 from utils import (
     SPECIAL_TOKENS,
     CamEyeError,
@@ -82,7 +84,9 @@ from utils import (
     disk_full_errors,
     handle_sigterm,
     ignore_signals_in_worker,
+    local_path,
     new_hdf5,
+    output_folder,
     positive_int,
     read_json,
     validate_word_map,
@@ -343,6 +347,48 @@ def keep_real_captions(records: Iterable[ImageRecord]) -> list[ImageRecord]:
     return kept
 
 
+def drop_duplicates(records: Iterable[ImageRecord], source: str) -> list[ImageRecord]:
+    """Each image once, and each of an image's captions once; one warning line counts what was dropped.
+
+    A repeated image would be trained on and scored twice, and a repeated caption would count twice as a
+    reference. An image listed again (its image id again: COCO's id, Karpathy's cocoid or imgid, Flickr8k's
+    file name; the id is what evaluation scores by) is dropped; the captions of that listing which the first
+    lacks join the first (a Karpathy file may list an image twice with different sentences), and the first
+    listing's split stands. One file under two ids is two images, as the dataset says. A caption is repeated
+    when its text is the same up to spaces ("A dog." and "A  dog. ").
+    """
+    kept: list[ImageRecord] = []
+    first: dict[str, ImageRecord] = {}
+    seen: dict[int, set[str]] = {}  # id(record) -> its captions' texts
+    images = captions = 0
+    for r in records:
+        earlier = first.get(r.image_id)
+        target = earlier or r
+        texts = seen.setdefault(id(target), set())
+        pairs = list(zip(r.tokens, r.raw))
+        if earlier is None:
+            r.tokens, r.raw = [], []
+            kept.append(r)
+            first[r.image_id] = r
+        else:
+            images += 1
+        for tokens, raw in pairs:
+            text = " ".join(raw.split())
+            if text in texts:
+                captions += earlier is None  # a dropped listing's copies are counted as its image
+                continue
+            texts.add(text)
+            target.tokens.append(tokens)
+            target.raw.append(raw)
+    if images or captions:
+        parts = [f"{images} image{'s' * (images != 1)} listed more than once"] if images else []
+        parts += [f"{captions} repeated caption{'s' * (captions != 1)} of one image"] if captions else []
+        print(
+            f"warning: {source}: dropped {' and '.join(parts)} (each image and caption is used once)", file=sys.stderr
+        )
+    return kept
+
+
 # ----------------------------------------------------------------------------------------- captions
 def caption_pool(record: ImageRecord, max_len: int) -> list[list[str]]:
     """The captions an image's encoded captions are drawn from (and the vocabulary is counted on).
@@ -391,103 +437,12 @@ def encode_caption(tokens: Sequence[str], word_map: dict[str, int], max_len: int
 
 
 # ------------------------------------------------------------------------------------------- images
-def decode_image(path: str | Path, size: int) -> np.ndarray:
-    """Decode any common image as RGB uint8, H x W x 3, on its way to ``size`` x ``size``; raises
-    ``OSError``/``ValueError`` (``FileNotFoundError``, ``UnidentifiedImageError``) if unusable.
-
-    Handles EXIF orientation, grayscale, palette, CMYK, alpha (composited on white, how viewers show it) and
-    16-bit images (scaled down to 8 bits rather than clipped, which would turn them white).
-
-    A JPEG at least four times the target side is decoded at a reduced DCT scale (PIL's draft mode) to no less
-    than twice the target side, as ``Image.thumbnail`` does: a 12-megapixel phone photo then decodes several
-    times faster, and the final resize still has a 2x margin to antialias over. Any other upright RGB or grey
-    JPEG (most of every captioning dataset) is decoded by simplejpeg: the same libjpeg-turbo decode as PIL's,
-    pixel for pixel, straight into a numpy array, in 0.6x of PIL's time (PIL decodes into its own 4-byte
-    pixels and copies them out).
-    """
-    with open(path, "rb") as f, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(f) as im:  # reads the header only
-            if _decodes_as_plain_jpeg(im, size):
-                f.seek(0)
-                with contextlib.suppress(ValueError):  # a file libjpeg only warns about: PIL's decode decides
-                    return simplejpeg.decode_jpeg(f.read(), colorspace="RGB", fastdct=False, fastupsample=False)
-            if im.format == "JPEG":
-                im.draft(im.mode, (2 * size, 2 * size))
-            im.load()
-            # in_place: without it exif_transpose copies every image, even one with nothing to turn.
-            ImageOps.exif_transpose(im, in_place=True)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        peak = arr.max() if arr.size else 0.0
-        scale = 1.0 if peak <= 255 else (257.0 if peak <= 65535 else peak / 255.0)
-        if im.mode.startswith("I;16"):
-            # Fix: an I;16 image is 16-bit whatever its content; guessing from the peak made a dark one
-            # (all values <= 255, e.g. 200/65535) come out bright (200/255) instead of nearly black.
-            scale = 257.0
-        im = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), mode="L")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, rgba)
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    return np.array(im)
-
-
-# simplejpeg bundles libjpeg-turbo; a Pillow built on IJG's libjpeg would decode (upsample) differently.
-_PIL_HAS_LIBJPEG_TURBO = bool(features.check_feature("libjpeg_turbo"))
-
-
-def _decodes_as_plain_jpeg(im: Image.Image, size: int) -> bool:
-    """Whether ``im`` (opened, not loaded) is a JPEG that simplejpeg decodes exactly as PIL would: YCbCr, RGB or
-    grey (not CMYK), upright (no EXIF or XMP orientation to apply) and not large enough for draft mode."""
-    if not _PIL_HAS_LIBJPEG_TURBO or im.format != "JPEG" or im.mode not in ("RGB", "L"):
-        return False
-    if min(im.width, im.height) >= 4 * size:  # draft mode would decode it at a reduced scale
-        return False
-    return im.getexif().get(ExifTags.Base.Orientation, 1) == 1
-
-
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """Any common image as RGB uint8, 3 x size x size (:func:`decode_image`, then :func:`resize_uint8`)."""
-    return resize_uint8(decode_image(path, size), size)
-
-
-def resize_images(rgb: np.ndarray, size: int) -> torch.Tensor:
-    """N x H x W x 3 uint8 -> N x 3 x size x size uint8 (channels-last memory), bicubic with antialiasing: PIL's
-    BICUBIC filter (a = -0.5), up and down, by torch's uint8 kernel.
-
-    The same output as ``PIL.Image.resize`` up to a grey level of rounding at a few pixels, in about a quarter
-    of its time; images of one shape resized in one call take about half the time each of one by one.
-    """
-    import torch  # here: the parent of the decoding workers never needs it (see ImageDecoder)
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(rgb).permute(0, 3, 1, 2)  # channels last: the layout the uint8 kernel is fastest on
-    if x.shape[2:] == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
-
-
-def resize_uint8(rgb: np.ndarray, size: int) -> np.ndarray:
-    """H x W x 3 uint8 -> 3 x size x size uint8, as :func:`resize_images`."""
-    return np.ascontiguousarray(resize_images(rgb[None], size)[0].numpy())
-
-
 def _decode_job(path: str, size: int) -> tuple[np.ndarray | None, str]:
     """An image decoded (H x W x 3) or ``None`` with the reason it could not be used."""
     try:
         return decode_image(path, size), ""
-    except FileNotFoundError:
-        return None, "file not found"
-    except UnidentifiedImageError:
-        empty = Path(path).stat().st_size == 0
-        return None, "empty file" if empty else "not an image"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return None, f"unreadable image ({type(e).__name__}: {e})"
+    except UNUSABLE_IMAGE_ERRORS as exc:
+        return None, image_problem(path, exc)
 
 
 # A worker's view of the parent's shared image slots (set by _start_worker; None: send images back by pipe).
@@ -736,8 +691,9 @@ class ImageDecoder:
         self._stop()  # now, not after the queue: a worker may be busy with a huge image
 
     def _stop(self) -> None:
-        """Kill the workers and let the pool go."""
+        """Kill the workers and let the pool go, once its manager thread has wound it down."""
         self.workers = self._started_workers()
+        manager = getattr(self.pool, "_executor_manager_thread", None)  # shutdown forgets it (private: hence getattr)
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
         for p in self.workers:
@@ -749,6 +705,12 @@ class ImageDecoder:
         writer = getattr(getattr(self.pool, "_result_queue", None), "_writer", None)
         if writer is not None:
             writer.close()
+        # With its workers dead the manager thread closes the pool's pipes. Left running, it can do so while
+        # Python's exit writes to its wake-up pipe (concurrent.futures checks that the pipe is open, then
+        # writes, without a lock): "Exception ignored ... Bad file descriptor" after our one-line error. So it
+        # is waited for here (milliseconds; bounded, should a pipe ever block it).
+        if manager is not None:
+            manager.join(timeout=10)
 
     def __call__(self, paths: Iterable[str], size: int) -> Iterator[tuple[np.ndarray | None, str]]:
         """``(image, "")`` or ``(None, reason)`` for each path, as :func:`_load_jobs`. An image may be a view of
@@ -917,8 +879,7 @@ def create_input_files(sources: Sequence[Path], image_folder: Path | None, opt: 
     source is unusable, no training image (evaluation-only: no image) could be read, the vocabulary is empty or
     the output would not fit on the disk.
     """
-    if opt.out.exists() and not opt.out.is_dir():
-        raise CamEyeError(f"--out must be a folder, but {opt.out} is a file")
+    output_folder(opt.out, "--out", create=False)  # made when the files are written, not for a failed run
     # The workers start first: each imports torch (1.5-2.5 s) while this process reads the captions.
     with ImageDecoder(opt.workers, opt.start_method, opt.image_size) as decode:
         return _prepare(sources, image_folder, opt, decode)
@@ -929,7 +890,8 @@ def _prepare(sources: Sequence[Path], image_folder: Path | None, opt: Options, d
     given_map = load_word_map(opt.word_map) if opt.word_map is not None else None
     unnamed_split = opt.split or ("test" if given_map is not None else None)
     name, records = read_source(sources, image_folder, unnamed_split)
-    records = keep_real_captions(records)  # an image without captions teaches nothing
+    where = f"{sources[0]}" + (f" (and {len(sources) - 1} more)" if len(sources) > 1 else "")
+    records = keep_real_captions(drop_duplicates(records, where))  # an image without captions teaches nothing
     if not records:
         raise CamEyeError(f"{sources[0]}: no images with captions found")
     eval_only = assign_splits(records, opt)
@@ -982,14 +944,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "sources",
         nargs="+",
-        type=Path,
+        type=local_path,
         help="Karpathy dataset_*.json, a Flickr8k folder (with Flickr8k.token.txt), "
         "or one or more COCO captions_*.json files",
     )
     p.add_argument(
-        "--images", type=Path, default=None, help="image folder for JSON sources (default: the JSON's folder)"
+        "--images", type=local_path, default=None, help="image folder for JSON sources (default: the JSON's folder)"
     )
-    p.add_argument("--out", type=Path, required=True, help="output folder for {split}.hdf5 and word_map.json")
+    p.add_argument("--out", type=local_path, required=True, help="output folder for {split}.hdf5 and word_map.json")
     p.add_argument("--captions-per-image", type=positive_int, default=5, help="captions kept per training image")
     p.add_argument(
         "--min-word-freq",
@@ -1020,7 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for choosing captions per image")
     p.add_argument(
         "--word-map",
-        type=Path,
+        type=local_path,
         default=None,
         help="use this word map (e.g. a trained model's word_map.json) instead of building one; it is copied to "
         "--out. A source without training images is then an evaluation-only set, all in one split (test "

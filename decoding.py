@@ -16,7 +16,6 @@ import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from cli import add_options, opt
 from models import END_ID, PAD_ID, START_ID, DecoderWithAttention, mask_non_words
-from utils import DEFAULT_CHECKPOINT, FUNCTION_WORDS, SPECIAL_TOKENS, positive_int
+from utils import DEFAULT_CHECKPOINT, FUNCTION_WORDS, SPECIAL_TOKENS, local_path, positive_int
 
 
 @dataclass(frozen=True)
@@ -292,7 +291,7 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     :class:`DecodeConfig`), where to run."""
     p.add_argument(
         "--checkpoint",
-        type=Path,
+        type=local_path,
         default=DEFAULT_CHECKPOINT,
         help="CamEye checkpoint (.pt)",
     )

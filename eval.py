@@ -64,7 +64,9 @@ from utils import (
     handle_sigterm,
     ignore_signals_in_worker,
     keep_freed_memory,
+    local_path,
     non_negative_int,
+    output_folder,
     positive_int,
     read_json,
     reverse_word_map,
@@ -143,8 +145,8 @@ def open_eval_split(data: Path, split: str) -> CaptionDataset:
 
 def check_writable(out: Path) -> None:
     """Fail in one line now, not after decoding, when ``out`` cannot hold the results."""
+    output_folder(out, "--out")
     try:
-        out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as exc:
@@ -525,9 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
         "anyway and the failure is recorded in metrics_<split>.json.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--data", type=Path, required=True, help="folder made by create_input_files.py")
+    p.add_argument("--data", type=local_path, required=True, help="folder made by create_input_files.py")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to evaluate")
-    p.add_argument("--out", type=Path, default=None, help="folder for predictions/metrics (default: --data/results)")
+    p.add_argument(
+        "--out", type=local_path, default=None, help="folder for predictions/metrics (default: --data/results)"
+    )
     add_decoding_arguments(p)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images encoded and decoded together")
     p.add_argument("--max-images", type=non_negative_int, default=0, help="evaluate only the first N images (0 = all)")
@@ -541,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-coco", dest="coco", action="store_false", help="skip the pycocoevalcap metrics (Java)")
     p.add_argument(
         "--instances",
-        type=Path,
+        type=local_path,
         default=None,
         help="COCO instance annotations (instances_*.json) of the split's images, matched by COCO image id: "
         "adds CHAIR-s/CHAIR-i (object hallucination) and attention correctness inside the named objects' "

@@ -14,19 +14,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from checkpoint import export_checkpoint
 from cli import HelpFormatter
-from utils import cli_errors
+from utils import cli_errors, local_path
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("src", type=Path, help="training checkpoint (best.pt / last.pt)")
-    p.add_argument("dst", type=Path, help="inference checkpoint to write")
+    p.add_argument("src", type=local_path, help="training checkpoint (best.pt / last.pt)")
+    p.add_argument("dst", type=local_path, help="inference checkpoint to write")
     p.add_argument("--half", action="store_true", help="store weights as float16")
-    p.add_argument("--average", type=Path, nargs="*", default=[], help="other checkpoints of the same run to average")
+    p.add_argument(
+        "--average", type=local_path, nargs="*", default=[], help="other checkpoints of the same run to average"
+    )
     args = p.parse_args(argv)
     with cli_errors():
         export_checkpoint(args.src, args.dst, args.half, args.average)

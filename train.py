@@ -66,7 +66,9 @@ from utils import (
     get_rng_state,
     handle_sigterm,
     keep_freed_memory,
+    local_path,
     mount_point,
+    output_folder,
     read_json,
     reverse_word_map,
     save_torch,
@@ -558,7 +560,7 @@ def claim_run_folder(out: Path, resume: bool, overwrite: bool) -> Any:
     the earlier run's checkpoints and logs. A second run writing into the same folder at once is refused.
     Returns the open lock file; keep it open for the whole run.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "--out")
     lock = open(out / "train.lock", "a+")  # noqa: SIM115 (held open for the run)
     if fcntl is not None:
         try:
@@ -1048,9 +1050,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("data and output")
     g.add_argument(
-        "--data", required=True, help="folder made by create_input_files.py (train/val .hdf5, word_map.json)"
+        "--data",
+        required=True,
+        type=local_path,
+        help="folder made by create_input_files.py (train/val .hdf5, word_map.json)",
     )
-    g.add_argument("--out", default="checkpoints/run", help="folder for last.pt, best.pt, metrics.jsonl, tensorboard/")
+    g.add_argument(
+        "--out",
+        default="checkpoints/run",
+        type=local_path,
+        help="folder for last.pt, best.pt, metrics.jsonl, tensorboard/",
+    )
     g.add_argument(
         "--resume",
         action="store_true",

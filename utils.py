@@ -443,3 +443,58 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # scheme://, as in https://, s3://, file:///
+
+
+def local_path(text: str) -> Path:
+    """argparse type for a file or folder on this machine: ``Path(text)``, refusing a URL and an empty text.
+
+    Judged on the text as typed: ``Path`` folds "https://host/x.jpg" into "https:/host/x.jpg", which then
+    reads as a missing local file. Raises ``argparse.ArgumentTypeError``, which argparse prints as one usage
+    error naming the argument: "argument --checkpoint: https://host/m.pt: URLs are not read: download the
+    file first".
+    """
+    if _URL.match(text):
+        raise argparse.ArgumentTypeError(f"{text}: URLs are not read: download the file first")
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: give a file or folder")
+    return Path(text)
+
+
+def output_folder(path: str | Path, what: str, create: bool = True) -> Path:
+    """``path`` as a folder that can be written in, made (with its parents) when ``create``; returns it.
+
+    ``create=False`` only checks, for a tool that should leave nothing behind when it fails before writing
+    (the folder is then made by :func:`atomic_path`). ``what`` names the option in the one-line
+    :class:`CamEyeError` raised when the folder cannot be used: "--out must be a folder, but X is a file";
+    "--out X/sub: cannot make this folder: X is a file"; "...: no permission to write in P"; or the OS's reason
+    (a read-only file system, a full disk).
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            kind = "a file" if path.is_file() else "not a folder"
+            raise CamEyeError(f"{what} must be a folder, but {path} is {kind}")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CamEyeError(f"{what} {path}: no permission to write in it")
+        return path
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # exists() is False below a file, too
+        parent = parent.parent
+    problem = None
+    if not parent.is_dir():
+        problem = f"{parent} is {'a file' if parent.is_file() else 'not a folder'}"
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        problem = f"no permission to write in {parent}"
+    elif create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except PermissionError:
+            problem = f"no permission to write in {parent}"
+        except OSError as exc:  # a dangling link in the way, a read-only file system, a full disk
+            problem = (exc.strerror or str(exc)).lower()
+    if problem:
+        raise CamEyeError(f"{what} {path}: cannot make this folder: {problem}")
+    return path

@@ -20,7 +20,9 @@ import pytest
 from PIL import Image
 
 import create_input_files as cif
-from create_input_files import Options, create_input_files, load_image
+import images
+from create_input_files import Options, create_input_files
+from images import load_image
 from utils import SPECIAL_TOKENS, CamEyeError, Terminated, decode_caption, reverse_word_map
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -477,6 +479,31 @@ def test_bad_images_are_skipped_and_captions_stay_aligned(tmp_path, capsys, work
             assert data["caplens"][n * c : (n + 1) * c].tolist() == [len(r) + 2 for r in mine]
             assert image_refs(data, n) == own
             np.testing.assert_allclose(mean_colour(data["images"][n]), colour_of(i), atol=1)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_fifo_or_folder_listed_as_an_image_is_skipped_with_its_reason_not_waited_for(tmp_path):
+    """Issue 21: a FIFO listed in a dataset hung preparation until it was killed (a worker waited to open it).
+    A writer lets a waiting reader through after 20 s, so the old behaviour fails the test rather than hangs."""
+    write_indexed_source(tmp_path / "src", {})
+    source = tmp_path / "src" / "dataset_indexed.json"
+    data = json.loads(source.read_text())
+    data["images"][2]["filename"], data["images"][3]["filename"] = "pipe.png", "folder.png"
+    source.write_text(json.dumps(data))
+    os.mkfifo(tmp_path / "src" / "pipe.png")
+    (tmp_path / "src" / "folder.png").mkdir()
+    writer = subprocess.Popen(["sh", "-c", f"sleep 20; : > '{tmp_path / 'src' / 'pipe.png'}'"])
+    try:
+        result = run_cli(source, "--out", tmp_path / "out", "--min-word-freq", 1, "--workers", 2)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert result.returncode == 0, result.stderr
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("skipped ")]
+    assert skipped == [
+        f"skipped {tmp_path / 'src' / 'pipe.png'}: not a regular file (a FIFO (named pipe))",
+        f"skipped {tmp_path / 'src' / 'folder.png'}: not a regular file (a folder)",
+    ]
 
 
 def test_images_without_captions_are_skipped(tmp_path):
@@ -1267,7 +1294,7 @@ def test_resize_equals_pil_bicubic_within_rounding(shape):
     fixed-point roundings differ by a grey level at a few pixels (two, rarely, at an 8x enlargement)."""
     rgb = smooth_photo(*shape)
     expected = np.asarray(Image.fromarray(rgb).resize((256, 256), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
-    got = cif.resize_uint8(rgb, 256)
+    got = images.resize_uint8(rgb, 256)
     assert got.shape == (3, 256, 256) and got.dtype == np.uint8
     diff = np.abs(got.astype(int) - expected)
     assert diff.max() <= 2 and diff.mean() < 0.01
@@ -1323,15 +1350,15 @@ def test_jpegs_decode_to_the_same_pixels_by_simplejpeg_as_by_pil(tmp_path, monke
     files = _jpeg_variants(tmp_path)
     by_pil = {}
     with monkeypatch.context() as m:
-        m.setattr(cif, "_decodes_as_plain_jpeg", lambda im, size: False)
+        m.setattr(images, "_decodes_as_plain_jpeg", lambda im, size: False)
         for path, _ in files:
-            by_pil[path] = cif.decode_image(path, 32)
+            by_pil[path] = images.decode_image(path, 32)
     calls = []
-    original = cif.simplejpeg.decode_jpeg
-    monkeypatch.setattr(cif.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = images.simplejpeg.decode_jpeg
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or original(*a, **k))
     for path, plain in files:
         calls.clear()
-        got = cif.decode_image(path, 32)
+        got = images.decode_image(path, 32)
         assert bool(calls) == plain, path.name
         assert got.dtype == np.uint8 and got.ndim == 3 and got.shape[2] == 3, path.name
         np.testing.assert_array_equal(got, by_pil[path], err_msg=path.name)
@@ -1346,7 +1373,7 @@ def test_a_jpeg_libjpeg_only_warns_about_is_decoded_as_pil_decodes_it(tmp_path, 
     with Image.open(path) as im:
         expected = np.asarray(im.convert("RGB"))
     raised = []
-    original = cif.simplejpeg.decode_jpeg
+    original = images.simplejpeg.decode_jpeg
 
     def spy(*args, **kwargs):
         try:
@@ -1355,8 +1382,8 @@ def test_a_jpeg_libjpeg_only_warns_about_is_decoded_as_pil_decodes_it(tmp_path, 
             raised.append(e)
             raise
 
-    monkeypatch.setattr(cif.simplejpeg, "decode_jpeg", spy)
-    np.testing.assert_array_equal(cif.decode_image(path, SIZE), expected)
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", spy)
+    np.testing.assert_array_equal(images.decode_image(path, SIZE), expected)
     assert len(raised) == 1  # simplejpeg was tried, and refused the file
 
 
@@ -1369,7 +1396,7 @@ def test_a_task_resizes_same_shaped_images_together_with_the_same_pixels(tmp_pat
     solid(png := tmp_path / "solid.png", (10, 200, 30), size=(75, 101))
     files.append(png)
     expected = [load_one(p) for p in files]
-    assert expected[3] == (None, "not an image") and sum(e[0] is None for e in expected) == 1
+    assert expected[3] == (None, "not an image (or an unsupported format)") and sum(e[0] is None for e in expected) == 1
     got = cif._load_jobs(SIZE, [(str(p), None) for p in files])
     slots = np.zeros((len(files), 3, SIZE, SIZE), np.uint8)
     monkeypatch.setattr(cif, "_worker_slots", slots)
@@ -1460,3 +1487,104 @@ def test_a_worker_dying_midway_is_a_one_line_error_or_terminated(tmp_path, sig):
     if sig == signal.SIGKILL:
         assert str(info.value).startswith("an image-decoding worker process died (exit status -9")
     assert all(p.exitcode is not None for p in decode.workers)
+
+
+# ------------------------------------------------------------------------------------- paths on the command line
+@pytest.mark.parametrize("where", ["source", "--images", "--word-map"])
+def test_a_url_is_refused_in_one_line_naming_it(tmp_path, where):
+    """Issue 21: a URL became a mangled path (https:/...) reported as not found."""
+    url = "https://example.com/dataset_x.json"
+    args = {"source": [url], "--images": ["x.json", "--images", url], "--word-map": ["x.json", "--word-map", url]}
+    result = run_cli(*args[where], "--out", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].endswith(f"{url}: URLs are not read: download the file first")
+
+
+@pytest.mark.parametrize("out", ["file", "file/sub"])
+def test_out_under_or_at_a_file_is_one_line_and_nothing_is_written(tmp_path, synthetic_prepared, out):
+    """Issue 21: `--out FILE/sub` was a NotADirectoryError traceback after the captions had been read."""
+    (tmp_path / "file").write_text("not a folder")
+    line = one_error_line(run_cli(synthetic_prepared.json, "--out", tmp_path / out, "--workers", 1))
+    if out == "file":
+        assert line == f"error: --out must be a folder, but {tmp_path / 'file'} is a file"
+    else:
+        assert line == f"error: --out {tmp_path / out}: cannot make this folder: {tmp_path / 'file'} is a file"
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_no_exception_at_exit_after_a_one_line_error_from_a_running_pool():
+    """Issue 21: once in ~124 runs an "Exception ignored ... Bad file descriptor" traceback followed a correct
+    one-line error. At exit Python wakes each process pool's manager thread (concurrent.futures'
+    ``_python_exit``: check that the wake-up pipe is open, then write to it) while that thread, still winding
+    the killed pool down, may close the pipe in between. The race is made certain here by widening both sides:
+    the manager closes the pipe 0.3 s late, and the exit's wake-up waits 0.6 s between its check and its write.
+    The decoder now waits for the manager thread when it stops the pool, so nothing is left to race."""
+    code = """if True:
+        import time
+        import concurrent.futures.process as cfp
+        import create_input_files as c
+        from utils import CamEyeError, cli_errors
+
+        join_internals, wakeup = cfp._ExecutorManagerThread.join_executor_internals, cfp._ThreadWakeup.wakeup
+
+        def join_later(self):
+            time.sleep(0.3)
+            join_internals(self)
+
+        def wakeup_at_exit_slowly(self):
+            if cfp._global_shutdown and not self._closed:  # _python_exit's call
+                time.sleep(0.6)
+                self._writer.send_bytes(b"")
+            else:
+                wakeup(self)
+
+        cfp._ExecutorManagerThread.join_executor_internals = join_later
+        cfp._ThreadWakeup.wakeup = wakeup_at_exit_slowly
+        with cli_errors(), c.ImageDecoder(2, "fork", 16):
+            raise CamEyeError("a bad dataset")
+    """
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (2, "error: a bad dataset\n")
+
+
+# ------------------------------------------------------------------------------------------------ duplicates
+def test_an_image_or_caption_listed_twice_is_used_once_with_a_warning(tmp_path, capsys):
+    """Issue 21: a COCO file listing an image twice had it prepared (and scored) twice, and a repeated caption
+    became an extra reference, silently."""
+    for i in range(3):
+        solid(tmp_path / "val2014" / f"{i}.jpg", colour_of(i), fmt="JPEG")
+    images = {0: "0.jpg", 1: "1.jpg", 2: "2.jpg"}
+    captions = [(0, "A red dog."), (0, "A red dog."), (0, "A  red dog. "), (0, "A big dog."), (1, "A cat."),
+                (2, "A bird."), (2, "A small bird.")]  # fmt: skip
+    source = write_coco_captions(tmp_path / "captions_val2014.json", images, captions)
+    data = json.loads(source.read_text())
+    data["images"].append(dict(data["images"][1]))  # image 1 listed twice
+    source.write_text(json.dumps(data))
+    words = word_map_file(tmp_path / "word_map.json", ["a", "red", "dog", "big", "cat", "bird", "small"])
+    counts = prepare([source], tmp_path / "out", images=tmp_path, word_map=words)
+    assert counts == {"train": 0, "val": 0, "test": 3}  # evaluation-only: all in test
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warnings == [
+        f"warning: {source}: dropped 1 image listed more than once and 2 repeated captions of one image "
+        "(each image and caption is used once)"
+    ]
+    test = read_split(tmp_path / "out" / "test.hdf5")
+    assert test["image_ids"] == ["0", "1", "2"]
+    assert test["reference_offsets"].tolist() == [0, 2, 3, 5]
+    assert test["references_raw"][:2] == ["A red dog.", "A big dog."]
+
+
+def test_a_karpathy_image_listed_twice_keeps_the_captions_of_both_listings(tmp_path, capsys):
+    solid(tmp_path / "a.png", (200, 0, 0))
+    solid(tmp_path / "b.png", (0, 200, 0))
+    entries = [
+        {"filename": "a.png", "imgid": 0, "split": "train", "sentences": [sentence("a red one"), sentence("red")]},
+        {"filename": "b.png", "imgid": 1, "split": "train", "sentences": [sentence("a green one")]},
+        {"filename": "a.png", "imgid": 0, "split": "test", "sentences": [sentence("red"), sentence("a red square")]},
+    ]
+    source = write_karpathy(tmp_path / "dataset_x.json", entries)
+    assert prepare([source], tmp_path / "out") == {"train": 2, "val": 0, "test": 0}  # the first listing's split
+    assert "dropped 1 image listed more than once (each" in capsys.readouterr().err
+    train = read_split(tmp_path / "out" / "train.hdf5")
+    assert train["image_ids"] == ["0", "1"]
+    assert image_refs(train, 0) == [["a", "red", "one"], ["red"], ["a", "red", "square"]]

@@ -409,3 +409,85 @@ def test_new_hdf5_does_not_follow_what_appeared_at_the_temporary_name(tmp_path: 
     with pytest.raises(FileExistsError):
         utils.new_hdf5(tmp)
     assert victim.read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------------------- paths given
+@pytest.mark.parametrize("text", ["https://example.com/x.jpg", "http://a/b.pt", "s3://bucket/data", "file:///tmp/x"])
+def test_local_path_refuses_urls_naming_them_as_typed(text):
+    """Issue 21: `caption.py https://example.com/x.jpg` said "https:/example.com/x.jpg: file not found"
+    (Path folds the double slash) and nothing about URLs."""
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        utils.local_path(text)
+    assert str(info.value) == f"{text}: URLs are not read: download the file first"
+
+
+def test_local_path_keeps_local_paths_and_refuses_an_empty_one():
+    assert utils.local_path("data/a b:c.jpg") == Path("data/a b:c.jpg")
+    assert utils.local_path("C:\\photos\\x.jpg") == Path("C:\\photos\\x.jpg")
+    with pytest.raises(argparse.ArgumentTypeError, match="an empty path"):
+        utils.local_path("")
+
+
+def test_local_path_as_an_argparse_type_is_one_usage_error(capsys):
+    p = argparse.ArgumentParser(prog="tool")
+    p.add_argument("source", type=utils.local_path)
+    with pytest.raises(SystemExit) as info:
+        p.parse_args(["https://example.com/x.jpg"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "tool: error: argument source: https://example.com/x.jpg: URLs are not read: download the file first"
+    )
+
+
+# ------------------------------------------------------------------------------------------ output folders
+def test_output_folder_made_or_checked(tmp_path):
+    assert utils.output_folder(tmp_path / "a" / "b", "--out") == tmp_path / "a" / "b"
+    assert (tmp_path / "a" / "b").is_dir()
+    assert utils.output_folder(tmp_path / "c" / "d", "--out", create=False) == tmp_path / "c" / "d"
+    assert not (tmp_path / "c").exists()  # checked only: nothing is made before the work starts
+
+
+@pytest.mark.parametrize("create", [True, False], ids=["made", "checked"])
+@pytest.mark.parametrize("case", ["a file", "a file as a parent", "a file as a grandparent"])
+def test_output_folder_that_cannot_be_one_is_a_one_line_error(tmp_path, case, create):
+    """Issue 21: `--out FILE/sub` was a NotADirectoryError traceback, `--out FILE` a FileExistsError one."""
+    (tmp_path / "file").write_text("x")
+    out = {"a file": "file", "a file as a parent": "file/sub", "a file as a grandparent": "file/sub/sub"}[case]
+    with pytest.raises(CamEyeError) as info:
+        utils.output_folder(tmp_path / out, "--out", create=create)
+    if case == "a file":
+        assert str(info.value) == f"--out must be a folder, but {tmp_path / 'file'} is a file"
+    else:
+        assert str(info.value) == f"--out {tmp_path / out}: cannot make this folder: {tmp_path / 'file'} is a file"
+
+
+@pytest.mark.parametrize("create", [True, False], ids=["made", "checked"])
+def test_output_folder_without_permission_is_a_one_line_error(tmp_path, monkeypatch, create):
+    """Without write permission (faked: the tests may run as root, whom permissions do not stop)."""
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != tmp_path / "locked")
+
+    def no_mkdir(path, mode=0o777, **kw):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "mkdir", no_mkdir)
+    with pytest.raises(CamEyeError) as info:
+        utils.output_folder(tmp_path / "locked" / "out", "--out-dir", create=create)
+    assert str(info.value) == (
+        f"--out-dir {tmp_path / 'locked' / 'out'}: cannot make this folder: no permission to write in "
+        f"{tmp_path / 'locked'}"
+    )
+    with pytest.raises(CamEyeError, match=f"--out-dir {tmp_path / 'locked'}: no permission to write in it"):
+        utils.output_folder(tmp_path / "locked", "--out-dir", create=create)
+
+
+def test_decoding_arguments_refuse_a_checkpoint_url(capsys):
+    """caption.py, eval.py and app.py share --checkpoint: a URL is refused there, naming it as typed."""
+    p = argparse.ArgumentParser(prog="tool")
+    add_decoding_arguments(p)
+    assert p.parse_args([]).checkpoint == DEFAULT_CHECKPOINT
+    with pytest.raises(SystemExit):
+        p.parse_args(["--checkpoint", "https://example.com/m.pt"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "tool: error: argument --checkpoint: https://example.com/m.pt: URLs are not read: download the file first"
+    )
