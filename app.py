@@ -151,6 +151,14 @@ def caption_answer(captioner: Captioner, source: str, name: str, image: np.ndarr
     return Answer(source, name, photo, image, captioner.words(decoded), attention_grids(decoded), beams)
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1-65535."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is from 1 to 65535, got {port}")
+    return port
+
+
 def check_controls(beam_size: Any, length_penalty: Any) -> tuple[int, float]:
     """The page's beam size and length penalty as int and float, or a one-line :class:`CamEyeError` if out of
     bounds (the sliders keep them in bounds; a direct API call may not)."""
@@ -388,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_decoding_arguments(p)
     p.set_defaults(device="cpu")  # a demo server: predictable, and the GPU stays free for training
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the page to the network)")
-    p.add_argument("--port", type=positive_int, default=7860, help="port to listen on")
+    p.add_argument("--port", type=port_number, default=7860, help="port to listen on (1-65535)")
     p.add_argument("--queue-size", type=positive_int, default=16, help="requests that may wait while one decodes")
     p.add_argument(
         "--keep-outputs", type=positive_int, default=300, help="seconds before the page's outputs are deleted"

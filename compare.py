@@ -18,6 +18,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cli import HelpFormatter
 from metrics import PAIRED_METRICS, MetricError, PairedDifference, paired_bootstrap, ptb_tokenize
 from utils import CamEyeError, cli_errors, non_negative_int, positive_int, read_json
 
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "same resampled images score both systems).",
         epilog="Exit status: 0 on success; 2 for bad input (a missing or malformed file, systems that caption "
         "different images), reported in one line.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("predictions_a", type=Path, help="system A's predictions_<split>.json (written by eval.py)")
     p.add_argument("predictions_b", type=Path, help="system B's predictions_<split>.json, on the same images")

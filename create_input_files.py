@@ -68,6 +68,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from cli import HelpFormatter
 from images import (
     UNUSABLE_IMAGE_ERRORS,
     decode_image,
@@ -939,7 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Prepare a captioning dataset (Karpathy JSON, Flickr8k folder or COCO annotations) "
         "as HDF5 images + encoded captions + a word map.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "sources",

@@ -446,7 +446,16 @@ def coco_metrics_into(metrics: MetricsFile, references: dict, predictions: dict)
             if family.error is not None:
                 metrics.fail(family.family, family.error)
             else:
-                metrics.results.setdefault("coco_caption_metrics", {}).update(family.scores)
+                scores = dict(family.scores)
+                if "CIDEr" in scores and len(predictions) < 2:
+                    # CIDEr weighs n-grams by their document frequency over the evaluated images: with one image
+                    # every n-gram is in every "document" and scores 0 whatever the caption.
+                    scores["CIDEr"] = None
+                    metrics.results["notes"] = ["CIDEr needs at least 2 images (document frequencies): not computed"]
+                    print(
+                        "note: CIDEr needs at least 2 images (its document frequencies): not computed", file=sys.stderr
+                    )
+                metrics.results.setdefault("coco_caption_metrics", {}).update(scores)
                 means = {name: v for name, v in family.per_image.items() if name in MEAN_OF_PER_IMAGE}
                 metrics.per_image.update({name: (values, None) for name, values in means.items()})
             metrics.save()

@@ -56,6 +56,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from cli import HelpFormatter
 from utils import atomic_path, cli_errors, handle_sigterm
 
 # Saturated, clearly distinct object colours. Every one has a channel above BACKGROUND_MAX or a channel spread
@@ -449,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Generate the synthetic shapes captioning dataset (images/*.png and "
         "dataset_synthetic.json, Karpathy's format with object boxes) used by the tests and the demo.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", metavar="DIR", default="data/synthetic", help="output folder (created if missing)")
     parser.add_argument("--num-images", metavar="N", type=int, default=300, help="number of images to generate (>= 1)")

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from backbones import BACKBONES, resolve_precision
 from checkpoint import load_checkpoint_file, training_checkpoint
+from cli import HelpFormatter
 from datasets import CaptionDataset, FeatureDataset, check_split_has_images, collate_eval, collate_train, open_split
 from decoding import DecodeConfig, content_word_mask, decode_loader
 from features import cache_features, cache_is_current, features_path, weights_fingerprint
@@ -714,6 +715,7 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
         print(f"weights from {tcfg.init_from} (epoch {init.get('epoch')})")
     if ckpt is not None:  # the weights to cache features with: the run's own, not the freshly built ones
         encoder.load_state_dict(ckpt["encoder"])
+    check_grid_size(encoder, mcfg)
     encoder.to(device)
     decoder.to(device)
     use_cache = tcfg.cache_features and mcfg.fine_tune_stages == 0
@@ -892,6 +894,23 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     return history
 
 
+def check_grid_size(encoder: Encoder, mcfg: ModelConfig) -> None:
+    """Refuse a --grid-size above the encoder's native grid: adaptive pooling would then repeat each feature
+    vector (no detail is added) and multiply the cache and the attention's work."""
+    if not mcfg.grid_size:
+        return
+    side = mcfg.input_size or mcfg.image_size
+    with torch.device("meta"):
+        native = copy.deepcopy(encoder.net).to("meta")
+        grid = getattr(native, "extract_features", native)(torch.empty(1, 3, side, side)).shape[-1]
+    if mcfg.grid_size > grid:
+        raise CamEyeError(
+            f"--grid-size {mcfg.grid_size} is larger than the encoder's native {grid} x {grid} grid for {side} px "
+            "images: pooling up only repeats features; use --grid-size 0 (native) or a value up to "
+            f"{grid}"
+        )
+
+
 def amp_dtype(device: torch.device) -> torch.dtype:
     """What --amp computes in: float16 on CUDA (with a gradient scaler), bfloat16 on the CPU."""
     return torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -1045,7 +1064,7 @@ def append_jsonl(record: dict, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         allow_abbrev=False,  # explicit options override a resumed run's: they must be recognisable in argv
     )
     g = p.add_argument_group("data and output")
@@ -1273,6 +1292,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--scst-samples must be at least 2 (each sample's baseline is the mean of the others)")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite contradict each other")
+    if args.scst and not (args.init_from or args.resume):
+        # Self-critical training samples captions from the model itself: from random weights every sample is
+        # noise, and the rewards teach nothing (Rennie et al. start from a cross-entropy model).
+        p.error("--scst needs --init-from: a cross-entropy run's best.pt to start from (SCST from random weights "
+                "does not learn)")  # fmt: skip
 
 
 def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> frozenset[str]:

@@ -71,7 +71,14 @@ def fail(message: str) -> NoReturn:
 
 @contextlib.contextmanager
 def cli_errors() -> Iterator[None]:
-    """Turn :class:`CamEyeError` (bad input) into a one-line message and exit status 2."""
+    """Turn :class:`CamEyeError` (bad input) into a one-line message and exit status 2.
+
+    Output that the terminal's encoding cannot show (an emoji in a file name on a cp1252 console, as Windows
+    writes redirected output) is escaped (\\U0001f600) instead of stopping the program with UnicodeEncodeError.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         yield
     except CamEyeError as exc:

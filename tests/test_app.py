@@ -477,3 +477,12 @@ def test_page_uses_system_fonts_only() -> None:
     css = theme._get_theme_css()  # the stylesheet Gradio serves as theme.css
     assert "googleapis" not in css and "@font-face" not in css
     assert theme.font.startswith("system-ui")
+
+
+def test_a_port_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 21: --port 70000 was an OverflowError traceback."""
+    with pytest.raises(SystemExit) as info:
+        app.main(["--port", "70000"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--port" in err and "65535" in err, err

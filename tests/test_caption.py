@@ -8,6 +8,7 @@ traceback reaches the terminal.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -412,3 +413,19 @@ def test_command_line_exit_status_and_no_traceback(
     assert status == 2 and "Traceback" not in stderr and stdout == ""
     [line] = stderr.splitlines()
     assert line.startswith(f"error: {bad / 'text.pt'} is not a CamEye checkpoint")
+
+
+def test_a_name_the_console_cannot_encode_is_escaped_not_a_crash(
+    model: SimpleNamespace, photos: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Issue 21: with a cp1252 standard output (Windows' redirected output), an emoji in a file name stopped
+    caption.py with a UnicodeEncodeError traceback, and the later photos were never captioned."""
+    emoji = tmp_path / "smile_\U0001f600.png"
+    shutil.copy(photos.one, emoji)
+    argv = [str(emoji), str(photos.one), "--no-figures", *base_args(model, tmp_path / "out")]
+    code = f"import sys, caption\nsys.exit(caption.main({argv!r}))\n"
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode(errors="replace")
+    lines = result.stdout.decode("cp1252").splitlines()
+    assert len(lines) == 2 and "smile_\\U0001f600.png: " in lines[0], lines

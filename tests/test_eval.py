@@ -910,3 +910,12 @@ def test_intervals_cover_the_reported_scores_and_skip_meteor(tmp_path: Path) -> 
     for name in ("ROUGE-L", "CIDEr"):
         low, high = spans[name]
         assert low <= metrics.results["coco_caption_metrics"][name] <= high, name
+
+
+@needs_java
+def test_cider_of_one_image_is_reported_as_not_computed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 21: CIDEr's document frequencies need several images; with one it was a silent 0.0."""
+    metrics = cameye_eval.MetricsFile({}, tmp_path / "metrics.json")
+    cameye_eval.coco_metrics_into(metrics, {1: ["a dog runs on the grass", "a dog running"]}, {1: "a dog runs"})
+    assert metrics.results["coco_caption_metrics"]["CIDEr"] is None
+    assert "CIDEr" in " ".join(metrics.results["notes"]) and "not computed" in capsys.readouterr().err

@@ -304,6 +304,7 @@ def test_cli_help_mentions_every_option() -> None:
         (["--early-stop", "0"], "--early-stop"),
         (["--alpha-c", "nan"], "--alpha-c"),
         (["--seed", "-1"], "--seed"),
+        (["--scst"], "--init-from"),  # issue 21: SCST from random weights learns nothing
     ],
 )
 def test_cli_rejects_bad_values_with_one_error_line(
@@ -324,6 +325,7 @@ def test_cli_rejects_bad_values_with_one_error_line(
         (["--encoder-weights", "no_such_weights.pth"], "no_such_weights.pth"),
         (["--device", "tpu"], "tpu"),
         (["--resume"], "last.pt"),
+        (["--grid-size", "50", "--input-size", "64"], "native 2 x 2 grid"),  # issue 21: pooling up, a 600x cache
     ],
 )
 def test_cli_errors_found_while_starting_are_one_line(
