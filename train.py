@@ -7,10 +7,10 @@ With a frozen encoder (the default) every image is encoded once and the features
 ``<data>/features/`` as float16 HDF5; the decoder then trains from the cache, which is what makes training
 practical on a CPU. With ``--fine-tune-stages N`` the last N encoder stages train too and images are read.
 
-Each epoch: train on every caption once, decode the validation images (greedy or beam) and compute their
-BLEU-4; the learning rates decay when BLEU-4 stops improving and training stops early after
-``--early-stop`` epochs without improvement. ``last.pt`` is written every epoch and ``best.pt`` when BLEU-4
-improves, atomically; both load with ``torch.load(weights_only=True)``. ``--resume`` continues from
+Each epoch: train on every caption once, decode the validation images as eval.py does (decoding.DecodeConfig;
+``--val-beam-size 1`` for greedy) and score them (``--select-on``: CIDEr-D or BLEU-4); the learning rates decay
+when the score stops improving and training stops early after ``--early-stop`` epochs without improvement.
+``last.pt`` is written every epoch and ``best.pt`` when the score improves, atomically; both load with ``torch.load(weights_only=True)``. ``--resume`` continues from
 ``last.pt`` exactly as if the run had not stopped.
 """
 
