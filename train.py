@@ -10,8 +10,8 @@ practical on a CPU. With ``--fine-tune-stages N`` the last N encoder stages trai
 Each epoch: train on every caption once, decode the validation images as eval.py does (decoding.DecodeConfig;
 ``--val-beam-size 1`` for greedy) and score them (``--select-on``: CIDEr-D or BLEU-4); the learning rates decay
 when the score stops improving and training stops early after ``--early-stop`` epochs without improvement.
-``last.pt`` is written every epoch and ``best.pt`` when the score improves, atomically; both load with ``torch.load(weights_only=True)``. ``--resume`` continues from
-``last.pt`` exactly as if the run had not stopped.
+``last.pt`` is written every epoch and ``best.pt`` when the score improves, atomically; both load with
+``torch.load(weights_only=True)``. ``--resume`` continues from ``last.pt`` exactly as if the run had not stopped.
 """
 
 from __future__ import annotations
