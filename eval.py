@@ -145,7 +145,10 @@ def open_eval_split(data: Path, split: str) -> CaptionDataset:
 
 def check_writable(out: Path) -> None:
     """Fail in one line now, not after decoding, when ``out`` cannot hold the results."""
-    output_folder(out, "--out")
+    try:
+        output_folder(out, "--out")
+    except CamEyeError as exc:
+        raise CamEyeError(f"cannot write the results to {out}: {str(exc).rsplit(': ', 1)[-1]}") from None
     try:
         with tempfile.TemporaryFile(dir=out):
             pass

@@ -164,7 +164,7 @@ BAD_FILES = {
     "text file": ("notes.txt", "not an image"),
     "text file named .jpg": ("text.jpg", "not an image"),
     "truncated PNG": ("truncated.png", "unreadable image ("),
-    "empty file": ("empty.png", "not an image"),
+    "empty file": ("empty.png", "empty file"),
     "over 20 MB": ("huge.jpg", "the file is 21.0 MB; photos up to 20 MB are accepted"),
     "decompression bomb": ("bomb.png", "unreadable image ("),
     "over the bomb warning limit": ("big_bomb.png", "unreadable image ("),
