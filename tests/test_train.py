@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 import backbones
 import fused
+import metrics
 import models
 import train
 from backbones import resolve_precision
@@ -769,10 +770,37 @@ def test_lr_drop_epochs_multiply_the_learning_rate(synthetic_prepared, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------- SCST
+def _drawn_caption_rewards(checkpoint: Path, data: Path, cfg: ModelConfig, split: str, samples: int = 16) -> np.ndarray:
+    """Per image of ``split``, the mean CIDEr-D reward (1.0 = CIDEr 100) of ``samples`` captions drawn from the
+    checkpoint's decoder (seed 0): the expectation SCST maximises, scored by train.scst_objective itself, with
+    CIDEr-D's document frequencies from the split's references (as SCST takes them from the training set's)."""
+    _, decoder, word_map, _ = load_captioner(checkpoint)
+    cache = train.features_path(cfg, data, split, resolve_precision("auto", "cpu"))
+    dataset = FeatureDataset(data / f"{split}.hdf5", cache, "eval")
+    scorer = metrics.CiderD([[[*ref, "<end>"] for ref in dataset.references(i)] for i in range(len(dataset))])
+    tcfg = train.TrainConfig(data=str(data), scst_samples=samples)
+    objective = train.scst_objective(decoder, tcfg, "cpu", scorer, reverse_word_map(word_map))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return np.array([objective(collate_eval([dataset[i]]))[1]["reward"] / samples for i in range(len(dataset))])
+
+
 @pytest.mark.slow
-def test_scst_after_cross_entropy_raises_validation_cider(tmp_path: Path) -> None:
+def test_scst_after_cross_entropy_raises_the_reward_of_drawn_captions(tmp_path: Path) -> None:
     """Issue 11: a short seeded self-critical stage, started from a brief cross-entropy run's weights, raises
-    validation CIDEr-D (200 synthetic images, 32-wide decoder; about 40 s on one core)."""
+    what it optimises, the expected CIDEr-D of captions drawn from the model, on the training images and on
+    held-out ones (200 synthetic images, 32-wide decoder; about 25 s on one core).
+
+    Issue 21: the run's numbers depend on the CPU's kernels (oneDNN's bfloat16 encoder, ATen's vector width),
+    so the check must hold for any of its trajectories. Greedy validation CIDEr-D on 30 images does not: after
+    cross-entropy it was 146-187 across this machine's kernel paths, and SCST moved it by -10 to +47. The
+    expected reward is measured instead, before and after, on the same images with the same seed (16 drawn
+    captions per image), and its gain compared with the gain's own standard error over images. Measured on
+    an AMD EPYC (AVX-512 BF16, no AMX) under the default, ATEN_CPU_CAPABILITY=default/avx2 and
+    ONEDNN_MAX_CPU_ISA=AVX2 paths (=AVX512_CORE_BF16 is the default path there): training images +0.31 to
+    +0.40 (6.6-7.5 standard errors), held-out images +0.16 to +0.28 (2.6-4.4). With the advantage's sign
+    flipped (SCST descending its reward) the gains were -0.60 and -0.41; with no update they are exactly 0.
+    """
     data = _prepare(tmp_path, 200, 64, 64, splits=(0.7, 0.15, 0.15))
     mcfg = lambda: ModelConfig(vocab_size=0, input_size=64, dropout=0.0, **TINY_DIMS)  # noqa: E731
     common = dict(batch_size=8, lr_patience=100, early_stop=100, workers=0, tensorboard=False, max_decode_len=20)
@@ -784,10 +812,30 @@ def test_scst_after_cross_entropy_raises_validation_cider(tmp_path: Path) -> Non
         init_from=str(tmp_path / "ce" / "last.pt"), **common,
     )  # fmt: skip
     scst = train.train(mcfg(), scst_cfg)
-    before, after = ce[-1]["val_CIDEr"], scst[-1]["val_CIDEr"]
-    print(f"validation CIDEr-D: {before:.1f} after cross-entropy, {after:.1f} after SCST")
+    # Training never encodes the test split: cache it as train.py caches the others (same encoder, precision).
+    precision = resolve_precision("auto", "cpu")
+    encoder = models.Encoder(mcfg().backbone, mcfg().encoder_weights)
+    encoder.precision = precision
+    test_cache = train.features_path(mcfg(), data, "test", precision)
+    train.cache_features(encoder, mcfg(), data / "test.hdf5", test_cache, torch.device("cpu"), workers=0)
+    gains = {}
+    for name, splits in (("training", ("train",)), ("held-out", ("val", "test"))):
+        before, after = (
+            np.concatenate([_drawn_caption_rewards(tmp_path / run / "last.pt", data, mcfg(), s) for s in splits])
+            for run in ("ce", "scst")
+        )
+        gain = after - before
+        gains[name] = (gain.mean(), gain.std(ddof=1) / np.sqrt(len(gain)))
+        print(
+            f"{name} images ({len(gain)}): mean reward of drawn captions {before.mean():.3f} after cross-entropy, "
+            f"{after.mean():.3f} after SCST (gain {gains[name][0]:+.3f} +- {gains[name][1]:.3f})"
+        )
+    print(f"validation CIDEr-D (greedy, not asserted): {ce[-1]['val_CIDEr']:.1f} -> {scst[-1]['val_CIDEr']:.1f}")
     print(f"mean reward of the drawn captions per SCST epoch: {[round(h['train_reward'], 3) for h in scst]}")
-    assert after >= before + 10, (before, after)
+    gain, se = gains["training"]
+    assert gain >= max(0.1, 4 * se), gains  # at least 10 CIDEr points, and well clear of the noise
+    gain, se = gains["held-out"]
+    assert gain > 0, gains  # 2.6-4.4 standard errors above 0 on the paths above; 60 images: se ~0.065
     assert scst[-1]["train_reward"] > scst[0]["train_reward"]
     assert scst[-1]["val_bad_endings"] <= ce[-1]["val_bad_endings"] + 0.05
     ckpt = torch.load(tmp_path / "scst" / "last.pt", weights_only=True)
