@@ -317,14 +317,10 @@ class FusedTeacherForcing(nn.Module):
         self.decoder = decoder
         self.compiled = False
 
-    def forward(
-        self,
-        encoder_out: torch.Tensor,
-        captions: torch.Tensor,
-        lengths: torch.Tensor,
-        image_index: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return teacher_forcing(self.decoder, encoder_out, captions, lengths, image_index, self.compiled)
+    def forward(self, *batch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """models.DecoderWithAttention.forward's arguments and results (encoder_out, captions, lengths[,
+        image_index]) -> (logits, targets, alphas)."""
+        return teacher_forcing(self.decoder, *batch, compiled=self.compiled)
 
     def compile_kernels(self, device: torch.device | str, dtype: torch.dtype) -> None:
         """Compile :func:`compiled_attention_kernels` now, on small blocks of ``dtype`` (the autocast dtype under

@@ -627,7 +627,9 @@ class CiderD:
         document_frequency: dict[tuple, int] = {}
         n_images = 0
         for refs in reference_corpus:
-            for gram in {g for ref in refs for g in _ngrams(ref, n)}:
+            # dict.fromkeys, not a set: n-grams numbered in the order they appear, so that the sums below run in the
+            # same order in every process (a set's order follows Python's per-process string hashing).
+            for gram in dict.fromkeys(g for ref in refs for g in _ngrams(ref, n)):
                 document_frequency[gram] = document_frequency.get(gram, 0) + 1
             n_images += 1
         if n_images == 0:

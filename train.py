@@ -527,20 +527,11 @@ def train_one_epoch(
                 "it reached the weights (last.pt is from before): lower --decoder-lr, or check the data and "
                 "--encoder-weights"
             )
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-        if not scaler.is_enabled() and not torch.isfinite(norm):  # GradScaler skips such steps by itself
+        if not optimiser_step(loss, optimizers, scaler, params, tcfg.grad_clip):
             raise CamEyeError(
                 f"non-finite gradients at epoch {progress.epoch} step {progress.step + 1}; stopped before they "
                 "reached the weights: lower --decoder-lr or --grad-clip"
             )
-        for optimizer in optimizers:
-            scaler.step(optimizer)
-        scaler.update()
         value = loss.item()
         progress.add(sums)
         progress.position += images
@@ -572,6 +563,24 @@ def train_one_epoch(
     if "hallucinated" in progress.sums:  # invented objects per drawn caption (counted when penalised)
         metrics["train_hallucinated"] = progress.mean("hallucinated", "captions")
     return metrics
+
+
+def optimiser_step(loss: torch.Tensor, optimizers: list, scaler, params: list, grad_clip: float) -> bool:
+    """Backpropagate ``loss``, clip the gradients' norm to ``grad_clip`` and step every optimiser (through the AMP
+    gradient scaler). Returns False, having changed nothing, for non-finite gradients without a scaler (one
+    with a scaler skips such steps by itself)."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if not scaler.is_enabled() and not torch.isfinite(norm):
+        return False
+    for optimizer in optimizers:
+        scaler.step(optimizer)
+    scaler.update()
+    return True
 
 
 def validate(encoder, decoder, loader, tcfg: TrainConfig, device, use_cache: bool, rev_word_map) -> dict:
@@ -732,15 +741,87 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, explicit: frozenset[str] | None 
         return _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup)
 
 
+@dataclass
+class Run:
+    """What one training run holds while it trains: its configs, models, optimisers and where it stands."""
+
+    mcfg: ModelConfig
+    tcfg: TrainConfig
+    word_map: dict[str, int]
+    rank: int
+    world: int
+    device: torch.device
+    encoder: Encoder
+    decoder: torch.nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    scheduler: Any
+    scaler: Any = None
+    history: list[dict] = dataclasses.field(default_factory=list)
+    state: dict = dataclasses.field(default_factory=lambda: {"best": -1.0, "since": 0})  # best score, epochs since
+    progress: EpochProgress | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.tcfg.out)
+
+    def save(self, progress: EpochProgress | None, improved: bool = False) -> None:
+        """Write last.pt (mid-epoch with ``progress``; at an epoch's end without), best.pt when ``improved``."""
+        if self.rank != 0:
+            return
+        epoch_done = progress.epoch - 1 if progress is not None else self.history[-1]["epoch"] if self.history else -1
+        ckpt_out = checkpoint_dict(
+            self.mcfg, self.tcfg, self.word_map, self.encoder, self.decoder, self.optimizers, self.scheduler,
+            self.scaler, epoch_done, self.history, self.state, progress,
+        )  # fmt: skip
+        if improved:
+            save_torch(ckpt_out, self.out / "best.pt")
+        if progress is None and self.tcfg.keep_epochs:
+            save_torch(ckpt_out, self.out / f"epoch{epoch_done}.pt")
+        save_torch(ckpt_out, self.out / "last.pt")
+
+
 def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: contextlib.ExitStack) -> list[dict]:
+    """The body of :func:`train` once the process group and the data are checked."""
+    ckpt, init, mcfg, tcfg, build_weights = _starting_point(mcfg, tcfg, explicit, word_map)
     data, out = Path(tcfg.data), Path(tcfg.out)
-    ckpt = None
+    mcfg.vocab_size = len(word_map)
+    with open_split(data / "train.hdf5") as f:
+        mcfg.image_size = int(f.attrs["image_size"])  # caption.py resizes new photos the same way
+    tcfg = dataclasses.replace(tcfg, encoder_precision=resolve_precision(tcfg.encoder_precision, device))
+    seed_everything(tcfg.seed)
+    encoder, decoder, teacher = _build_models(mcfg, tcfg, device, word_map, ckpt, init, build_weights)
+    use_cache = tcfg.cache_features and mcfg.fine_tune_stages == 0
+    if rank == 0:
+        cleanup.callback(claim_run_folder(out, tcfg.resume, tcfg.overwrite).close)
+    _prepare_feature_cache(mcfg, tcfg, encoder, decoder, rank, world, device, use_cache)
+    run = Run(mcfg, tcfg, word_map, rank, world, device, encoder, decoder, *_optimisers(mcfg, tcfg, encoder, decoder))
+    run.progress = EpochProgress(epoch=0, world=world)
+    if ckpt is not None:
+        _resume(run, ckpt)
+    if world > 1:
+        # Same weights on every rank (built above or loaded), different dropout masks. After a resume only rank
+        # 0's RNG state was saved, so the ranks are re-seeded from (seed, rank, where the run is): a resumed DDP
+        # run is reproducible but not bit-identical to an uninterrupted one (a single process is).
+        where = (tcfg.seed, rank, run.progress.epoch, run.progress.step)
+        torch.manual_seed(tcfg.seed + rank if ckpt is None else hash(where))
+    run.scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp and device.type == "cuda")
+    if ckpt is not None and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])  # the loss scale it had reached, so resume is exact under AMP
+    return _run_epochs(run, teacher, use_cache)
+
+
+def _starting_point(mcfg: ModelConfig, tcfg: TrainConfig, explicit, word_map: dict[str, int]):
+    """Where a run starts: its own last.pt (``--resume``, with the saved configs), another run's weights
+    (``--init-from``), or nothing. Returns (resume checkpoint, init checkpoint, mcfg, tcfg, the encoder weights
+    to build with)."""
+    data, out = Path(tcfg.data), Path(tcfg.out)
+    ckpt, init, build_weights = None, None, mcfg.encoder_weights
     if tcfg.resume:
         ckpt = load_checkpoint_file(out / "last.pt")
         if ckpt["word_map"] != word_map:
             raise CamEyeError(f"{out / 'last.pt'} was trained with another word map than {data}")
         mcfg, tcfg = resumed_configs(ckpt, mcfg, tcfg, explicit)
-    init = None
+        build_weights = mcfg.encoder_weights
     if tcfg.init_from and ckpt is None:
         init = load_checkpoint_file(tcfg.init_from)
         if init["word_map"] != word_map:
@@ -757,16 +838,14 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
             build_weights = given_weights or "package"
         else:
             raise CamEyeError(f"{tcfg.init_from} holds only fine-tuned encoder stages: pass --encoder-weights")
-    mcfg.vocab_size = len(word_map)
-    with open_split(data / "train.hdf5") as f:
-        mcfg.image_size = int(f.attrs["image_size"])  # caption.py resizes new photos the same way
-        num_train = f["images"].shape[0]
-    tcfg = dataclasses.replace(tcfg, encoder_precision=resolve_precision(tcfg.encoder_precision, device))
-    seed_everything(tcfg.seed)
-    encoder, decoder = build_captioner(
-        mcfg if init is None else dataclasses.replace(mcfg, encoder_weights=build_weights)
-    )
-    teacher = FusedTeacherForcing(decoder) if tcfg.fused else decoder  # what teacher forcing runs through
+    return ckpt, init, mcfg, tcfg, build_weights
+
+
+def _build_models(mcfg, tcfg, device, word_map, ckpt, init, build_weights):
+    """The encoder, the decoder and what teacher forcing runs through (the fused path or the decoder), with
+    the weights the run starts from, on ``device``."""
+    encoder, decoder = build_captioner(dataclasses.replace(mcfg, encoder_weights=build_weights))
+    teacher = FusedTeacherForcing(decoder) if tcfg.fused else decoder
     decoder.dropout = FastDropout(mcfg.dropout)  # the same dropout, a faster mask on the CPU (either path)
     if tcfg.compile and tcfg.fused and not tcfg.scst:
         compile_attention(teacher, device, tcfg.amp)
@@ -778,8 +857,8 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
         decoder.load_pretrained_embeddings(vectors)
         print(f"pretrained embeddings: {found} of {len(word_map)} words found in {tcfg.embeddings}")
     if init is not None:
-        # An exported model (export_model.py) holds float16 weights and only the encoder stages it fine-tuned;
-        # the frozen rest is the backbone's pretrained weights, which build_captioner has just loaded.
+        # An exported model (export_model.py) holds float16 weights and only the encoder tensors it changed;
+        # the rest is the backbone's pretrained weights, which build_captioner has just loaded.
         partial = init.get("encoder_partial", False) is True
         try:
             encoder.load_state_dict({k: v.float() for k, v in init["encoder"].items()}, strict=not partial)
@@ -790,45 +869,49 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     if ckpt is not None:  # the weights to cache features with: the run's own, not the freshly built ones
         encoder.load_state_dict(ckpt["encoder"])
     check_grid_size(encoder, mcfg)
-    encoder.to(device)
-    decoder.to(device)
-    use_cache = tcfg.cache_features and mcfg.fine_tune_stages == 0
+    return encoder.to(device), decoder.to(device), teacher
+
+
+def _prepare_feature_cache(mcfg, tcfg, encoder, decoder, rank, world, device, use_cache: bool) -> None:
+    """Check the disk has room for the checkpoints and the cache, then (rank 0) encode every split whose cache
+    is missing or stale (features.cache_is_current)."""
+    data, out = Path(tcfg.data), Path(tcfg.out)
     fingerprint = weights_fingerprint(encoder) if use_cache else ""
-    if rank == 0:
-        cleanup.callback(claim_run_folder(out, tcfg.resume, tcfg.overwrite).close)
+    path = {s: features_path(mcfg, data, s, tcfg.encoder_precision) for s in ("train", "val")}
     stale = [
         s
         for s in ("train", "val")
-        if not cache_is_current(
-            data / f"{s}.hdf5",
-            features_path(mcfg, data, s, tcfg.encoder_precision),
-            tcfg.encoder_precision,
-            fingerprint,
-        )
+        if not cache_is_current(data / f"{s}.hdf5", path[s], tcfg.encoder_precision, fingerprint)
     ]
     if rank == 0:
-        with open_split(data / "val.hdf5") as f:
-            num_val = f["images"].shape[0]
-        cached = (num_train if "train" in stale else 0) + (num_val if "val" in stale else 0) if use_cache else 0
+        counts = {}
+        for s in stale:
+            with open_split(data / f"{s}.hdf5") as f:
+                counts[s] = f["images"].shape[0]
         need = {out: checkpoint_bytes(encoder, decoder)}
+        cached = sum(counts.values()) if use_cache else 0
         need[data] = need.get(data, 0) + feature_cache_bytes(mcfg, encoder.out_dim, cached)
         if mount_point(out) == mount_point(data):
             check_free_space(out, sum(need.values()), "training (checkpoints and feature cache)")
         else:
             check_free_space(out, need[out], "training's checkpoints")
             check_free_space(data, need[data], "the feature cache")
-    if use_cache:
-        # Test fix: encoding draws from the global RNG (the DataLoader's base seed), so a run that had to build
-        # the cache trained with other dropout masks than the same run with the cache already there. Keep the
-        # RNG where it was, so the seed alone decides the run.
-        rng = get_rng_state()
-        for split in stale if rank == 0 else ():
-            path = features_path(mcfg, data, split, tcfg.encoder_precision)
-            encoder.precision = tcfg.encoder_precision
-            cache_features(encoder, mcfg, data / f"{split}.hdf5", path, device, workers=tcfg.workers)
-        set_rng_state(rng)
-        if world > 1:
-            dist.barrier()
+    if not use_cache:
+        return
+    # Encoding draws from the global RNG (the DataLoader's base seed): keep the RNG where it was, so that the seed
+    # alone decides the run, whether or not its cache had to be built.
+    rng = get_rng_state()
+    for split in stale if rank == 0 else ():
+        encoder.precision = tcfg.encoder_precision
+        cache_features(encoder, mcfg, data / f"{split}.hdf5", path[split], device, workers=tcfg.workers)
+    set_rng_state(rng)
+    if world > 1:
+        dist.barrier()
+
+
+def _optimisers(mcfg, tcfg, encoder, decoder):
+    """Adam for the decoder (and the fine-tuned encoder stages), and the plateau scheduler on the decoder's."""
+    device = next(decoder.parameters()).device
     decoder_opt = adam([p for p in decoder.parameters() if p.requires_grad], tcfg.decoder_lr, device)
     optimizers = [decoder_opt]
     if mcfg.fine_tune_stages:
@@ -837,127 +920,88 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         decoder_opt, mode="max", factor=tcfg.lr_decay, patience=tcfg.lr_patience
     )
-    history: list[dict] = []
-    state = {"best": -1.0, "since": 0}
-    progress = EpochProgress(epoch=0, world=world)
-    if ckpt is not None:
-        progress = restore_checkpoint(ckpt, mcfg, tcfg, encoder, decoder, optimizers, scheduler)
-        history = list(ckpt["history"])
-        best = ckpt.get("best_score", ckpt.get("best_bleu4"))  # version-1 checkpoints selected on BLEU-4
-        state = {"best": float(best), "since": int(ckpt["epochs_since_improvement"])}
-        saved_t, saved_m = ckpt.get("train_config") or {}, ModelConfig.from_dict(ckpt["config"])
-        # The plateau scheduler's state holds its own factor, patience and best score: follow the options.
-        scheduler.factor, scheduler.patience = tcfg.lr_decay, tcfg.lr_patience
-        if ckpt.get("select_on", "bleu4") != tcfg.select_on:
-            state["best"] = -1.0  # scores of another metric do not compare: the next validation sets the bar
-            scheduler.best = scheduler.mode_worse
-        if saved_m.fine_tune_stages != mcfg.fine_tune_stages or saved_t.get("early_stop") != tcfg.early_stop:
-            # A new stage (e.g. fine-tuning after an early-stopped decoder run) starts its own patience.
-            state["since"], scheduler.num_bad_epochs = 0, 0
-        check_mid_epoch_resume(ckpt, progress, tcfg, world)
-        progress.world = world
-        where = (
-            f"epoch {progress.epoch} step {progress.step}" if progress.step else f"the start of epoch {progress.epoch}"
-        )
-        print(f"resumed from {out / 'last.pt'} at {where}")
-        if rank == 0:
-            trim_jsonl(out / "metrics.jsonl", lambda r: r.get("epoch", -1) < progress.epoch)
-            trim_jsonl(out / "steps.jsonl", lambda r: (r["epoch"], r["step"]) <= (progress.epoch, progress.step))
-    if world > 1:
-        # Same weights on every rank (built above or loaded), different dropout masks. After a resume only rank
-        # 0's RNG state was saved, so the ranks are re-seeded from (seed, rank, where the run is): a resumed DDP
-        # run is reproducible but not bit-identical to an uninterrupted one (a single process is).
-        torch.manual_seed(tcfg.seed + rank if ckpt is None else hash((tcfg.seed, rank, progress.epoch, progress.step)))
+    return optimizers, scheduler
+
+
+def _resume(run: Run, ckpt: dict) -> None:
+    """Restore ``run`` from its last.pt: weights, optimisers, scheduler, RNG, history, best score and the step."""
+    mcfg, tcfg, scheduler = run.mcfg, run.tcfg, run.scheduler
+    progress = restore_checkpoint(ckpt, mcfg, tcfg, run.encoder, run.decoder, run.optimizers, scheduler)
+    run.history = list(ckpt["history"])
+    best = ckpt.get("best_score", ckpt.get("best_bleu4"))  # version-1 checkpoints selected on BLEU-4
+    run.state = {"best": float(best), "since": int(ckpt["epochs_since_improvement"])}
+    saved_t, saved_m = ckpt.get("train_config") or {}, ModelConfig.from_dict(ckpt["config"])
+    # The plateau scheduler's state holds its own factor, patience and best score: follow the options.
+    scheduler.factor, scheduler.patience = tcfg.lr_decay, tcfg.lr_patience
+    if ckpt.get("select_on", "bleu4") != tcfg.select_on:
+        run.state["best"] = -1.0  # scores of another metric do not compare: the next validation sets the bar
+        scheduler.best = scheduler.mode_worse
+    if saved_m.fine_tune_stages != mcfg.fine_tune_stages or saved_t.get("early_stop") != tcfg.early_stop:
+        # A new stage (e.g. fine-tuning after an early-stopped decoder run) starts its own patience.
+        run.state["since"], scheduler.num_bad_epochs = 0, 0
+    check_mid_epoch_resume(ckpt, progress, tcfg, run.world)
+    progress.world = run.world
+    run.progress = progress
+    where = f"epoch {progress.epoch} step {progress.step}" if progress.step else f"the start of epoch {progress.epoch}"
+    print(f"resumed from {run.out / 'last.pt'} at {where}")
+    if run.rank == 0:
+        trim_jsonl(run.out / "metrics.jsonl", lambda r: r.get("epoch", -1) < progress.epoch)
+        trim_jsonl(run.out / "steps.jsonl", lambda r: (r["epoch"], r["step"]) <= (progress.epoch, progress.step))
+
+
+def _run_epochs(run: Run, teacher: torch.nn.Module, use_cache: bool) -> list[dict]:
+    """Train and validate epoch after epoch until the last, an early stop or a signal (then saved and raised
+    as :class:`TrainingStopped`). Returns the metrics history."""
+    mcfg, tcfg, rank, world, device = run.mcfg, run.tcfg, run.rank, run.world, run.device
     train_decoder = DistributedDataParallel(teacher) if world > 1 else teacher
-    train_encoder = DistributedDataParallel(encoder) if world > 1 and mcfg.fine_tune_stages else encoder
+    train_encoder = DistributedDataParallel(run.encoder) if world > 1 and mcfg.fine_tune_stages else run.encoder
     train_loader, val_loader = make_loaders(mcfg, tcfg, use_cache, world, rank)
-    scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp and device.type == "cuda")
-    if ckpt is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])  # the loss scale it had reached, so resume is exact under AMP
     writer = None
     if rank == 0 and tcfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"))
-    rev_word_map = reverse_word_map(word_map)
+        writer = SummaryWriter(str(run.out / "tensorboard"))
+    rev_word_map = reverse_word_map(run.word_map)
     control = RunControl(world, tcfg.checkpoint_minutes, device)
-    score_key = {"cider": "val_CIDEr", "bleu4": "val_BLEU-4"}[tcfg.select_on]
     objective = None
     if tcfg.scst:
         objective, train_loader = scst_setup(
-            train_loader.dataset, tcfg, decoder, device, rev_word_map, world, use_cache
+            train_loader.dataset, tcfg, run.decoder, device, rev_word_map, world, use_cache
         )
 
     def save(progress: EpochProgress | None, improved: bool = False) -> None:
-        if rank == 0:
-            epoch_done = progress.epoch - 1 if progress is not None else history[-1]["epoch"] if history else -1
-            ckpt_out = checkpoint_dict(
-                mcfg, tcfg, word_map, encoder, decoder, optimizers, scheduler, scaler, epoch_done, history, state,
-                progress,
-            )  # fmt: skip
-            if improved:
-                save_torch(ckpt_out, out / "best.pt")
-            if progress is None and tcfg.keep_epochs:
-                save_torch(ckpt_out, out / f"epoch{epoch_done}.pt")
-            save_torch(ckpt_out, out / "last.pt")
+        run.save(progress, improved)
         control.saved()
 
     control.install()
     try:
-        for epoch in range(progress.epoch, tcfg.epochs):
-            if state["since"] >= tcfg.early_stop:
-                print(f"early stop: no {score_key} improvement in {state['since']} epochs")
+        for epoch in range(run.progress.epoch, tcfg.epochs):
+            if run.state["since"] >= tcfg.early_stop:
+                print(f"early stop: no {SCORE_KEYS[tcfg.select_on]} improvement in {run.state['since']} epochs")
                 break
-            if progress.epoch != epoch:
-                progress = EpochProgress(epoch=epoch, world=world)
-            if epoch in tcfg.lr_drop_epochs and progress.step == 0:
-                for optimizer in optimizers:
+            if run.progress.epoch != epoch:
+                run.progress = EpochProgress(epoch=epoch, world=world)
+            if epoch in tcfg.lr_drop_epochs and run.progress.step == 0:
+                for optimizer in run.optimizers:
                     for group in optimizer.param_groups:
                         group["lr"] *= tcfg.lr_decay
             control.deferring = True
             metrics = train_one_epoch(
-                train_encoder,
-                train_decoder,
-                train_loader,
-                optimizers,
-                scaler,
-                tcfg,
-                device,
-                progress,
-                use_cache,
-                control,
-                save,
-                writer,
-                out / "steps.jsonl" if rank == 0 else None,
-                show_progress=rank == 0,
-                objective=objective,
-            )
+                train_encoder, train_decoder, train_loader, run.optimizers, run.scaler, tcfg, device, run.progress,
+                use_cache, control, save, writer, run.out / "steps.jsonl" if rank == 0 else None,
+                show_progress=rank == 0, objective=objective,
+            )  # fmt: skip
             if rank == 0:
-                metrics.update(validate(encoder, decoder, val_loader, tcfg, device, use_cache, rev_word_map))
-            score = broadcast_float(metrics.get(score_key, 0.0), world, device)
-            scheduler.step(score)
-            _sync_encoder_lr(optimizers, scheduler, tcfg)
-            improved = score > state["best"]
-            state = {"best": max(score, state["best"]), "since": 0 if improved else state["since"] + 1}
-            metrics.update(epoch=epoch, decoder_lr=optimizers[0].param_groups[0]["lr"], best_score=state["best"])
-            history.append(metrics)
-            if rank == 0:  # the log line, then best.pt, then last.pt: a resume redoes whatever last.pt lacks
-                append_jsonl(metrics, out / "metrics.jsonl")
-            save(None, improved)
-            if rank == 0:
-                if writer is not None:
-                    for k, v in metrics.items():
-                        writer.add_scalar(k.replace("val_", "val/").replace("train_", "train/"), v, epoch)
-                    writer.flush()
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+                metrics.update(validate(run.encoder, run.decoder, val_loader, tcfg, device, use_cache, rev_word_map))
+            _end_epoch(run, epoch, metrics, save, writer)
             if control.poll(True)[0]:  # a signal during validation: the epoch is saved, stop here
                 raise TrainingStopped(f"stopped by {control.signal_name}", control.signal_name or "SIGTERM")
             control.deferring = False
     except TrainingStopped as stop:
-        left = math.ceil(max(0, train_loader.sampler.full_length() - progress.position) / tcfg.batch_size)
-        where = f"epoch {progress.epoch}, step {progress.step} of {progress.step + left}"
+        left = math.ceil(max(0, train_loader.sampler.full_length() - run.progress.position) / tcfg.batch_size)
+        where = f"epoch {run.progress.epoch}, step {run.progress.step} of {run.progress.step + left}"
         raise TrainingStopped(
-            f"{stop} at {where}: checkpoint saved to {out / 'last.pt'}; resume with the same command and --resume",
+            f"{stop} at {where}: checkpoint saved to {run.out / 'last.pt'}; resume with the same command and --resume",
             control.signal_name or "SIGTERM",
         ) from None
     finally:
@@ -965,7 +1009,30 @@ def _train(mcfg, tcfg, explicit, rank, world, device, word_map, cleanup: context
         control.uninstall()
         if writer is not None:
             writer.close()
-    return history
+    return run.history
+
+
+SCORE_KEYS = {"cider": "val_CIDEr", "bleu4": "val_BLEU-4"}  # --select-on -> the validation metric it selects on
+
+
+def _end_epoch(run: Run, epoch: int, metrics: dict, save: Callable, writer) -> None:
+    """After an epoch's validation: step the plateau rule, record the metrics, write best.pt / last.pt."""
+    score = broadcast_float(metrics.get(SCORE_KEYS[run.tcfg.select_on], 0.0), run.world, run.device)
+    run.scheduler.step(score)
+    _sync_encoder_lr(run.optimizers, run.scheduler, run.tcfg)
+    improved = score > run.state["best"]
+    run.state = {"best": max(score, run.state["best"]), "since": 0 if improved else run.state["since"] + 1}
+    metrics.update(epoch=epoch, decoder_lr=run.optimizers[0].param_groups[0]["lr"], best_score=run.state["best"])
+    run.history.append(metrics)
+    if run.rank == 0:  # the log line, then best.pt, then last.pt: a resume redoes whatever last.pt lacks
+        append_jsonl(metrics, run.out / "metrics.jsonl")
+    save(None, improved)
+    if run.rank == 0:
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(k.replace("val_", "val/").replace("train_", "train/"), v, epoch)
+            writer.flush()
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
 
 def check_grid_size(encoder: Encoder, mcfg: ModelConfig) -> None:

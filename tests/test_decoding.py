@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _decoders import features, random_decoder, search, tiny_cfg
+from _tiny_model import one_torch_thread
 
 import models
 from decoding import block_repeated_bigrams, block_repeated_trigrams, content_word_mask
@@ -16,11 +17,9 @@ from models import END_ID, PAD_ID, START_ID, UNK_ID, DecoderWithAttention
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    with one_torch_thread():  # small ops: one thread beats two on a busy 2-core machine
+        yield
 
 
 def _reference_greedy(dec: DecoderWithAttention, enc: torch.Tensor, max_len: int):

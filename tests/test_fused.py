@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _decoders import make_captions, teacher, tiny_cfg
+from _tiny_model import one_torch_thread
 
 import fused as fp
 from models import DecoderWithAttention
@@ -16,11 +17,9 @@ from train import caption_loss
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    with one_torch_thread():  # small ops: one thread beats two on a busy 2-core machine
+        yield
 
 
 @pytest.mark.parametrize("deep_output", [True, False])

@@ -901,3 +901,23 @@ def test_paired_bootstrap_rejects_bad_input() -> None:
         paired_bootstrap(refs, hyps, hyps, metrics=("METEOR",))
     with pytest.raises(ValueError, match="no reference"):
         paired_bootstrap([[], *refs[1:]], hyps, hyps)
+
+
+def test_cider_d_is_the_same_float_in_every_process() -> None:
+    """A resumed run must log the validation CIDEr of an uninterrupted one to the last bit: the document
+    frequencies are numbered in the order n-grams appear, not in a set's order, which follows each process's
+    string hashing (PYTHONHASHSEED)."""
+    code = (
+        "from metrics import cider_d_corpus\n"
+        "refs = [[f'a {w} dog runs on the {v} grass'.split(), f'the {w} dog is running'.split()]"
+        " for w in 'big small brown black white red'.split() for v in 'green wet dry'.split()]\n"
+        "cands = [f'a {w} dog is running on grass'.split() for w in 'big red tiny brown dark white'.split() * 3]\n"
+        "print(repr(cider_d_corpus(refs, cands)[0]))\n"
+    )
+    outputs = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        outputs.add(result.stdout)
+    assert len(outputs) == 1, outputs

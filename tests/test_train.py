@@ -144,22 +144,9 @@ def test_load_captioner_decodes_exactly_like_the_in_memory_model(trained_run) ->
     loader = DataLoader(dataset, batch_size=4, collate_fn=collate_eval)
     device = torch.device("cpu")
     for beam in (1, 3):
-        mine, _, _ = decode_loader(
-            mem_encoder,
-            mem_decoder,
-            loader,
-            device,
-            DecodeConfig(beam_size=beam, max_len=20, block_trigrams=False, block_bigrams=False),
-            None,
-        )
-        loaded, _, _ = decode_loader(
-            encoder,
-            decoder,
-            loader,
-            device,
-            DecodeConfig(beam_size=beam, max_len=20, block_trigrams=False, block_bigrams=False),
-            None,
-        )
+        search = DecodeConfig(beam_size=beam, max_len=20, block_trigrams=False, block_bigrams=False)
+        mine, _, _ = decode_loader(mem_encoder, mem_decoder, loader, device, search, None)
+        loaded, _, _ = decode_loader(encoder, decoder, loader, device, search, None)
         assert len(mine) == len(dataset) == 4
         for a, b in zip(mine, loaded):
             assert a.tokens == b.tokens and a.score == b.score
