@@ -908,11 +908,11 @@ def test_cider_d_is_the_same_float_in_every_process() -> None:
     frequencies are numbered in the order n-grams appear, not in a set's order, which follows each process's
     string hashing (PYTHONHASHSEED)."""
     code = (
-        "from metrics import cider_d_corpus\n"
-        "refs = [[f'a {w} dog runs on the {v} grass'.split(), f'the {w} dog is running'.split()]"
-        " for w in 'big small brown black white red'.split() for v in 'green wet dry'.split()]\n"
-        "cands = [f'a {w} dog is running on grass'.split() for w in 'big red tiny brown dark white'.split() * 3]\n"
-        "print(repr(cider_d_corpus(refs, cands)[0]))\n"
+        "import random\nfrom metrics import cider_d_corpus\n"
+        "rng = random.Random(0)\nwords = [f'w{i}' for i in range(40)]\n"
+        "refs = [[rng.choices(words, k=9) for _ in range(5)] for _ in range(60)]\n"
+        "cands = [rng.choices(words, k=8) for _ in range(60)]\n"
+        "print(repr(cider_d_corpus(refs, cands)[1].tolist()))\n"
     )
     outputs = set()
     for seed in ("1", "2", "3"):
