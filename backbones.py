@@ -116,16 +116,27 @@ def _load_weights(net: nn.Module, path: str) -> None:
 
 
 def bfloat16_is_fast(device: torch.device | str) -> bool:
-    """Whether ``device`` has bfloat16 matrix hardware: a CUDA GPU that supports it, or a CPU that oneDNN runs
-    bfloat16 on natively (AVX-512 BF16 or AMX; elsewhere bfloat16 is emulated and slower than float32)."""
+    """Whether ``device`` has bfloat16 matrix hardware that makes the encoder faster: a CUDA GPU that supports
+    bfloat16, or a CPU with AMX tiles that oneDNN runs bfloat16 on. A CPU with only AVX-512 BF16 instructions
+    (AMD Zen 4, some Intel) encodes the shipped EfficientNet-Lite0 no faster than in float32 (docs/benchmarks.md)
+    while its captions would differ from every other machine's, so it counts as not fast."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_has_amx()
     except (AttributeError, RuntimeError):
+        return False
+
+
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bfloat16 tiles (Linux: the amx_bf16 flag of /proc/cpuinfo; elsewhere False)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
         return False
 
 

@@ -299,10 +299,10 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="the encoder's precision: bfloat16 runs it on the bfloat16 matrix units of recent CPUs and GPUs "
-        "(1.4-2.8x faster encoding, captions equal within noise: README, Evaluation); 'auto' picks bfloat16 "
-        "where the hardware has them, float32 elsewhere (the decoder always runs in float32)",
+        default="float32",
+        help="the encoder's precision (the decoder always runs in float32). float32 gives the same captions on "
+        "every CPU; bfloat16 runs the encoder on the bfloat16 matrix units of recent CPUs (AMX) and GPUs, faster "
+        "but with captions that can differ by machine; 'auto' picks bfloat16 where AMX or a CUDA GPU has them",
     )
     p.add_argument(
         "--object-prior",
