@@ -285,7 +285,7 @@ def read_coco_annotations(
             raise CamEyeError(f"{path}: expected COCO captions with 'images' and 'annotations'")
         split = _coco_split_of(path, unnamed_split)
         caps: dict[int, list[str]] = {}
-        # Fix: a malformed entry (missing key, non-numeric id) used to crash with a traceback, not one line.
+        # A malformed entry (missing key, non-numeric id) is one line, not a traceback.
         try:
             for ann in data["annotations"]:
                 caption = ann["caption"]
@@ -647,9 +647,9 @@ class ImageDecoder:
         context = multiprocessing.get_context(start_method)
         forked = context.get_start_method() == "fork"
         if self.count > 2 and forked:
-            # Forked after torch's import, workers share its pages; importing it themselves costs each 290 MB
-            # (measured). For the default 2 workers that overlap with reading the captions is worth it (0.5 s
-            # of 7.5 on Flickr8k here, for 0.3 GB); for more, memory comes first.
+            # Forked after torch's import, workers share its pages; importing it themselves costs each about
+            # 0.3 GB. For the default 2 workers that import overlaps with reading the captions and is worth it
+            # (docs/benchmarks.md); for more, memory comes first.
             import torch  # noqa: F401
         if size and forked:
             count = SLOTS_PER_WORKER * self.count

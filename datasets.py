@@ -36,8 +36,8 @@ class _LazyH5:
 
     @property
     def h5(self) -> h5py.File:
-        # Fix: DataLoader workers are forked, not unpickled, so __getstate__ alone did not stop a worker from
-        # reusing a handle the parent had already opened (e.g. after dataset.references() in the main process).
+        # DataLoader workers are forked, not unpickled, so __getstate__ alone would not stop a worker from reusing
+        # a handle the parent opened (e.g. for dataset.references()): each process opens its own.
         if self._h5 is None or self._h5_pid != os.getpid():
             self._h5, self._h5_pid = h5py.File(self.path, "r"), os.getpid()
         return self._h5

@@ -99,9 +99,7 @@ def object_word_records(tokens: Sequence[str], alphas: torch.Tensor, objects: di
 
 def file_names(dataset: CaptionDataset) -> list[str]:
     """Each image's file name as create_input_files.py stored it (the image id in files made without names)."""
-    # Fix: "file_name" in predictions_<split>.json and references_<split>.json used to be the image *id*
-    # ("42" for COCO, Karpathy and synthetic data), not the file name; only Flickr8k, whose ids are file
-    # names, came out right.
+    # Not the image id: only Flickr8k's ids are file names ("42" for COCO, Karpathy and synthetic data).
     if "filenames" not in dataset.h5:
         return list(dataset.image_ids)
     return [s.decode() if isinstance(s, bytes) else s for s in dataset.h5["filenames"][:]]
@@ -109,8 +107,8 @@ def file_names(dataset: CaptionDataset) -> list[str]:
 
 def json_safe(value):
     """``value`` with NaN and infinite floats replaced by None (JSON null), in nested dicts and lists."""
-    # Fix: attention correctness is NaN when the model names no object, and json.dump wrote the bare token
-    # NaN, which is not JSON: strict readers (jq, JavaScript, most non-Python tools) rejected the file.
+    # Attention correctness is NaN when the model names no object, and json.dump would write the bare token NaN,
+    # which is not JSON: strict readers (jq, JavaScript, most non-Python tools) reject it.
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -123,8 +121,8 @@ def json_safe(value):
 def coco_ids(image_ids: Sequence[str]) -> list[int]:
     """COCO tools want unique integer ids: COCO's own ids stay; otherwise (Flickr file names, or ids that
     repeat) every image gets its row index."""
-    # Fix: ids used to be chosen per image (its number, else its row), so in a split mixing numeric and other
-    # ids, or holding an id twice, two images could share an id and one silently vanished from the scores.
+    # Chosen for the whole split, not per image: in a split mixing numeric and other ids, or holding an id twice,
+    # per-image choices could give two images one id, and one would silently vanish from the scores.
     if all(i.isdigit() for i in image_ids) and len({int(i) for i in image_ids}) == len(image_ids):
         return [int(i) for i in image_ids]
     return list(range(len(image_ids)))

@@ -136,8 +136,8 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
         peak = arr.max() if arr.size else 0.0
         scale = 1.0 if peak <= 255 else (257.0 if peak <= 65535 else peak / 255.0)
         if im.mode.startswith("I;16"):
-            # Fix: an I;16 image is 16-bit whatever its content; guessing from the peak made a dark one
-            # (all values <= 255, e.g. 200/65535) come out bright (200/255) instead of nearly black.
+            # An I;16 image is 16-bit whatever its content: guessing from the peak would make a dark one
+            # (all values <= 255, e.g. 200/65535) bright (200/255) instead of nearly black.
             scale = 257.0
         im = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), mode="L")
     if im.mode == "P" and "transparency" in im.info:

@@ -1117,8 +1117,7 @@ def check_mid_epoch_resume(ckpt: dict, progress: EpochProgress, tcfg: TrainConfi
 def adam(params: list[torch.Tensor], lr: float, device: torch.device | str) -> torch.optim.Adam:
     """Adam (Kingma & Ba, 2015, as the paper and the tutorial) with PyTorch's fused kernel on the CPU and CUDA:
     one pass per parameter tensor for the whole update, where the default CPU implementation runs about ten
-    operations per tensor. Measured on this project's 2-core CPU for the default decoder (11.2M parameters):
-    25.3 -> 8.4 ms per step, the same weights to 1.5e-8."""
+    operations per tensor (the same weights to float32 rounding: tests/test_train.py; speed: docs/benchmarks.md)."""
     return torch.optim.Adam(params, lr=lr, fused=torch.device(device).type in ("cpu", "cuda"))
 
 

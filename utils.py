@@ -322,8 +322,8 @@ def get_rng_state() -> dict[str, Any]:
         "python_pos": random.getstate()[2],
         "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
         "numpy_pos": int(np_state[2]),
-        # Fix: NumPy's legacy generator caches the second of each pair of normal draws; without this the
-        # first np.random.randn() after a restore differed from the one the saved run would have drawn.
+        # NumPy's legacy generator caches the second of each pair of normal draws; without it the first
+        # np.random.randn() after a restore would differ from the one the saved run would have drawn.
         "numpy_gauss": [int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
@@ -351,7 +351,7 @@ def validate_word_map(word_map: Any) -> dict[str, int]:
     """Check that ``word_map`` maps words to the ids 0..V-1 with the special tokens at 0..3."""
     if not isinstance(word_map, dict) or not word_map:
         raise CamEyeError("word map must be a non-empty JSON object of word -> id")
-    # Fix: bool is a subclass of int, so JSON true/false used to pass as the ids 1/0.
+    # bool is a subclass of int: JSON true/false must not pass as the ids 1/0.
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in word_map.values())
     ids = sorted(word_map.values()) if ints else None
     if ids != list(range(len(word_map))) or not all(isinstance(k, str) for k in word_map):
@@ -414,9 +414,8 @@ def keep_freed_memory() -> bool:
     """Let glibc's malloc keep freed memory for reuse (Linux); returns whether it was set.
 
     By default glibc serves big blocks with fresh mmaps and gives freed memory back to the kernel, so a CNN
-    that allocates tens of MB per layer pays for page faults and zeroing on every image: measured on the CI
-    machine, the encoder ran at 10 images/s with more time in the kernel than in PyTorch, and at 34 images/s
-    after this (with Encoder.feature_map's small inference batches). This is what PyTorch's CPU tuning
+    that allocates tens of MB per layer pays for page faults and zeroing on every image, more time in the
+    kernel than in PyTorch (docs/benchmarks.md has the figures). This is what PyTorch's CPU tuning
     guide gets by swapping in jemalloc or tcmalloc, set from inside the process for our command-line tools.
     The price: each malloc arena of the process (and of forked DataLoader workers) may hold up to 1 GB of
     freed memory instead of returning it, so only command-line entry points call this, never a library call.
