@@ -37,16 +37,16 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "motorcycle_left.png", "rocket.jpg", "camera.png")
 
 # Installed into the page: records when a file input receives a file (the user's drop) and, polling every
-# 5 ms, when the caption box first shows text after that.
+# 5 ms, when the caption's words first show after that.
 TIMER_JS = """
 window.__cameye = {dropped: null, shown: null};
 document.addEventListener('change', e => {
   if (e.target.type === 'file') { window.__cameye = {dropped: performance.now(), shown: null}; }
 }, true);
 setInterval(() => {
-  const box = document.querySelector('#caption textarea');
+  const view = document.querySelector('#viewer .cam-view[data-caption]');
   const t = window.__cameye;
-  if (t.dropped !== null && t.shown === null && box && box.value) { t.shown = performance.now(); }
+  if (t.dropped !== null && t.shown === null && view) { t.shown = performance.now(); }
 }, 5);
 """
 
@@ -123,8 +123,13 @@ def wait_until_serving(url: str, proc: subprocess.Popen, log: Path, timeout: flo
         time.sleep(0.25)
 
 
-def chromium(width: int = 1300, height: int = 1350):
-    """Headless Chromium through chromedriver, both Debian's, logging every network request it makes.
+PHONE = (390, 844)  # an iPhone 12-15's viewport in CSS pixels
+DESKTOP = (1300, 900)
+
+
+def chromium(width: int = 1300, height: int = 1350, mobile: bool = False):
+    """Headless Chromium through chromedriver, both Debian's, logging every network request it makes; with
+    ``mobile``, a phone's viewport of ``width`` x ``height`` CSS pixels (emulated: a window cannot be that narrow).
 
     The driver's path is given, so Selenium Manager never looks for (or downloads) a browser or driver.
     """
@@ -137,8 +142,12 @@ def chromium(width: int = 1300, height: int = 1350):
                 f"--window-size={width},{height}", "--no-first-run", "--disable-extensions",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):  # fmt: skip
         options.add_argument(arg)  # --no-sandbox: Chromium refuses to run as root without it
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    if mobile:
+        metrics = {"width": width, "height": height, "deviceScaleFactor": 2, "mobile": True}
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    return driver
 
 
 def open_page(driver, url: str, timeout: float = 60.0) -> None:
@@ -159,7 +168,17 @@ def drop_photo(driver, path: Path) -> None:
 
 
 def caption_text(driver) -> str:
-    return driver.execute_script("const b = document.querySelector('#caption textarea'); return b ? b.value : '';")
+    """The caption the page shows ('' while it shows none)."""
+    return driver.execute_script(
+        "const v = document.querySelector('#viewer .cam-view[data-caption]'); return v ? v.dataset.caption : '';"
+    )
+
+
+def word_buttons(driver) -> list:
+    """The caption's words in the page: the buttons that choose which word's attention is shown."""
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, "#viewer .cam-word")
 
 
 def status_text(driver) -> str:
@@ -229,27 +248,30 @@ def save_screenshot(driver, path: Path) -> int:
 
 
 def attention_image(driver) -> str | None:
-    """The URL of the attention image the page shows, once loaded (None while there is none)."""
+    """The URL of the attention layer the page shows over the photo, once loaded (None while there is none)."""
     return driver.execute_script(
-        "const i = document.querySelector('#attention img');"
-        "return i && i.complete && i.naturalWidth > 0 ? i.src : null;"
+        "const i = document.querySelector('#viewer .cam-overlay');"
+        "return i && i.getAttribute('src') && i.complete && i.naturalWidth > 0 ? i.src : null;"
     )
 
 
+def shown_word(driver) -> str:
+    """The label drawn on the photo: the shown word and its place ("dog, 3 of 8")."""
+    return driver.execute_script("const t = document.querySelector('#viewer .cam-tag'); return t ? t.textContent : '';")
+
+
 def choose_word(driver, index: int, timeout: float = 30.0) -> str:
-    """Click word ``index`` of the caption and wait for its attention image; returns the image's URL.
-
-    Waits first for the image the caption came with (the first word's), so that image is not taken for this one.
-    """
-    from selenium.webdriver.common.by import By
-
-    before = wait_for(driver, attention_image, timeout, "the first word's attention image")
-    driver.find_elements(By.CSS_SELECTOR, "#words label")[index].click()
+    """Click word ``index`` of the caption and wait for its attention layer; returns the layer's URL (a data: URL:
+    the layers came with the caption)."""
+    before = wait_for(driver, attention_image, timeout, "the first word's attention layer")
+    word_buttons(driver)[index].click()
+    if driver.execute_script("return document.querySelectorAll('#viewer .cam-word').length") == 1:
+        return before
     return wait_for(
         driver,
         lambda d: (src := attention_image(d)) != before and src,
         timeout,
-        f"the attention image of word {index + 1}",
+        f"the attention layer of word {index + 1}",
     )
 
 

@@ -29,7 +29,8 @@ from _tiny_model import SPECIAL_TOKENS, one_torch_thread, tiny_model
 from PIL import Image
 
 import app
-from attention_maps import smooth_attention
+import attention_maps
+from attention_maps import attention_layer, attention_overlay, composite, figure_pixels, word_heat
 from benchmarks import bench_app as browser
 from captioner import Captioner, caption_images
 from decoding import DecodeConfig
@@ -78,7 +79,7 @@ def photos(model: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> 
         wide = im.convert("RGB").resize((128, 64))
     wide.save(root / "wide.png")
     exif = Image.Exif()
-    exif[app.EXIF_ORIENTATION] = 6  # stored 128 x 64, shown rotated a quarter turn: 64 x 128
+    exif[attention_maps.EXIF_ORIENTATION] = 6  # stored 128 x 64, shown rotated a quarter turn: 64 x 128
     wide.save(root / "rotated.jpg", exif=exif.tobytes())
     png = square.read_bytes()
     (root / "notes.txt").write_text("not a photo\n")
@@ -112,12 +113,13 @@ def test_a_photo_gives_its_caption_beams_and_a_map_per_word(captioner: Captioner
     assert answer.grids.shape == (len(answer.words), grid, grid)
     np.testing.assert_allclose(answer.grids.sum(axis=(1, 2)), 1.0, rtol=1e-4)  # a distribution per word
     # the best beams: 1..3, the first the caption itself, ranked by score / (words + <end>) ** 0.5
-    assert 1 <= len(answer.beams) <= 3 and answer.beams[0][0] == " ".join(answer.words)
-    normalised = [b[2] for b in answer.beams]
+    assert 1 <= len(answer.beams) <= 3 and answer.beams[0].caption == " ".join(answer.words)
+    normalised = [b.normalised for b in answer.beams]
     assert normalised == sorted(normalised, reverse=True)
-    for text, score, norm in answer.beams:
-        assert norm == pytest.approx(score / (len(text.split()) + 1) ** 0.5, abs=2e-3)
-    assert len({b[0] for b in answer.beams}) == len(answer.beams), "distinct beams"
+    for beam in answer.beams:
+        assert beam.normalised == pytest.approx(beam.score / (len(beam.words) + 1) ** 0.5, abs=2e-3)
+        assert beam.grids.shape == (len(beam.words), grid, grid), "each beam has its own attention"
+    assert len({b.caption for b in answer.beams}) == len(answer.beams), "distinct beams"
 
 
 def test_beam_size_ten_gives_up_to_ten_beams(captioner: Captioner, photos: SimpleNamespace) -> None:
@@ -132,11 +134,11 @@ def trigrams(words: list[str]) -> list[tuple[str, ...]]:
 
 def test_server_wide_search_settings_reach_the_beam_search(captioner: Captioner, photos: SimpleNamespace) -> None:
     short = app.answer_photo(captioner, photos.wide, "wide.png", 3, 0.5, DecodeConfig(max_len=2))
-    assert 1 <= len(short.words) <= 2 and all(len(b[0].split()) <= 2 for b in short.beams)
+    assert 1 <= len(short.words) <= 2 and all(len(b.words) <= 2 for b in short.beams)
     blocked = app.answer_photo(captioner, photos.wide, "wide.png", 5, 0.0, DecodeConfig(block_trigrams=True))
-    for text, _, _ in blocked.beams:
-        grams = trigrams(text.split())
-        assert len(grams) == len(set(grams)), f"a repeated trigram in {text!r}"
+    for beam in blocked.beams:
+        grams = trigrams(beam.words)
+        assert len(grams) == len(set(grams)), f"a repeated trigram in {beam.caption!r}"
 
 
 def test_exif_rotated_photo_is_shown_upright(captioner: Captioner, photos: SimpleNamespace) -> None:
@@ -163,11 +165,11 @@ def test_controls_at_their_bounds_are_accepted() -> None:
 BAD_FILES = {
     "text file": ("notes.txt", "not an image"),
     "text file named .jpg": ("text.jpg", "not an image"),
-    "truncated PNG": ("truncated.png", "unreadable image ("),
-    "empty file": ("empty.png", "not an image"),
+    "truncated PNG": ("truncated.png", "the file is cut short (truncated)"),
+    "empty file": ("empty.png", "the file is empty (0 bytes)"),
     "over 20 MB": ("huge.jpg", "the file is 21.0 MB; photos up to 20 MB are accepted"),
-    "decompression bomb": ("bomb.png", "unreadable image ("),
-    "over the bomb warning limit": ("big_bomb.png", "unreadable image ("),
+    "decompression bomb": ("bomb.png", "the photo has too many pixels to open safely (400 million"),
+    "over the bomb warning limit": ("big_bomb.png", "the photo has too many pixels to open safely (100 million"),
 }
 
 
@@ -180,33 +182,42 @@ def test_bad_file_is_one_line_naming_the_users_file(captioner: Captioner, photos
     message = str(err.value)
     assert message.startswith(f"my {name}: {reason}"), message
     assert "\n" not in message and str(photos.root) not in message, "the server's temporary path is not shown"
-    if "bomb" in case:
-        assert "decompression bomb" in message
+    assert "Error" not in message and "DOS" not in message and "not processed" not in message, "Pillow's words"
 
 
-def test_word_overlay_is_the_figures_smoothing_stretched_to_the_photo() -> None:
+def test_renderings_keep_the_photo_visible_where_it_looked() -> None:
     grid = np.full((4, 4), 0.01)
     grid[0, 3] = 1.0  # top-right cell
-    other = np.full((4, 4), 0.01)
-    other[3, 0] = 1.0  # bottom-left cell
-    grids = np.stack([grid, other]) / np.stack([grid, other]).sum(axis=(1, 2), keepdims=True)
-    square = np.zeros((3, 64, 64), dtype=np.uint8)
+    grid /= grid.sum()
+    photo = np.random.default_rng(0).integers(0, 256, (100, 200, 3), dtype=np.uint8)
+    heat = word_heat(grid, (100, 200), side=64)
+    assert heat.shape == (100, 200) and 0.9 < heat.max() <= 1.0
+    row, col = np.unravel_index(np.argmax(heat), heat.shape)
+    assert (row // 50, col // 100) == (0, 1), "the peak stays in its corner when stretched to 2:1"
+    contour = attention_layer(heat, "contour")
+    inside = heat >= attention_maps.CONTOUR_LEVEL + 0.1  # clear of the line
+    assert (contour[inside][:, 3] == 0).all(), "nothing is painted where the model looked"
+    assert contour[heat < 0.05][:, 3].min() > 100, "far from it the photo is dimmed"
+    heatmap = attention_layer(heat, "heatmap")
+    assert heatmap[heat == 0][:, 3].max() == 0 and heatmap[..., 3].max() == round(255 * attention_maps.HEATMAP_ALPHA)
+    # the figure's panel is the same layer composited over the photo
+    np.testing.assert_array_equal(attention_overlay(photo, grid, side=64), composite(photo, contour))
+    with pytest.raises(ValueError, match="rendering must be one of"):
+        attention_layer(heat, "sepia")
 
-    def answer(photo: np.ndarray) -> app.Answer:
-        return app.Answer("src", "name", photo, square, ["a", "b"], grids, [["a b", -1.0, -0.5]])
 
-    # A black square photo: the overlay is exactly the figure's gray map at alpha OVERLAY_ALPHA.
-    flat = app.word_overlay(answer(np.zeros((64, 64, 3), dtype=np.uint8)), 0)
-    expected = np.rint(0.65 * 255 * smooth_attention(grids[0], 64)).astype(np.uint8)
-    np.testing.assert_array_equal(flat[..., 0], expected)
-    # A black 2:1 photo: same shape as the photo, each word's peak in its own corner.
-    wide = answer(np.zeros((100, 200, 3), dtype=np.uint8))
-    for index, corner in ((0, (0, 1)), (1, (1, 0)), (7, (1, 0)), ("x", (0, 1))):  # out of range: the nearest
-        overlay = app.word_overlay(wide, index)
-        assert overlay.shape == (100, 200, 3) and overlay.dtype == np.uint8
-        row, col = np.unravel_index(np.argmax(overlay[..., 0]), overlay.shape[:2])
-        assert (row // 50, col // 100) == corner, index
-    assert app.word_overlay(None, 0) is None
+def test_every_words_layers_come_with_the_answer(captioner: Captioner, photos: SimpleNamespace) -> None:
+    answer = app.answer_photo(captioner, photos.wide, "wide <b>.png", 3, 0.5)
+    layers = app.word_layers(answer)
+    assert len(layers) == len(answer.words) and all(set(layer) == {"contour", "heatmap"} for layer in layers)
+    assert all(uri.startswith("data:image/webp;base64,") for layer in layers for uri in layer.values())
+    page = app.viewer_html(answer)
+    assert page.count('class="cam-word"') == len(answer.words) and page.count('class="cam-beam"') == len(answer.beams)
+    assert "wide &lt;b&gt;.png" in page and "<b>.png" not in page, "the file name is shown as typed"
+    assert all(layer["heatmap"] in page for layer in layers)
+    if len(answer.beams) > 1:
+        other = app.viewer_html(answer, 1)
+        assert 'data-beam="1" aria-pressed="true"' in other and "beam 2 of" in other
 
 
 def test_figures_are_written_on_demand_with_safe_names(
@@ -217,21 +228,21 @@ def test_figures_are_written_on_demand_with_safe_names(
     assert (png.name, gif.name) == ("my_photo_1_attention.png", "my_photo_1_attention.gif")
     assert png.parent == tmp_path and gif.parent == tmp_path
     with Image.open(png) as im:
-        cols = min(5, len(answer.words) + 1)
-        assert im.format == "PNG" and im.size[0] == round(2.4 * 80 * cols)
+        assert im.format == "PNG" and im.size == figure_pixels(len(answer.words) + 1, 2.0), "the photo's own shape"
     with Image.open(gif) as im:
         assert im.format == "GIF" and im.n_frames == len(answer.words)
 
 
 def test_model_summary_names_the_model_its_card_and_limits(captioner: Captioner) -> None:
     text = app.model_summary(captioner)
-    assert "**last.pt**" in text and "no model card" in text and "Limits:" in text
+    assert "<b>last.pt</b>" in text and "model card" not in text and "Limits:" in text
+    assert app.model_card(captioner) is None
     shipped = SimpleNamespace(
         checkpoint=DEFAULT_CHECKPOINT, config=captioner.config, word_map={}, device=captioner.device
     )
     text = app.model_summary(shipped)
-    card = (DEFAULT_CHECKPOINT.parent / "MODEL_CARD.md").resolve()
-    assert f"[model card](/gradio_api/file={card})" in text and "dogs" in text
+    assert '<a href="#model-card">model card</a>' in text and "Good at" in text and "dogs" in text
+    assert app.model_card(shipped).startswith("# CamEye Flickr8k model card")
 
 
 def test_example_photos_are_the_demo_photos_that_ship_with_scikit_image() -> None:
@@ -288,13 +299,16 @@ def served(captioner: Captioner, tmp_path_factory: pytest.TempPathFactory):
 
 
 def status_and_caption(result: tuple) -> tuple[str, str]:
-    """The status line (its Markdown escapes undone) and the caption from the page's outputs."""
-    return re.sub(r"\\(.)", r"\1", result[0]), result[1]
+    """The status line (as text) and the caption from the page's outputs (status HTML, answer HTML, ...)."""
+    import html
+
+    caption = re.search(r'data-caption="([^"]*)"', result[1] or "")
+    return html.unescape(re.sub(r"<[^>]+>", "", result[0] or "")), html.unescape(caption[1]) if caption else ""
 
 
-def test_empty_submit_gets_a_message(served: SimpleNamespace) -> None:
-    status, caption = status_and_caption(served.client.predict(None, 3, 0.5, api_name="/caption"))
-    assert status.startswith("**error:** no photo") and caption == ""
+def test_no_photo_shows_no_answer(served: SimpleNamespace) -> None:
+    result = served.client.predict(None, 3, 0.5, api_name="/caption")
+    assert status_and_caption(result) == ("", "") and result[1] == app.EMPTY_VIEWER
 
 
 def test_a_text_file_gets_a_message_then_a_photo_its_caption_and_neither_upload_is_kept(
@@ -305,7 +319,7 @@ def test_a_text_file_gets_a_message_then_a_photo_its_caption_and_neither_upload_
     status, caption = status_and_caption(
         served.client.predict(handle_file(str(photos.root / "notes.txt")), 3, 0.5, api_name="/caption")
     )
-    assert status == "**error:** notes.txt: not an image (or an unsupported format)" and caption == ""
+    assert status == "error: notes.txt: not an image (or an unsupported format)" and caption == ""
     status, caption = status_and_caption(
         served.client.predict(handle_file(str(photos.wide)), 3, 0.5, api_name="/caption")
     )
@@ -321,7 +335,8 @@ def test_figures_are_made_on_demand_and_outputs_deleted_after_keep_outputs(
     from gradio_client import handle_file
 
     served.client.predict(handle_file(str(photos.square)), 3, 0.5, api_name="/caption")
-    files = served.client.predict(api_name="/figures")
+    files, note = served.client.predict(api_name="/figures")
+    assert "The server keeps these files until" in note and "data-expires=" in note
     paths = [Path(f["path"] if isinstance(f, dict) else f) for f in files]
     assert sorted(p.name for p in paths) == ["square_attention.gif", "square_attention.png"]
     assert all(p.is_file() and served.cache in p.parents for p in paths), "served from Gradio's cache as written"
@@ -467,8 +482,9 @@ def test_browser_helpers_find_requests_off_this_machine() -> None:
     assert browser.off_host(urls) == ["https://fonts.googleapis.com/css", "http://localhost:7860/"]
 
 
-def test_names_are_escaped_for_markdown() -> None:
-    assert app.markdown_text("a_b*<img src=x>.jpg (1)") == r"a\_b\*\<img src=x\>\.jpg \(1\)"
+def test_names_are_escaped_for_html() -> None:
+    assert app.status_html("a_b*<img src=x>.jpg (1)") == '<p class="cam-status">a_b*&lt;img src=x&gt;.jpg (1)</p>'
+    assert app.status_html("<i>.jpg: not an image", error=True).endswith("error: &lt;i&gt;.jpg: not an image</p>")
 
 
 def test_page_uses_system_fonts_only() -> None:
