@@ -339,10 +339,15 @@ EMPTY_VIEWER = (
 
 
 def status_html(text: str, error: bool = False) -> str:
-    """The line above the answer: what was captioned and how fast, or why not (an alert, read out at once)."""
+    """The line above the answer: what was captioned and how fast, or why not (an alert, read out at once).
+
+    Always a ``cam-status-box``, even empty: the page's own script writes the refusals it makes before an upload
+    into that box (inside the HTML this component rendered, so the next answer simply replaces it)."""
     if error:
-        return f'<p class="cam-error" role="alert">error: {html.escape(text)}</p>'
-    return f'<p class="cam-status">{html.escape(text)}</p>' if text else ""
+        line = f'<p class="cam-error" role="alert">error: {html.escape(text)}</p>'
+    else:
+        line = f'<p class="cam-status">{html.escape(text)}</p>' if text else ""
+    return f'<div class="cam-status-box">{line}</div>'
 
 
 def model_summary(captioner: Captioner) -> str:
@@ -469,7 +474,7 @@ PAGE_JS = """
     return null;
   }
   function say(message) {
-    const status = document.querySelector('#status');
+    const status = document.querySelector('#status .cam-status-box');
     if (!status) return;
     const p = document.createElement('p');
     p.className = 'cam-error'; p.setAttribute('role', 'alert'); p.textContent = `error: ${message}`;
@@ -516,6 +521,9 @@ PAGE_JS = """
       if (!b.getAttribute('aria-label')) b.setAttribute('aria-label', `example photo: ${name}`);
       if (img && !img.getAttribute('alt')) img.setAttribute('alt', '');
     });
+    document.querySelectorAll('#model-card-text pre:not([tabindex])').forEach(pre => {  // scrolled by keyboard too
+      pre.setAttribute('tabindex', '0'); pre.setAttribute('aria-label', 'command');
+    });
   }).observe(document.documentElement, {childList: true, subtree: true});
 })();
 """
@@ -524,7 +532,8 @@ PAGE_CSS = """
 .cam-sr { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); white-space: nowrap; }
 #header h1 { font-size: 1.6rem; margin: 0 0 .25rem; }
 #header p { margin: 0; font-size: .92rem; line-height: 1.35; }
-#main { display: grid !important; grid-template-columns: minmax(0, 2fr) minmax(0, 3fr); gap: 16px; align-items: start; }
+#main { display: grid !important; grid-template-columns: minmax(0, 2fr) minmax(0, 3fr); grid-template-rows: auto 1fr;
+  gap: 16px; align-items: start; }
 #input-col { grid-column: 1; grid-row: 1; }
 #settings-col { grid-column: 1; grid-row: 2; }
 #result-col { grid-column: 2; grid-row: 1 / span 2; }
@@ -574,6 +583,7 @@ figcaption { font-size: .85rem; color: #374151; margin-top: 4px; }
 .cam-beam-score { display: block; font-size: .8rem; color: #4b5563; font-variant-numeric: tabular-nums; }
 .cam-empty p { color: #374151; }
 #downloads.cam-gone { display: none; }
+#model-card-text pre, #model-card-text pre * { color: #1f2937 !important; }  /* the highlighter's greys: 3:1 */
 """
 
 
@@ -618,13 +628,13 @@ def build_page(captioner: Captioner, decode: DecodeConfig = DecodeConfig(), queu
 
     def cleared(status: str) -> tuple:
         """The outputs for no answer: a status line, the empty viewer, no state, no downloads."""
-        return status, EMPTY_VIEWER, None, None, ""
+        return status, EMPTY_VIEWER, None, gr.update(value=None, visible=False), ""
 
     def answer(payload: Any, beam: Any, penalty: Any, previous: Answer | None):
         """Event handler: (status, viewer, state, downloads, downloads note)."""
         upload = upload_of(payload)
         if upload is None:
-            return cleared("")
+            return cleared(status_html(""))
         path, name = upload
         started = time.perf_counter()
         try:
@@ -648,7 +658,7 @@ def build_page(captioner: Captioner, decode: DecodeConfig = DecodeConfig(), queu
             forget_upload(path)
         result.seconds = time.perf_counter() - started
         status = status_html(f"{name}: captioned in {result.seconds:.2f} s ({result.settings})")
-        return status, viewer, result, None, ""
+        return status, viewer, result, gr.update(value=None, visible=False), ""
 
     def choose_beam(state: Answer | None, event: gr.EventData):
         """Event handler: the viewer for beam ``event.beam`` of the tab's answer (a click on a beam row)."""
@@ -661,14 +671,14 @@ def build_page(captioner: Captioner, decode: DecodeConfig = DecodeConfig(), queu
 
     def figures(state: Answer | None):
         if state is None:
-            return None, status_html("no caption yet: drop a photo first", error=True)
+            message = status_html("no caption yet: drop a photo first", error=True)
+            return gr.update(value=None, visible=False), message
         # Written inside Gradio's cache, so it serves them as they are and deletes them after keep_outputs.
         cache = Path(downloads.GRADIO_CACHE)
         cache.mkdir(parents=True, exist_ok=True)
         made = time.time()
-        return [str(p) for p in write_figures(state, Path(tempfile.mkdtemp(dir=cache)))], expiry_html(
-            made, keep_outputs
-        )
+        files = [str(p) for p in write_figures(state, Path(tempfile.mkdtemp(dir=cache)))]
+        return gr.update(value=files, visible=True), expiry_html(made, keep_outputs)
 
     # Every min(60 s, keep_outputs) Gradio deletes the files it made for this page that are older than keep_outputs.
     delete_cache = (min(60, keep_outputs), keep_outputs)
@@ -687,7 +697,7 @@ def build_page(captioner: Captioner, decode: DecodeConfig = DecodeConfig(), queu
                     elem_id="photo",
                 )
             with gr.Column(elem_id="result-col", min_width=0):
-                status = gr.HTML(elem_id="status")
+                status = gr.HTML(status_html(""), elem_id="status")
                 viewer = gr.HTML(EMPTY_VIEWER, js_on_load=VIEWER_JS.replace("PLAY_MS", str(round(PLAY_SECONDS * 1000))),
                                  elem_id="viewer")  # fmt: skip
             with gr.Column(elem_id="settings-col", min_width=0):
@@ -699,8 +709,14 @@ def build_page(captioner: Captioner, decode: DecodeConfig = DecodeConfig(), queu
                                        info="higher favours longer captions; re-captions when you let go",
                                        elem_id="penalty")  # fmt: skip
                 make_figures = gr.Button("Attention figure and GIF (to download)", elem_id="make-figures")
-                downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, height=120,
-                                    elem_id="downloads")  # fmt: skip
+                downloads = gr.File(
+                    label="Downloads",
+                    file_count="multiple",
+                    interactive=False,
+                    height=120,
+                    visible=False,
+                    elem_id="downloads",
+                )  # fmt: skip (shown once there are files)
                 downloads_note = gr.HTML(elem_id="downloads-note")
                 if card is not None:
                     with gr.Accordion("Model card", open=False, elem_id="model-card"):

@@ -7,7 +7,8 @@ Starts ``app.py`` on a free localhost port, opens it in headless Chromium (Debia
 ``chromium-driver`` packages, driven by Selenium; nothing is downloaded), drops each photo on the page and times,
 inside the page, from the file input's ``change`` event to the caption appearing (polled every 5 ms). The page
 is cleared between photos. Prints one line per photo and the median; the first photo also pays for the model's
-first run. ``--screenshot`` saves the page with the first photo captioned and its fourth word chosen.
+first run. ``--screenshot`` saves the page (1300 x 900) with the first photo captioned and its third word
+chosen; ``--phone-screenshot`` the page on a phone's viewport after the first photo.
 
 The browser helpers here are also used by tests/test_app.py.
 """
@@ -34,6 +35,10 @@ from urllib.parse import urlparse
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
+# axe-core, Deque's accessibility checker, as npm packs it (`make browser-tools`); checked against its pinned sum.
+AXE_VERSION = "4.10.3"
+AXE_TGZ = REPO / ".browser-tools" / f"axe-core-{AXE_VERSION}.tgz"
+AXE_SHA256 = "0f2b4d7dcdf7d1219df8d1959ad68e565f51d14c3f0d88bb71cd59abeb956292"
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "motorcycle_left.png", "rocket.jpg", "camera.png")
 
 # Installed into the page: records when a file input receives a file (the user's drop) and, polling every
@@ -68,6 +73,35 @@ def browser_missing() -> str | None:
         if not path.is_file():
             return f"{path} not found (apt-get install {package})"
     return None
+
+
+def axe_script() -> tuple[str | None, str]:
+    """(axe.min.js, "") from the pinned axe-core package, or (None, why not): it must be where
+    ``make browser-tools`` puts it, with the pinned sha256."""
+    import hashlib
+    import tarfile
+
+    if not AXE_TGZ.is_file():
+        return None, f"{AXE_TGZ.relative_to(REPO)} not found (make browser-tools)"
+    digest = hashlib.sha256(AXE_TGZ.read_bytes()).hexdigest()
+    if digest != AXE_SHA256:
+        return None, f"{AXE_TGZ.name} has sha256 {digest}, not the pinned {AXE_SHA256}"
+    with tarfile.open(AXE_TGZ) as tar:
+        return tar.extractfile("package/axe.min.js").read().decode("utf-8"), ""
+
+
+def axe_violations(driver, script: str) -> list[dict]:
+    """Run axe-core in the page against WCAG 2.0/2.1 A and AA; its violations, each with its impact, rule id,
+    help text and the failing elements' selectors."""
+    driver.execute_script(script)
+    result = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']}})"
+        ".then(r => done(r.violations.map(v => ({id: v.id, impact: v.impact, help: v.help,"
+        " nodes: v.nodes.map(n => n.target.join(' '))})))).catch(e => done([{id: 'axe-error', impact: 'serious',"
+        " help: String(e), nodes: []}]));"
+    )
+    return result
 
 
 def free_port() -> int:
@@ -280,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photos", nargs="+", type=Path, default=[skimage_photo(n) for n in PHOTOS],
                    help="photos to drop, one after another (default: six that ship inside scikit-image)")  # fmt: skip
     p.add_argument("--screenshot", type=Path, default=None, help="save the page after the first photo (PNG)")
+    p.add_argument("--phone-screenshot", type=Path, default=None,
+                   help="also save the page on a phone's viewport (390 x 844) after the first photo (PNG)")  # fmt: skip
     p.add_argument("--app-args", default="--device cpu", help="options for app.py, e.g. '--checkpoint x.pt'")
     args = p.parse_args(argv)
     missing = browser_missing()
@@ -288,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with running_app(*args.app_args.split()) as app:
         url = app.url
-        driver = chromium()
+        driver = chromium(*DESKTOP)
         try:
             open_page(driver, url)
             times = []
@@ -299,12 +335,22 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(seconds)
                 print(f"{photo.name}: {seconds:.3f} s from drop to caption: {text}", flush=True)
                 if i == 0 and args.screenshot:
-                    choose_word(driver, min(3, len(text.split()) - 1))
+                    choose_word(driver, min(2, len(text.split()) - 1))
                     time.sleep(0.5)  # let the image fade in
                     size = save_screenshot(driver, args.screenshot)
                     print(f"screenshot: {args.screenshot} ({size / 1024:.0f} KB)")
             print(f"drop to caption shown, {len(times)} photos: median {statistics.median(times):.3f} s, "
                   f"first {times[0]:.3f} s, max {max(times):.3f} s")  # fmt: skip
+            if args.phone_screenshot:
+                phone = chromium(*PHONE, mobile=True)
+                try:
+                    open_page(phone, url)
+                    seconds_to_caption(phone, args.photos[0])
+                    time.sleep(1.0)  # let the first word's layer draw
+                    size = save_screenshot(phone, args.phone_screenshot)
+                    print(f"phone screenshot: {args.phone_screenshot} ({size / 1024:.0f} KB)")
+                finally:
+                    phone.quit()
             strays = off_host(requested_urls(driver))
             print(f"requests to hosts other than 127.0.0.1: {len(strays)}", *strays[:5])
         finally:

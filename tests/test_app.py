@@ -336,6 +336,7 @@ def test_figures_are_made_on_demand_and_outputs_deleted_after_keep_outputs(
 
     served.client.predict(handle_file(str(photos.square)), 3, 0.5, api_name="/caption")
     files, note = served.client.predict(api_name="/figures")
+    files = files["value"] if isinstance(files, dict) else files  # shown with gr.update(visible=True)
     assert "The server keeps these files until" in note and "data-expires=" in note
     paths = [Path(f["path"] if isinstance(f, dict) else f) for f in files]
     assert sorted(p.name for p in paths) == ["square_attention.gif", "square_attention.png"]
@@ -378,42 +379,134 @@ def shipped_captions() -> dict[str, str]:
     """caption.py's captions of two real photos with the shipped model, at the page's default settings."""
     photos = [browser.skimage_photo("chelsea.png"), browser.skimage_photo("coffee.png")]
     captioner = Captioner.load(DEFAULT_CHECKPOINT, "cpu")
-    return {path.name: " ".join(words) for path, words, _, _ in caption_images(photos, captioner, 3)}
+    return {path.name: " ".join(words) for path, words, _, _ in caption_images(photos, captioner)}
+
+
+def in_view(driver, selector: str) -> bool:
+    """Whether the element is wholly inside the window, the page not scrolled (what a user sees at once)."""
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); if (!e) return false;"
+        "const r = e.getBoundingClientRect();"
+        "return window.scrollY === 0 && r.top >= 0 && r.bottom <= window.innerHeight && r.height > 0;",
+        selector,
+    )
+
+
+def focused(driver) -> str:
+    """What has the keyboard focus: its tag, classes and text."""
+    return driver.execute_script(
+        "const e = document.activeElement; return `${e.tagName}.${e.className} ${(e.textContent || '').trim()}`;"
+    )
+
+
+def tab_to(driver, selector: str, most: int = 40) -> None:
+    """Press Tab until the focus is on (or inside) ``selector``; fails after ``most`` presses."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    for _ in range(most):
+        if driver.execute_script("return !!document.activeElement.closest(arguments[0])", selector):
+            return
+        ActionChains(driver).send_keys(Keys.TAB).perform()
+    pytest.fail(f"{most} presses of Tab never reached {selector} (focus: {focused(driver)})")
+
+
+def press(driver, key: str) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).send_keys(key).perform()
+
+
+def serious_violations(driver) -> list[dict]:
+    """axe-core's serious and critical WCAG 2.1 A/AA violations in the page (all are printed)."""
+    script, _ = browser.axe_script()
+    found = browser.axe_violations(driver, script)
+    for v in found:
+        print(f"axe: {v['impact']} {v['id']}: {v['help']} {v['nodes'][:3]}")
+    return [v for v in found if v["impact"] in ("serious", "critical")]
+
+
+AXE_MISSING = browser.axe_script()[1]
 
 
 @pytest.mark.skipif(bool(browser.browser_missing()), reason=f"no browser: {browser.browser_missing()}")
 def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNamespace) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     chelsea, coffee = browser.skimage_photo("chelsea.png"), browser.skimage_photo("coffee.png")
     with browser.running_app() as server:
         url = server.url
-        driver = browser.chromium()
+        driver = browser.chromium(*browser.DESKTOP)
         try:
             browser.open_page(driver, url)
             first = driver.current_window_handle
+            if AXE_MISSING:
+                print(f"\naxe-core not run: {AXE_MISSING}")
+            else:
+                assert serious_violations(driver) == [], "the empty page"
 
-            # A real photo: its caption, as caption.py writes it, soon after the drop.
+            # Keyboard only: Tab reaches the photo's upload button; the file goes in as its chooser would give it.
+            tab_to(driver, "#photo button")
+            assert "upload-container" in focused(driver)
             caption, seconds = browser.seconds_to_caption(driver, chelsea)
             assert caption == shipped_captions["chelsea.png"]
             print(f"\nbrowser: {seconds:.3f} s from drop to caption ({chelsea.name}, first photo)")
+            words = caption.split()
+            assert [b.text for b in browser.word_buttons(driver)] == words, "the caption's words are the picker"
+            assert in_view(driver, "#viewer .cam-words") and in_view(driver, "#viewer .cam-tag"), "desktop: in view"
+            assert browser.shown_word(driver) == f"{words[0]}, 1 of {len(words)}"
+            live = driver.execute_script("return document.getElementById('cam-live').textContent")
+            assert live == f"Caption of chelsea.png: {caption}", "the live region announces the caption"
 
-            # A word: its attention image appears, at the photo's own aspect ratio (451 x 300 -> 512 x 341).
-            labels = driver.find_elements(By.CSS_SELECTOR, "#words label")
-            assert [lab.text.split(". ", 1)[1] for lab in labels] == caption.split()
-            src = browser.choose_word(driver, 3)
-            size = driver.execute_script(
-                "const i = document.querySelector('#attention img'); return [i.naturalWidth, i.naturalHeight];"
-            )
-            assert size == [512, 341] and urllib.request.urlopen(src).status == 200
-            assert browser.choose_word(driver, 1) != src, "another word, another image"
+            # Arrows through the words: the overlay and its label change, and the browser asks the server nothing.
+            tab_to(driver, "#viewer .cam-word")
+            browser.requested_urls(driver)  # forget the requests so far
+            seen = {browser.attention_image(driver)}
+            for i in range(1, len(words)):
+                press(driver, Keys.ARROW_RIGHT)
+                assert browser.shown_word(driver) == f"{words[i]}, {i + 1} of {len(words)}"
+                seen.add(browser.attention_image(driver))
+            assert len(seen) == len(words) and all(src.startswith("data:image/webp") for src in seen)
+            press(driver, Keys.HOME)
+            assert browser.shown_word(driver).startswith(f"{words[0]}, 1 of")
+            assert "cam-word" in focused(driver) and focused(driver).endswith(words[0]), "the focus follows"
+            assert [u for u in browser.requested_urls(driver) if not u.startswith("data:")] == [], "no request a word"
+            alt = driver.find_element(By.CSS_SELECTOR, "#viewer .cam-overlay").get_attribute("alt")
+            assert alt == f'where the model looked while writing "{words[0]}" (word 1 of {len(words)})'
 
-            # The model card link is served by the page itself.
-            card = driver.find_element(By.CSS_SELECTOR, "#model a").get_attribute("href")
-            with urllib.request.urlopen(card) as response:
-                assert response.status == 200 and b"model card" in response.read()
+            # Play steps through every word and stops at the last; the colour map is the other rendering.
+            driver.find_element(By.CSS_SELECTOR, "#viewer .cam-play").click()
+            browser.wait_for(driver, lambda d: browser.shown_word(d) == f"{words[-1]}, {len(words)} of {len(words)}")
+            browser.wait_for(driver, lambda d: "Play" in d.find_element(By.CSS_SELECTOR, "#viewer .cam-play").text)
+            driver.find_element(By.CSS_SELECTOR, "#viewer input[value=heatmap]").click()
+            last = browser.word_buttons(driver)[-1]
+            assert browser.attention_image(driver) == last.get_attribute("data-heatmap")
+            assert driver.find_element(By.CSS_SELECTOR, "#viewer .cam-legend-heatmap").is_displayed()
 
-            # Figure and GIF on demand.
+            # A beam row shows that beam's own words and attention.
+            rows = driver.find_elements(By.CSS_SELECTOR, "#viewer .cam-beam")
+            assert len(rows) == 3 and rows[0].get_attribute("aria-pressed") == "true"
+            second = rows[1].find_element(By.CSS_SELECTOR, ".cam-beam-text").text
+            rows[1].click()
+            browser.wait_for(driver, lambda d: [b.text for b in browser.word_buttons(d)] == second.split())
+            assert driver.find_element(By.CSS_SELECTOR, "#viewer .cam-heading").text.startswith("Beam 2 of 3")
+
+            # The slider re-captions when let go: beam 1 gives one beam.
+            slider = driver.find_element(By.CSS_SELECTOR, "#beam input[type=range]")
+            from selenium.webdriver.common.action_chains import ActionChains
+
+            ActionChains(driver).move_to_element_with_offset(
+                slider, -slider.size["width"] // 2 + 1, 0
+            ).click().perform()
+            browser.wait_for(driver, lambda d: "(beam 1," in browser.status_text(d), what="the re-caption")
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#viewer .cam-beam")) == 1
+
+            # The model card is in the page, opened by the link beside the title.
+            driver.find_element(By.CSS_SELECTOR, "#header a[href='#model-card']").click()
+            browser.wait_for(driver, lambda d: "Known limitations" in d.find_element(By.ID, "model-card").text)
+
+            # Figure and GIF on demand, with the time the server keeps them.
             driver.find_element(By.ID, "make-figures").click()
             links = browser.wait_for(
                 driver,
@@ -427,39 +520,40 @@ def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNames
             for link in links:
                 with urllib.request.urlopen(link) as response:
                     assert response.status == 200 and response.read(4) in (b"GIF8", b"\x89PNG")
+            assert "The server keeps these files until" in driver.find_element(By.ID, "downloads-note").text
+            # Once that time has passed the page says so (the time is moved back rather than waited for).
+            driver.execute_script("document.querySelector('#downloads-note .cam-expiry').dataset.expires = '1'")
+            browser.wait_for(driver, lambda d: "have expired" in d.find_element(By.ID, "downloads-note").text)
+            assert not driver.find_element(By.ID, "downloads").is_displayed()
 
-            # Not an image: a message in the page, and the server goes on answering. A .txt file is refused by
-            # the page itself (Gradio checks the type); a text file named .jpg reaches the server, which says why.
-            browser.clear_photo(driver)
-            browser.drop_photo(driver, photos.root / "notes.txt")
-            browser.wait_for(driver, lambda d: "Invalid file type: notes.txt" in browser.body_text(d), what="a toast")
-            # Its name is shown as typed, not as Markdown or HTML.
-            browser.drop_photo(driver, photos.root / "text_<i>x*_.jpg")
-            message = browser.wait_for(driver, lambda d: "error" in browser.status_text(d) and browser.status_text(d))
-            assert message == "error: text_<i>x*_.jpg: not an image (or an unsupported format)"
-            assert browser.caption_text(driver) == ""
-            # Over 20 MB: refused by the page before uploading (the server would refuse it too).
-            browser.clear_photo(driver)
-            browser.drop_photo(driver, photos.root / "huge.jpg")
-            browser.wait_for(
-                driver,
-                lambda d: 'exceed the maximum allowed size of 20.0 Mb: "huge.jpg"' in browser.body_text(d),
-                what="the size toast",
-            )
+            if not AXE_MISSING:
+                assert serious_violations(driver) == [], "the page with an answer"
+
+            # Refusals in the page's own words; the server goes on answering.
+            for name, message in (
+                ("notes.txt", "error: notes.txt: not an image (or an unsupported format)"),
+                ("huge.jpg", "error: huge.jpg: the file is 21.0 MB; photos up to 20 MB are accepted"),
+                ("text_<i>x*_.jpg", "error: text_<i>x*_.jpg: not an image (or an unsupported format)"),
+                ("truncated.png", "error: truncated.png: the file is cut short (truncated): save or download"),
+            ):
+                browser.clear_photo(driver)
+                browser.drop_photo(driver, photos.root / name)
+                browser.wait_for(driver, lambda d, m=message: browser.status_text(d).startswith(m), what=message)
+                assert "exceed the maximum" not in browser.body_text(driver), "not Gradio's pop-up"
             browser.clear_photo(driver)
             caption, _ = browser.seconds_to_caption(driver, coffee)
             assert caption == shipped_captions["coffee.png"]
 
             # Two tabs at once: each gets the caption of its own photo.
             driver.switch_to.new_window("tab")
-            second = driver.current_window_handle
+            second_tab = driver.current_window_handle
             browser.open_page(driver, url)
             driver.switch_to.window(first)
             browser.clear_photo(driver)
             browser.drop_photo(driver, chelsea)
-            driver.switch_to.window(second)
+            driver.switch_to.window(second_tab)
             browser.drop_photo(driver, coffee)
-            for handle, name in ((first, "chelsea.png"), (second, "coffee.png")):
+            for handle, name in ((first, "chelsea.png"), (second_tab, "coffee.png")):
                 driver.switch_to.window(handle)
                 browser.wait_for(driver, lambda d, n=name: browser.status_text(d).startswith(f"{n}: captioned"))
                 assert browser.caption_text(driver) == shipped_captions[name], name
@@ -469,6 +563,20 @@ def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNames
             assert any(u.startswith(url) for u in urls) and browser.off_host(urls) == []
         finally:
             driver.quit()
+
+        # A phone: the caption, the word picker and the photo's label in view after a drop, without scrolling.
+        phone = browser.chromium(*browser.PHONE, mobile=True)
+        try:
+            browser.open_page(phone, url)
+            assert phone.execute_script("return [window.innerWidth, window.innerHeight]") == list(browser.PHONE)
+            caption, _ = browser.seconds_to_caption(phone, chelsea)
+            assert caption == shipped_captions["chelsea.png"]
+            for part in ("#status", "#viewer .cam-words", "#viewer .cam-tag"):
+                assert in_view(phone, part), f"phone: {part} out of view"
+            if not AXE_MISSING:
+                assert serious_violations(phone) == [], "the page on a phone"
+        finally:
+            phone.quit()
     # Stopped by SIGTERM: exit status 143, no traceback, and its folder of uploads and outputs is gone.
     log = server.output
     assert server.proc.returncode == 143 and "Traceback" not in log, log
@@ -483,8 +591,9 @@ def test_browser_helpers_find_requests_off_this_machine() -> None:
 
 
 def test_names_are_escaped_for_html() -> None:
-    assert app.status_html("a_b*<img src=x>.jpg (1)") == '<p class="cam-status">a_b*&lt;img src=x&gt;.jpg (1)</p>'
-    assert app.status_html("<i>.jpg: not an image", error=True).endswith("error: &lt;i&gt;.jpg: not an image</p>")
+    line = '<p class="cam-status">a_b*&lt;img src=x&gt;.jpg (1)</p>'
+    assert app.status_html("a_b*<img src=x>.jpg (1)") == f'<div class="cam-status-box">{line}</div>'
+    assert "error: &lt;i&gt;.jpg: not an image</p>" in app.status_html("<i>.jpg: not an image", error=True)
 
 
 def test_page_uses_system_fonts_only() -> None:
