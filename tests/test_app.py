@@ -29,7 +29,8 @@ from _tiny_model import SPECIAL_TOKENS, one_torch_thread, tiny_model
 from PIL import Image
 
 import app
-from attention_maps import smooth_attention
+import attention_maps
+from attention_maps import attention_layer, attention_overlay, composite, figure_pixels, word_heat
 from benchmarks import bench_app as browser
 from captioner import Captioner, caption_images
 from decoding import DecodeConfig
@@ -78,7 +79,7 @@ def photos(model: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> 
         wide = im.convert("RGB").resize((128, 64))
     wide.save(root / "wide.png")
     exif = Image.Exif()
-    exif[app.EXIF_ORIENTATION] = 6  # stored 128 x 64, shown rotated a quarter turn: 64 x 128
+    exif[attention_maps.EXIF_ORIENTATION] = 6  # stored 128 x 64, shown rotated a quarter turn: 64 x 128
     wide.save(root / "rotated.jpg", exif=exif.tobytes())
     png = square.read_bytes()
     (root / "notes.txt").write_text("not a photo\n")
@@ -112,12 +113,13 @@ def test_a_photo_gives_its_caption_beams_and_a_map_per_word(captioner: Captioner
     assert answer.grids.shape == (len(answer.words), grid, grid)
     np.testing.assert_allclose(answer.grids.sum(axis=(1, 2)), 1.0, rtol=1e-4)  # a distribution per word
     # the best beams: 1..3, the first the caption itself, ranked by score / (words + <end>) ** 0.5
-    assert 1 <= len(answer.beams) <= 3 and answer.beams[0][0] == " ".join(answer.words)
-    normalised = [b[2] for b in answer.beams]
+    assert 1 <= len(answer.beams) <= 3 and answer.beams[0].caption == " ".join(answer.words)
+    normalised = [b.normalised for b in answer.beams]
     assert normalised == sorted(normalised, reverse=True)
-    for text, score, norm in answer.beams:
-        assert norm == pytest.approx(score / (len(text.split()) + 1) ** 0.5, abs=2e-3)
-    assert len({b[0] for b in answer.beams}) == len(answer.beams), "distinct beams"
+    for beam in answer.beams:
+        assert beam.normalised == pytest.approx(beam.score / (len(beam.words) + 1) ** 0.5, abs=2e-3)
+        assert beam.grids.shape == (len(beam.words), grid, grid), "each beam has its own attention"
+    assert len({b.caption for b in answer.beams}) == len(answer.beams), "distinct beams"
 
 
 def test_beam_size_ten_gives_up_to_ten_beams(captioner: Captioner, photos: SimpleNamespace) -> None:
@@ -132,11 +134,11 @@ def trigrams(words: list[str]) -> list[tuple[str, ...]]:
 
 def test_server_wide_search_settings_reach_the_beam_search(captioner: Captioner, photos: SimpleNamespace) -> None:
     short = app.answer_photo(captioner, photos.wide, "wide.png", 3, 0.5, DecodeConfig(max_len=2))
-    assert 1 <= len(short.words) <= 2 and all(len(b[0].split()) <= 2 for b in short.beams)
+    assert 1 <= len(short.words) <= 2 and all(len(b.words) <= 2 for b in short.beams)
     blocked = app.answer_photo(captioner, photos.wide, "wide.png", 5, 0.0, DecodeConfig(block_trigrams=True))
-    for text, _, _ in blocked.beams:
-        grams = trigrams(text.split())
-        assert len(grams) == len(set(grams)), f"a repeated trigram in {text!r}"
+    for beam in blocked.beams:
+        grams = trigrams(beam.words)
+        assert len(grams) == len(set(grams)), f"a repeated trigram in {beam.caption!r}"
 
 
 def test_exif_rotated_photo_is_shown_upright(captioner: Captioner, photos: SimpleNamespace) -> None:
@@ -163,11 +165,11 @@ def test_controls_at_their_bounds_are_accepted() -> None:
 BAD_FILES = {
     "text file": ("notes.txt", "not an image"),
     "text file named .jpg": ("text.jpg", "not an image"),
-    "truncated PNG": ("truncated.png", "unreadable image ("),
-    "empty file": ("empty.png", "empty file"),
+    "truncated PNG": ("truncated.png", "the file is cut short (truncated)"),
+    "empty file": ("empty.png", "the file is empty (0 bytes)"),
     "over 20 MB": ("huge.jpg", "the file is 21.0 MB; photos up to 20 MB are accepted"),
-    "decompression bomb": ("bomb.png", "unreadable image ("),
-    "over the bomb warning limit": ("big_bomb.png", "unreadable image ("),
+    "decompression bomb": ("bomb.png", "the photo has too many pixels to open safely (400 million"),
+    "over the bomb warning limit": ("big_bomb.png", "the photo has too many pixels to open safely (100 million"),
 }
 
 
@@ -180,33 +182,42 @@ def test_bad_file_is_one_line_naming_the_users_file(captioner: Captioner, photos
     message = str(err.value)
     assert message.startswith(f"my {name}: {reason}"), message
     assert "\n" not in message and str(photos.root) not in message, "the server's temporary path is not shown"
-    if "bomb" in case:
-        assert "decompression bomb" in message
+    assert "Error" not in message and "DOS" not in message and "not processed" not in message, "Pillow's words"
 
 
-def test_word_overlay_is_the_figures_smoothing_stretched_to_the_photo() -> None:
+def test_renderings_keep_the_photo_visible_where_it_looked() -> None:
     grid = np.full((4, 4), 0.01)
     grid[0, 3] = 1.0  # top-right cell
-    other = np.full((4, 4), 0.01)
-    other[3, 0] = 1.0  # bottom-left cell
-    grids = np.stack([grid, other]) / np.stack([grid, other]).sum(axis=(1, 2), keepdims=True)
-    square = np.zeros((3, 64, 64), dtype=np.uint8)
+    grid /= grid.sum()
+    photo = np.random.default_rng(0).integers(0, 256, (100, 200, 3), dtype=np.uint8)
+    heat = word_heat(grid, (100, 200), side=64)
+    assert heat.shape == (100, 200) and 0.9 < heat.max() <= 1.0
+    row, col = np.unravel_index(np.argmax(heat), heat.shape)
+    assert (row // 50, col // 100) == (0, 1), "the peak stays in its corner when stretched to 2:1"
+    contour = attention_layer(heat, "contour")
+    inside = heat >= attention_maps.CONTOUR_LEVEL + 0.1  # clear of the line
+    assert (contour[inside][:, 3] == 0).all(), "nothing is painted where the model looked"
+    assert contour[heat < 0.05][:, 3].min() > 100, "far from it the photo is dimmed"
+    heatmap = attention_layer(heat, "heatmap")
+    assert heatmap[heat == 0][:, 3].max() == 0 and heatmap[..., 3].max() == round(255 * attention_maps.HEATMAP_ALPHA)
+    # the figure's panel is the same layer composited over the photo
+    np.testing.assert_array_equal(attention_overlay(photo, grid, side=64), composite(photo, contour))
+    with pytest.raises(ValueError, match="rendering must be one of"):
+        attention_layer(heat, "sepia")
 
-    def answer(photo: np.ndarray) -> app.Answer:
-        return app.Answer("src", "name", photo, square, ["a", "b"], grids, [["a b", -1.0, -0.5]])
 
-    # A black square photo: the overlay is exactly the figure's gray map at alpha OVERLAY_ALPHA.
-    flat = app.word_overlay(answer(np.zeros((64, 64, 3), dtype=np.uint8)), 0)
-    expected = np.rint(0.65 * 255 * smooth_attention(grids[0], 64)).astype(np.uint8)
-    np.testing.assert_array_equal(flat[..., 0], expected)
-    # A black 2:1 photo: same shape as the photo, each word's peak in its own corner.
-    wide = answer(np.zeros((100, 200, 3), dtype=np.uint8))
-    for index, corner in ((0, (0, 1)), (1, (1, 0)), (7, (1, 0)), ("x", (0, 1))):  # out of range: the nearest
-        overlay = app.word_overlay(wide, index)
-        assert overlay.shape == (100, 200, 3) and overlay.dtype == np.uint8
-        row, col = np.unravel_index(np.argmax(overlay[..., 0]), overlay.shape[:2])
-        assert (row // 50, col // 100) == corner, index
-    assert app.word_overlay(None, 0) is None
+def test_every_words_layers_come_with_the_answer(captioner: Captioner, photos: SimpleNamespace) -> None:
+    answer = app.answer_photo(captioner, photos.wide, "wide <b>.png", 3, 0.5)
+    layers = app.word_layers(answer)
+    assert len(layers) == len(answer.words) and all(set(layer) == {"contour", "heatmap"} for layer in layers)
+    assert all(uri.startswith("data:image/webp;base64,") for layer in layers for uri in layer.values())
+    page = app.viewer_html(answer)
+    assert page.count('class="cam-word"') == len(answer.words) and page.count('class="cam-beam"') == len(answer.beams)
+    assert "wide &lt;b&gt;.png" in page and "<b>.png" not in page, "the file name is shown as typed"
+    assert all(layer["heatmap"] in page for layer in layers)
+    if len(answer.beams) > 1:
+        other = app.viewer_html(answer, 1)
+        assert 'data-beam="1" aria-pressed="true"' in other and "beam 2 of" in other
 
 
 def test_figures_are_written_on_demand_with_safe_names(
@@ -217,21 +228,21 @@ def test_figures_are_written_on_demand_with_safe_names(
     assert (png.name, gif.name) == ("my_photo_1_attention.png", "my_photo_1_attention.gif")
     assert png.parent == tmp_path and gif.parent == tmp_path
     with Image.open(png) as im:
-        cols = min(5, len(answer.words) + 1)
-        assert im.format == "PNG" and im.size[0] == round(2.4 * 80 * cols)
+        assert im.format == "PNG" and im.size == figure_pixels(len(answer.words) + 1, 2.0), "the photo's own shape"
     with Image.open(gif) as im:
         assert im.format == "GIF" and im.n_frames == len(answer.words)
 
 
 def test_model_summary_names_the_model_its_card_and_limits(captioner: Captioner) -> None:
     text = app.model_summary(captioner)
-    assert "**last.pt**" in text and "no model card" in text and "Limits:" in text
+    assert "<b>last.pt</b>" in text and "model card" not in text and "Limits:" in text
+    assert app.model_card(captioner) is None
     shipped = SimpleNamespace(
         checkpoint=DEFAULT_CHECKPOINT, config=captioner.config, word_map={}, device=captioner.device
     )
     text = app.model_summary(shipped)
-    card = (DEFAULT_CHECKPOINT.parent / "MODEL_CARD.md").resolve()
-    assert f"[model card](/gradio_api/file={card})" in text and "dogs" in text
+    assert '<a href="#model-card">model card</a>' in text and "Good at" in text and "dogs" in text
+    assert app.model_card(shipped).startswith("# CamEye Flickr8k model card")
 
 
 def test_example_photos_are_the_demo_photos_that_ship_with_scikit_image() -> None:
@@ -288,13 +299,16 @@ def served(captioner: Captioner, tmp_path_factory: pytest.TempPathFactory):
 
 
 def status_and_caption(result: tuple) -> tuple[str, str]:
-    """The status line (its Markdown escapes undone) and the caption from the page's outputs."""
-    return re.sub(r"\\(.)", r"\1", result[0]), result[1]
+    """The status line (as text) and the caption from the page's outputs (status HTML, answer HTML, ...)."""
+    import html
+
+    caption = re.search(r'data-caption="([^"]*)"', result[1] or "")
+    return html.unescape(re.sub(r"<[^>]+>", "", result[0] or "")), html.unescape(caption[1]) if caption else ""
 
 
-def test_empty_submit_gets_a_message(served: SimpleNamespace) -> None:
-    status, caption = status_and_caption(served.client.predict(None, 3, 0.5, api_name="/caption"))
-    assert status.startswith("**error:** no photo") and caption == ""
+def test_no_photo_shows_no_answer(served: SimpleNamespace) -> None:
+    result = served.client.predict(None, 3, 0.5, api_name="/caption")
+    assert status_and_caption(result) == ("", "") and result[1] == app.EMPTY_VIEWER
 
 
 def test_a_text_file_gets_a_message_then_a_photo_its_caption_and_neither_upload_is_kept(
@@ -305,7 +319,7 @@ def test_a_text_file_gets_a_message_then_a_photo_its_caption_and_neither_upload_
     status, caption = status_and_caption(
         served.client.predict(handle_file(str(photos.root / "notes.txt")), 3, 0.5, api_name="/caption")
     )
-    assert status == "**error:** notes.txt: not an image (or an unsupported format)" and caption == ""
+    assert status == "error: notes.txt: not an image (or an unsupported format)" and caption == ""
     status, caption = status_and_caption(
         served.client.predict(handle_file(str(photos.wide)), 3, 0.5, api_name="/caption")
     )
@@ -321,7 +335,9 @@ def test_figures_are_made_on_demand_and_outputs_deleted_after_keep_outputs(
     from gradio_client import handle_file
 
     served.client.predict(handle_file(str(photos.square)), 3, 0.5, api_name="/caption")
-    files = served.client.predict(api_name="/figures")
+    files, note = served.client.predict(api_name="/figures")
+    files = files["value"] if isinstance(files, dict) else files  # shown with gr.update(visible=True)
+    assert "The server keeps these files until" in note and "data-expires=" in note
     paths = [Path(f["path"] if isinstance(f, dict) else f) for f in files]
     assert sorted(p.name for p in paths) == ["square_attention.gif", "square_attention.png"]
     assert all(p.is_file() and served.cache in p.parents for p in paths), "served from Gradio's cache as written"
@@ -363,42 +379,134 @@ def shipped_captions() -> dict[str, str]:
     """caption.py's captions of two real photos with the shipped model, at the page's default settings."""
     photos = [browser.skimage_photo("chelsea.png"), browser.skimage_photo("coffee.png")]
     captioner = Captioner.load(DEFAULT_CHECKPOINT, "cpu")
-    return {path.name: " ".join(words) for path, words, _, _ in caption_images(photos, captioner, 3)}
+    return {path.name: " ".join(words) for path, words, _, _ in caption_images(photos, captioner)}
+
+
+def in_view(driver, selector: str) -> bool:
+    """Whether the element is wholly inside the window, the page not scrolled (what a user sees at once)."""
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); if (!e) return false;"
+        "const r = e.getBoundingClientRect();"
+        "return window.scrollY === 0 && r.top >= 0 && r.bottom <= window.innerHeight && r.height > 0;",
+        selector,
+    )
+
+
+def focused(driver) -> str:
+    """What has the keyboard focus: its tag, classes and text."""
+    return driver.execute_script(
+        "const e = document.activeElement; return `${e.tagName}.${e.className} ${(e.textContent || '').trim()}`;"
+    )
+
+
+def tab_to(driver, selector: str, most: int = 40) -> None:
+    """Press Tab until the focus is on (or inside) ``selector``; fails after ``most`` presses."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    for _ in range(most):
+        if driver.execute_script("return !!document.activeElement.closest(arguments[0])", selector):
+            return
+        ActionChains(driver).send_keys(Keys.TAB).perform()
+    pytest.fail(f"{most} presses of Tab never reached {selector} (focus: {focused(driver)})")
+
+
+def press(driver, key: str) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).send_keys(key).perform()
+
+
+def serious_violations(driver) -> list[dict]:
+    """axe-core's serious and critical WCAG 2.1 A/AA violations in the page (all are printed)."""
+    script, _ = browser.axe_script()
+    found = browser.axe_violations(driver, script)
+    for v in found:
+        print(f"axe: {v['impact']} {v['id']}: {v['help']} {v['nodes'][:3]}")
+    return [v for v in found if v["impact"] in ("serious", "critical")]
+
+
+AXE_MISSING = browser.axe_script()[1]
 
 
 @pytest.mark.skipif(bool(browser.browser_missing()), reason=f"no browser: {browser.browser_missing()}")
 def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNamespace) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     chelsea, coffee = browser.skimage_photo("chelsea.png"), browser.skimage_photo("coffee.png")
     with browser.running_app() as server:
         url = server.url
-        driver = browser.chromium()
+        driver = browser.chromium(*browser.DESKTOP)
         try:
             browser.open_page(driver, url)
             first = driver.current_window_handle
+            if AXE_MISSING:
+                print(f"\naxe-core not run: {AXE_MISSING}")
+            else:
+                assert serious_violations(driver) == [], "the empty page"
 
-            # A real photo: its caption, as caption.py writes it, soon after the drop.
+            # Keyboard only: Tab reaches the photo's upload button; the file goes in as its chooser would give it.
+            tab_to(driver, "#photo button")
+            assert "upload-container" in focused(driver)
             caption, seconds = browser.seconds_to_caption(driver, chelsea)
             assert caption == shipped_captions["chelsea.png"]
             print(f"\nbrowser: {seconds:.3f} s from drop to caption ({chelsea.name}, first photo)")
+            words = caption.split()
+            assert [b.text for b in browser.word_buttons(driver)] == words, "the caption's words are the picker"
+            assert in_view(driver, "#viewer .cam-words") and in_view(driver, "#viewer .cam-tag"), "desktop: in view"
+            assert browser.shown_word(driver) == f"{words[0]}, 1 of {len(words)}"
+            live = driver.execute_script("return document.getElementById('cam-live').textContent")
+            assert live == f"Caption of chelsea.png: {caption}", "the live region announces the caption"
 
-            # A word: its attention image appears, at the photo's own aspect ratio (451 x 300 -> 512 x 341).
-            labels = driver.find_elements(By.CSS_SELECTOR, "#words label")
-            assert [lab.text.split(". ", 1)[1] for lab in labels] == caption.split()
-            src = browser.choose_word(driver, 3)
-            size = driver.execute_script(
-                "const i = document.querySelector('#attention img'); return [i.naturalWidth, i.naturalHeight];"
-            )
-            assert size == [512, 341] and urllib.request.urlopen(src).status == 200
-            assert browser.choose_word(driver, 1) != src, "another word, another image"
+            # Arrows through the words: the overlay and its label change, and the browser asks the server nothing.
+            tab_to(driver, "#viewer .cam-word")
+            browser.requested_urls(driver)  # forget the requests so far
+            seen = {browser.attention_image(driver)}
+            for i in range(1, len(words)):
+                press(driver, Keys.ARROW_RIGHT)
+                assert browser.shown_word(driver) == f"{words[i]}, {i + 1} of {len(words)}"
+                seen.add(browser.attention_image(driver))
+            assert len(seen) == len(words) and all(src.startswith("data:image/webp") for src in seen)
+            press(driver, Keys.HOME)
+            assert browser.shown_word(driver).startswith(f"{words[0]}, 1 of")
+            assert "cam-word" in focused(driver) and focused(driver).endswith(words[0]), "the focus follows"
+            assert [u for u in browser.requested_urls(driver) if not u.startswith("data:")] == [], "no request a word"
+            alt = driver.find_element(By.CSS_SELECTOR, "#viewer .cam-overlay").get_attribute("alt")
+            assert alt == f'where the model looked while writing "{words[0]}" (word 1 of {len(words)})'
 
-            # The model card link is served by the page itself.
-            card = driver.find_element(By.CSS_SELECTOR, "#model a").get_attribute("href")
-            with urllib.request.urlopen(card) as response:
-                assert response.status == 200 and b"model card" in response.read()
+            # Play steps through every word and stops at the last; the colour map is the other rendering.
+            driver.find_element(By.CSS_SELECTOR, "#viewer .cam-play").click()
+            browser.wait_for(driver, lambda d: browser.shown_word(d) == f"{words[-1]}, {len(words)} of {len(words)}")
+            browser.wait_for(driver, lambda d: "Play" in d.find_element(By.CSS_SELECTOR, "#viewer .cam-play").text)
+            driver.find_element(By.CSS_SELECTOR, "#viewer input[value=heatmap]").click()
+            last = browser.word_buttons(driver)[-1]
+            assert browser.attention_image(driver) == last.get_attribute("data-heatmap")
+            assert driver.find_element(By.CSS_SELECTOR, "#viewer .cam-legend-heatmap").is_displayed()
 
-            # Figure and GIF on demand.
+            # A beam row shows that beam's own words and attention.
+            rows = driver.find_elements(By.CSS_SELECTOR, "#viewer .cam-beam")
+            assert len(rows) == 3 and rows[0].get_attribute("aria-pressed") == "true"
+            second = rows[1].find_element(By.CSS_SELECTOR, ".cam-beam-text").text
+            rows[1].click()
+            browser.wait_for(driver, lambda d: [b.text for b in browser.word_buttons(d)] == second.split())
+            assert driver.find_element(By.CSS_SELECTOR, "#viewer .cam-heading").text.startswith("Beam 2 of 3")
+
+            # The slider re-captions when let go: beam 1 gives one beam.
+            slider = driver.find_element(By.CSS_SELECTOR, "#beam input[type=range]")
+            from selenium.webdriver.common.action_chains import ActionChains
+
+            ActionChains(driver).move_to_element_with_offset(
+                slider, -slider.size["width"] // 2 + 1, 0
+            ).click().perform()
+            browser.wait_for(driver, lambda d: "(beam 1," in browser.status_text(d), what="the re-caption")
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#viewer .cam-beam")) == 1
+
+            # The model card is in the page, opened by the link beside the title.
+            driver.find_element(By.CSS_SELECTOR, "#header a[href='#model-card']").click()
+            browser.wait_for(driver, lambda d: "Known limitations" in d.find_element(By.ID, "model-card").text)
+
+            # Figure and GIF on demand, with the time the server keeps them.
             driver.find_element(By.ID, "make-figures").click()
             links = browser.wait_for(
                 driver,
@@ -412,39 +520,40 @@ def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNames
             for link in links:
                 with urllib.request.urlopen(link) as response:
                     assert response.status == 200 and response.read(4) in (b"GIF8", b"\x89PNG")
+            assert "The server keeps these files until" in driver.find_element(By.ID, "downloads-note").text
+            # Once that time has passed the page says so (the time is moved back rather than waited for).
+            driver.execute_script("document.querySelector('#downloads-note .cam-expiry').dataset.expires = '1'")
+            browser.wait_for(driver, lambda d: "have expired" in d.find_element(By.ID, "downloads-note").text)
+            assert not driver.find_element(By.ID, "downloads").is_displayed()
 
-            # Not an image: a message in the page, and the server goes on answering. A .txt file is refused by
-            # the page itself (Gradio checks the type); a text file named .jpg reaches the server, which says why.
-            browser.clear_photo(driver)
-            browser.drop_photo(driver, photos.root / "notes.txt")
-            browser.wait_for(driver, lambda d: "Invalid file type: notes.txt" in browser.body_text(d), what="a toast")
-            # Its name is shown as typed, not as Markdown or HTML.
-            browser.drop_photo(driver, photos.root / "text_<i>x*_.jpg")
-            message = browser.wait_for(driver, lambda d: "error" in browser.status_text(d) and browser.status_text(d))
-            assert message == "error: text_<i>x*_.jpg: not an image (or an unsupported format)"
-            assert browser.caption_text(driver) == ""
-            # Over 20 MB: refused by the page before uploading (the server would refuse it too).
-            browser.clear_photo(driver)
-            browser.drop_photo(driver, photos.root / "huge.jpg")
-            browser.wait_for(
-                driver,
-                lambda d: 'exceed the maximum allowed size of 20.0 Mb: "huge.jpg"' in browser.body_text(d),
-                what="the size toast",
-            )
+            if not AXE_MISSING:
+                assert serious_violations(driver) == [], "the page with an answer"
+
+            # Refusals in the page's own words; the server goes on answering.
+            for name, message in (
+                ("notes.txt", "error: notes.txt: not an image (or an unsupported format)"),
+                ("huge.jpg", "error: huge.jpg: the file is 21.0 MB; photos up to 20 MB are accepted"),
+                ("text_<i>x*_.jpg", "error: text_<i>x*_.jpg: not an image (or an unsupported format)"),
+                ("truncated.png", "error: truncated.png: the file is cut short (truncated): save or download"),
+            ):
+                browser.clear_photo(driver)
+                browser.drop_photo(driver, photos.root / name)
+                browser.wait_for(driver, lambda d, m=message: browser.status_text(d).startswith(m), what=message)
+                assert "exceed the maximum" not in browser.body_text(driver), "not Gradio's pop-up"
             browser.clear_photo(driver)
             caption, _ = browser.seconds_to_caption(driver, coffee)
             assert caption == shipped_captions["coffee.png"]
 
             # Two tabs at once: each gets the caption of its own photo.
             driver.switch_to.new_window("tab")
-            second = driver.current_window_handle
+            second_tab = driver.current_window_handle
             browser.open_page(driver, url)
             driver.switch_to.window(first)
             browser.clear_photo(driver)
             browser.drop_photo(driver, chelsea)
-            driver.switch_to.window(second)
+            driver.switch_to.window(second_tab)
             browser.drop_photo(driver, coffee)
-            for handle, name in ((first, "chelsea.png"), (second, "coffee.png")):
+            for handle, name in ((first, "chelsea.png"), (second_tab, "coffee.png")):
                 driver.switch_to.window(handle)
                 browser.wait_for(driver, lambda d, n=name: browser.status_text(d).startswith(f"{n}: captioned"))
                 assert browser.caption_text(driver) == shipped_captions[name], name
@@ -454,6 +563,20 @@ def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNames
             assert any(u.startswith(url) for u in urls) and browser.off_host(urls) == []
         finally:
             driver.quit()
+
+        # A phone: the caption, the word picker and the photo's label in view after a drop, without scrolling.
+        phone = browser.chromium(*browser.PHONE, mobile=True)
+        try:
+            browser.open_page(phone, url)
+            assert phone.execute_script("return [window.innerWidth, window.innerHeight]") == list(browser.PHONE)
+            caption, _ = browser.seconds_to_caption(phone, chelsea)
+            assert caption == shipped_captions["chelsea.png"]
+            for part in ("#status", "#viewer .cam-words", "#viewer .cam-tag"):
+                assert in_view(phone, part), f"phone: {part} out of view"
+            if not AXE_MISSING:
+                assert serious_violations(phone) == [], "the page on a phone"
+        finally:
+            phone.quit()
     # Stopped by SIGTERM: exit status 143, no traceback, and its folder of uploads and outputs is gone.
     log = server.output
     assert server.proc.returncode == 143 and "Traceback" not in log, log
@@ -467,8 +590,10 @@ def test_browser_helpers_find_requests_off_this_machine() -> None:
     assert browser.off_host(urls) == ["https://fonts.googleapis.com/css", "http://localhost:7860/"]
 
 
-def test_names_are_escaped_for_markdown() -> None:
-    assert app.markdown_text("a_b*<img src=x>.jpg (1)") == r"a\_b\*\<img src=x\>\.jpg \(1\)"
+def test_names_are_escaped_for_html() -> None:
+    line = '<p class="cam-status">a_b*&lt;img src=x&gt;.jpg (1)</p>'
+    assert app.status_html("a_b*<img src=x>.jpg (1)") == f'<div class="cam-status-box">{line}</div>'
+    assert "error: &lt;i&gt;.jpg: not an image</p>" in app.status_html("<i>.jpg: not an image", error=True)
 
 
 def test_page_uses_system_fonts_only() -> None:

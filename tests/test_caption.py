@@ -7,7 +7,6 @@ traceback reaches the terminal.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ from PIL import Image
 
 import caption
 import captioner as captioner_module
-from attention_maps import save_attention_figure, save_attention_gif, smooth_attention
+from attention_maps import figure_pixels, save_attention_figure, save_attention_gif, smooth_attention
 from utils import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,9 +31,8 @@ REPO = Path(caption.__file__).resolve().parent
 
 
 def panel_png_size(panels: int) -> tuple[int, int]:
-    """Pixel size of save_attention_figure's PNG: 5 panels a row, 2.4 x 2.6 inches each, 80 dpi."""
-    cols = min(5, panels)
-    return round(2.4 * 80 * cols), round(2.6 * 80 * math.ceil(panels / cols))
+    """Pixel size of save_attention_figure's PNG of square panels (caption.py shows the model's square input)."""
+    return figure_pixels(panels, 1.0)
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> SimpleNamespace:
