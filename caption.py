@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from attention_maps import attention_grids, save_attention_figure, save_attention_gif
+from attention_maps import attention_grids, photo_shape, save_attention_figure, save_attention_gif, stretch_photo
 from captioner import Captioner, caption_images, collect_images
 from cli import HelpFormatter, options_from_args
 from decoding import DecodeConfig, add_decoding_arguments
@@ -83,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.figures and words:
                 stem = output_name(path, used)
                 grids = attention_grids(decoded)
-                save_attention_figure(image, words, grids, args.out_dir / f"{stem}_attention.png")
+                photo = stretch_photo(image, photo_shape(path))  # at its own aspect ratio, as the page shows it
+                save_attention_figure(image, words, grids, args.out_dir / f"{stem}_attention.png", photo)
                 if args.gif:
                     save_attention_gif(image, words, grids, args.out_dir / f"{stem}_attention.gif")
     return 2 if failed else 0
