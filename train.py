@@ -63,8 +63,9 @@ from datasets import CaptionDataset, FeatureDataset, check_split_has_images, col
 from decoding import DecodeConfig, content_word_mask, decode_loader
 from features import cache_features, cache_is_current, features_path, weights_fingerprint
 from fused import FastDropout, FusedTeacherForcing
-from metrics import CiderD, cider_d_corpus, coco_mentions, image_truth, nltk_bleu
-from models import END_ID, Encoder, ModelConfig, Preprocess, build_captioner
+from metrics import CiderD, cider_d_corpus, image_truth, nltk_bleu
+from models import Encoder, ModelConfig, Preprocess, build_captioner
+from scst import scst_objective
 from utils import (
     FUNCTION_WORDS,
     CamEyeError,
@@ -418,60 +419,6 @@ def cross_entropy_objective(encoder, decoder, tcfg: TrainConfig, device, use_cac
         n = targets.numel()
         sums = {"loss": loss.item() * n, "ce": ce.item() * n, "words": n, "captions": captions.size(0)}
         return loss, sums, images.size(0)
-
-    return objective
-
-
-def scst_objective(
-    decoder, tcfg: TrainConfig, device, scorer: CiderD, rev_word_map: list[str], truths: Sequence[set[str]] = ()
-) -> Objective:
-    """Self-critical sequence training (Rennie et al., CVPR 2017) with the "new SCST" baseline.
-
-    For each image, ``tcfg.scst_samples`` captions are drawn from the model; each is rewarded with its CIDEr-D
-    against the image's references, minus the mean reward of the image's other samples (ruotianluo's
-    self-critical.pytorch; the paper's baseline is the greedy caption's reward, which costs a decoding pass
-    more and measured no better there). The loss is REINFORCE's -(r - b) log p(w), averaged over the drawn
-    words. ``<end>`` is appended to candidates and references alike (as ruotianluo does), so a caption's last
-    words form n-grams with it: a caption cut off at "... with a" loses reward, the known failure of SCST.
-
-    With ``tcfg.scst_hallucination_penalty`` = lambda > 0, a caption's reward is CIDEr-D minus lambda per
-    mention of a COCO object (CHAIR's categories and synonyms, Rohrbach et al. 2018) that is not in
-    ``truths[i]``, the categories image ``i``'s references name: CHAIR computed against the references alone,
-    as a reward. CIDEr-D alone pays for a likely object word even when it is wrong, and the model learns to say
-    "dog" on photos of cats; the penalty makes a wrong object cost more than leaving it unnamed. (Our choice;
-    Rennie et al. reward CIDEr-D only.) Rewards are in CIDEr-D's unit (1.0 = CIDEr 100).
-    Batches come from an eval-mode dataset: (features, references as word lists, indices).
-    """
-    k = tcfg.scst_samples
-    penalty = tcfg.scst_hallucination_penalty
-    words_of = np.asarray(rev_word_map, dtype=object)
-
-    def objective(batch: tuple) -> tuple[torch.Tensor, dict[str, float], int]:
-        feats, references, indices = batch
-        feats = feats.to(device, non_blocking=True)
-        words, log_probs, mask = decoder.sample(feats, k, tcfg.scst_max_len)
-        ids, keep = words.cpu().numpy(), mask.cpu().numpy() > 0
-        candidates = [[*words_of[row[m & (row != END_ID)]], "<end>"] for row, m in zip(ids, keep)]
-        refs = [[[*ref, "<end>"] for ref in image_refs] for image_refs in references]
-        rewards = scorer.scores(candidates, refs, np.repeat(np.arange(len(refs)), k)).reshape(-1, k)
-        hallucinated = np.zeros_like(rewards)
-        if penalty:
-            for j, caption in enumerate(candidates):
-                truth = truths[indices[j // k]]
-                hallucinated.flat[j] = sum(cat not in truth for _, _, cat in coco_mentions(caption[:-1]))
-            rewards = rewards - penalty * hallucinated
-        baseline = (rewards.sum(axis=1, keepdims=True) - rewards) / (k - 1)
-        advantage = torch.tensor((rewards - baseline).reshape(-1), dtype=torch.float32, device=device)
-        loss = -(advantage.unsqueeze(1) * log_probs.float() * mask).sum() / mask.sum()
-        n_words = float(mask.sum())
-        sums = {
-            "loss": loss.item() * n_words,
-            "words": n_words,
-            "reward": float(rewards.sum()),
-            "hallucinated": float(hallucinated.sum()),
-            "captions": ids.shape[0],
-        }
-        return loss, sums, feats.size(0)
 
     return objective
 
@@ -1098,7 +1045,11 @@ def scst_setup(train_set, tcfg: TrainConfig, decoder, device, rev_word_map, worl
         collate_fn=collate_eval,
         generator=torch.Generator(),
     )
-    return scst_objective(decoder, tcfg, device, scorer, rev_word_map, truths), loader
+    objective = scst_objective(
+        decoder, scorer, rev_word_map, device, tcfg.scst_samples, tcfg.scst_max_len, tcfg.scst_hallucination_penalty,
+        truths,
+    )  # fmt: skip
+    return objective, loader
 
 
 def check_mid_epoch_resume(ckpt: dict, progress: EpochProgress, tcfg: TrainConfig, world: int) -> None:

@@ -41,6 +41,7 @@ from datasets import CaptionDataset, FeatureDataset, collate_eval
 from decoding import DecodeConfig, decode_loader
 from metrics import nltk_bleu
 from models import ModelConfig, Preprocess, build_captioner
+from scst import scst_objective
 from synthetic import generate_dataset
 from utils import CamEyeError, read_json, reverse_word_map
 
@@ -759,14 +760,13 @@ def test_lr_drop_epochs_multiply_the_learning_rate(synthetic_prepared, tmp_path)
 # ----------------------------------------------------------------------------------------------------- SCST
 def _drawn_caption_rewards(checkpoint: Path, data: Path, cfg: ModelConfig, split: str, samples: int = 16) -> np.ndarray:
     """Per image of ``split``, the mean CIDEr-D reward (1.0 = CIDEr 100) of ``samples`` captions drawn from the
-    checkpoint's decoder (seed 0): the expectation SCST maximises, scored by train.scst_objective itself, with
+    checkpoint's decoder (seed 0): the expectation SCST maximises, scored by scst.scst_objective itself, with
     CIDEr-D's document frequencies from the split's references (as SCST takes them from the training set's)."""
     _, decoder, word_map, _ = load_captioner(checkpoint)
     cache = train.features_path(cfg, data, split, resolve_precision("auto", "cpu"))
     dataset = FeatureDataset(data / f"{split}.hdf5", cache, "eval")
     scorer = metrics.CiderD([[[*ref, "<end>"] for ref in dataset.references(i)] for i in range(len(dataset))])
-    tcfg = train.TrainConfig(data=str(data), scst_samples=samples)
-    objective = train.scst_objective(decoder, tcfg, "cpu", scorer, reverse_word_map(word_map))
+    objective = scst_objective(decoder, scorer, reverse_word_map(word_map), "cpu", samples)
     torch.manual_seed(0)
     with torch.no_grad():
         return np.array([objective(collate_eval([dataset[i]]))[1]["reward"] / samples for i in range(len(dataset))])
@@ -870,8 +870,7 @@ def test_scst_hallucination_penalty_charges_objects_the_references_never_name() 
     scorer = train.CiderD([[[*r, "<end>"] for r in references[0]]])
     rewards = {}
     for penalty in (0.0, 0.25):
-        tcfg = train.TrainConfig(data="", scst_samples=3, scst_hallucination_penalty=penalty)
-        objective = train.scst_objective(_FixedSampler(rows), tcfg, "cpu", scorer, words, truths)
+        objective = scst_objective(_FixedSampler(rows), scorer, words, "cpu", 3, 16, penalty, truths)
         _, sums, _ = objective((torch.zeros(1, 4, 8), references, [0]))
         rewards[penalty] = sums
     assert rewards[0.25]["hallucinated"] == 3
