@@ -473,6 +473,23 @@ class DecoderWithAttention(nn.Module):
         return torch.stack(drawn, 1), torch.stack(log_probs, 1), torch.stack(masks, 1)
 
 
+# -------------------------------------------------------------------------------------------------- loss
+def caption_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor, alpha_c: float, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss (section 4.2.1, eq. 14): cross-entropy over real words plus the doubly stochastic
+    attention regulariser, which asks every region to be attended about once over the caption.
+
+    ``logits`` (T_total x V) and ``targets`` (T_total) as :meth:`DecoderWithAttention.forward` returns them;
+    ``alphas`` is N x T x P with zeros past each caption's end, so sum over t is over real steps only. The
+    regulariser is lambda * sum over pixels of (1 - sum_t alpha_ti)^2 (lambda = ``alpha_c``), averaged over
+    captions. Returns (total loss, cross-entropy).
+    """
+    ce = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    reg = ((1.0 - alphas.sum(dim=1)) ** 2).sum(dim=1).mean()
+    return ce + alpha_c * reg, ce
+
+
 # ------------------------------------------------------------------------------------------------- build
 def build_captioner(cfg: ModelConfig) -> tuple[Encoder, DecoderWithAttention]:
     """A fresh encoder (with its pretrained weights) and decoder for ``cfg``."""

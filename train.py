@@ -42,7 +42,6 @@ except ImportError:  # pragma: no cover
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
@@ -62,9 +61,9 @@ from cli import (
 from datasets import CaptionDataset, FeatureDataset, check_split_has_images, collate_eval, collate_train, open_split
 from decoding import DecodeConfig, content_word_mask, decode_loader
 from features import cache_features, cache_is_current, features_path, weights_fingerprint
-from fused import FastDropout, FusedTeacherForcing
+from fused import FastDropout, FusedTeacherForcing, adam
 from metrics import CiderD, cider_d_corpus, image_truth, nltk_bleu
-from models import Encoder, ModelConfig, Preprocess, build_captioner
+from models import Encoder, ModelConfig, Preprocess, build_captioner, caption_loss
 from scst import scst_objective
 from utils import (
     FUNCTION_WORDS,
@@ -228,20 +227,6 @@ def load_word_vectors(path: Path, word_map: dict[str, int], init: torch.Tensor) 
 
 
 # -------------------------------------------------------------------------------------------------- loss
-def caption_loss(
-    logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor, alpha_c: float, label_smoothing: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy over real words plus the doubly stochastic attention regulariser.
-
-    ``alphas`` is N x T x P with zeros past each caption's end, so sum over t is over real steps only. The
-    regulariser is sum over pixels of (1 - sum_t alpha_ti)^2, averaged over captions. Returns
-    (total loss, cross-entropy).
-    """
-    ce = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-    reg = ((1.0 - alphas.sum(dim=1)) ** 2).sum(dim=1).mean()
-    return ce + alpha_c * reg, ce
-
-
 # ------------------------------------------------------------------------------------------------- setup
 def setup_distributed(device_name: str) -> tuple[int, int, int, torch.device]:
     """Join the process group when started by torchrun; returns (rank, local rank, world size, device)."""
@@ -1063,13 +1048,6 @@ def check_mid_epoch_resume(ckpt: dict, progress: EpochProgress, tcfg: TrainConfi
             f"last.pt stopped inside epoch {progress.epoch} with {saved_world} process(es) and seed {saved_seed}: "
             "resume with the same to finish the epoch (its image order depends on them)"
         )
-
-
-def adam(params: list[torch.Tensor], lr: float, device: torch.device | str) -> torch.optim.Adam:
-    """Adam (Kingma & Ba, 2015, as the paper and the tutorial) with PyTorch's fused kernel on the CPU and CUDA:
-    one pass per parameter tensor for the whole update, where the default CPU implementation runs about ten
-    operations per tensor (the same weights to float32 rounding: tests/test_train.py; speed: docs/benchmarks.md)."""
-    return torch.optim.Adam(params, lr=lr, fused=torch.device(device).type in ("cpu", "cuda"))
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

@@ -28,9 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fused import FastDropout, FusedTeacherForcing  # noqa: E402
-from models import DecoderWithAttention, ModelConfig  # noqa: E402
-from train import adam, caption_loss  # noqa: E402
+from fused import FastDropout, FusedTeacherForcing, adam  # noqa: E402
+from models import DecoderWithAttention, ModelConfig, caption_loss  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
 # name: (fused path, bfloat16 autocast, compiled attention kernels)

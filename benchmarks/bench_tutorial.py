@@ -50,9 +50,8 @@ from bench_train import cpu_counters, make_batch, report_steal  # noqa: E402
 
 from backbones import resolve_precision  # noqa: E402
 from decoding import DecodeConfig, beam_search  # noqa: E402
-from fused import FastDropout, FusedTeacherForcing  # noqa: E402
-from models import DecoderWithAttention, Encoder, ModelConfig  # noqa: E402
-from train import adam, caption_loss  # noqa: E402
+from fused import FastDropout, FusedTeacherForcing, adam  # noqa: E402
+from models import DecoderWithAttention, Encoder, ModelConfig, caption_loss  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
 # The tutorial on this machine (issue 10's table): seconds to prepare 8,000 images, minutes per frozen-encoder

@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from create_input_files import decode_image  # noqa: E402
 from detector import DEFAULT_DIR, LABELS, Detector, box_iou  # noqa: E402
 from eval import read_instances  # noqa: E402
+from images import decode_image  # noqa: E402
 from utils import CamEyeError, cli_errors  # noqa: E402
 
 FULL_RESOLUTION = 2**30  # decode_image's target side: large, so a JPEG is never decoded at a reduced scale

@@ -30,8 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from create_input_files import decode_image  # noqa: E402
 from detector import DEFAULT_DIR, DETECTIONS, HEATMAP, INPUT_SIZE, SIZES, Detector, decode  # noqa: E402
+from images import decode_image  # noqa: E402
 from utils import CamEyeError, cli_errors  # noqa: E402
 
 SHAPES = {"keypoints": (1, 128, 128, 80), "wh": (1, 128, 128, 4), "detections": (1, 100, 6)}

@@ -12,8 +12,7 @@ from _decoders import make_captions, teacher, tiny_cfg
 from _tiny_model import one_torch_thread
 
 import fused as fp
-from models import DecoderWithAttention
-from train import caption_loss
+from models import DecoderWithAttention, caption_loss
 
 
 @pytest.fixture(autouse=True, scope="module")

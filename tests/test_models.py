@@ -24,8 +24,8 @@ from models import (
     Encoder,
     ModelConfig,
     Preprocess,
+    caption_loss,
 )
-from train import caption_loss
 from utils import CamEyeError
 
 LITE0_STAGES = 9  # stem, 7 block groups, head

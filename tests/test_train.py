@@ -959,10 +959,10 @@ def test_adam_is_fused_and_equals_the_default_update() -> None:
     torch.manual_seed(0)
     weights = [torch.randn(64, 32, requires_grad=True), torch.randn(32, requires_grad=True)]
     copies = [w.detach().clone().requires_grad_() for w in weights]
-    fused, default = train.adam(weights, 1e-2, "cpu"), torch.optim.Adam(copies, lr=1e-2)
-    assert fused.param_groups[0]["fused"] and not default.param_groups[0]["fused"]
+    fast, default = fused.adam(weights, 1e-2, "cpu"), torch.optim.Adam(copies, lr=1e-2)
+    assert fast.param_groups[0]["fused"] and not default.param_groups[0]["fused"]
     for _ in range(3):
-        for params, opt in ((weights, fused), (copies, default)):
+        for params, opt in ((weights, fast), (copies, default)):
             opt.zero_grad()
             sum((p**2).sum() for p in params).backward()
             opt.step()
@@ -972,7 +972,7 @@ def test_adam_is_fused_and_equals_the_default_update() -> None:
 
 def test_optimizer_state_from_before_fused_adam_resumes_fused() -> None:
     """Issue 10: an optimiser state saved by the default Adam (older checkpoints: "fused" None) loads into
-    train.adam's fused optimiser, which stays fused and continues the default Adam's steps."""
+    fused.adam's fused optimiser, which stays fused and continues the default Adam's steps."""
     torch.manual_seed(0)
     weights = [torch.randn(16, 8, requires_grad=True)]
     old = torch.optim.Adam(weights, lr=1e-2)
@@ -982,7 +982,7 @@ def test_optimizer_state_from_before_fused_adam_resumes_fused() -> None:
         old.step()
     saved = copy.deepcopy(old.state_dict())
     copies = [weights[0].detach().clone().requires_grad_()]
-    new = train.adam(copies, 1e-2, "cpu")
+    new = fused.adam(copies, 1e-2, "cpu")
     train.load_optimizer_state(new, saved)
     assert new.param_groups[0]["fused"]
     for params, opt in ((weights, old), (copies, new)):
