@@ -43,6 +43,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -612,6 +613,82 @@ def page_head() -> str:
     return f"<script>{script}</script>"
 
 
+def caption_event(captioner: Captioner, decode: DecodeConfig, upload: tuple[Path, str], beam: Any, penalty: Any,
+                  previous: Answer | None) -> tuple[str, Answer | None, str | None]:  # fmt: skip
+    """The page's answer to a photo (or to new settings for the photo it shows): (status HTML, the answer, its
+    viewer HTML). A refused beam size or length penalty gives (message, None, "") and the shown answer stays;
+    an unusable photo gives (message, None, None)."""
+    path, name = upload
+    started = time.perf_counter()
+    try:
+        beam, penalty = check_controls(beam, penalty)
+    except CamEyeError as err:  # e.g. 2.5 typed into the beam box: say so, keep the answer shown
+        return status_html(str(err), error=True), None, ""
+    try:
+        if previous is not None and previous.source == str(path) and not path.exists():
+            # The same photo again (new settings): its upload was deleted after the first answer.
+            search = page_search(decode, beam, penalty)
+            result = caption_answer(captioner, previous.source, name, previous.image, previous.photo, search)
+        elif path.is_file():
+            result = answer_photo(captioner, path, name, beam, penalty, decode)
+        else:
+            raise CamEyeError(f"{name}: the upload is no longer on the server; please add the photo again")
+        viewer = viewer_html(result)
+    except CamEyeError as err:
+        return status_html(str(err), error=True), None, None
+    result.seconds = time.perf_counter() - started
+    return status_html(f"{name}: captioned in {result.seconds:.2f} s ({result.settings})"), result, viewer
+
+
+def page_layout(captioner: Captioner, decode: DecodeConfig, card: str | None) -> SimpleNamespace:
+    """The page's components, laid out inside the current gr.Blocks: the photo, the result (status and the word
+    viewer), and the settings column (examples, sliders, figures, the model card). Returns them by name."""
+    import gradio as gr
+
+    state = gr.State(None)
+    gr.HTML(f"<h1>CamEye: where does it look?</h1>{model_summary(captioner)}", elem_id="header")
+    with gr.Row(elem_id="main"):
+        with gr.Column(elem_id="input-col", min_width=0):
+            photo_in = gr.Image(
+                label="Your photo (drop, upload, paste or webcam)",
+                sources=["upload", "clipboard", "webcam"],
+                type="filepath",
+                height=230,
+                buttons=[],
+                elem_id="photo",
+            )
+        with gr.Column(elem_id="result-col", min_width=0):
+            status = gr.HTML(status_html(""), elem_id="status")
+            viewer = gr.HTML(EMPTY_VIEWER, js_on_load=VIEWER_JS.replace("PLAY_MS", str(round(PLAY_SECONDS * 1000))),
+                             elem_id="viewer")  # fmt: skip
+        with gr.Column(elem_id="settings-col", min_width=0):
+            gr.Examples([[str(p)] for p in example_photos()], inputs=photo_in, label="Example photos",
+                        elem_id="examples")  # fmt: skip
+            beam_in = gr.Slider(*BEAM_SIZES, value=decode.beam_size, step=1, label="Beam size", elem_id="beam",
+                                info="captions kept at each step; re-captions when you let go")  # fmt: skip
+            penalty_in = gr.Slider(*LENGTH_PENALTIES, value=decode.length_penalty, step=0.1, label="Length penalty",
+                                   info="higher favours longer captions; re-captions when you let go",
+                                   elem_id="penalty")  # fmt: skip
+            make_figures = gr.Button("Attention figure and GIF (to download)", elem_id="make-figures")
+            downloads = gr.File(
+                label="Downloads",
+                file_count="multiple",
+                interactive=False,
+                height=120,
+                visible=False,
+                elem_id="downloads",
+            )  # fmt: skip (shown once there are files)
+            downloads_note = gr.HTML(elem_id="downloads-note")
+            if card is not None:
+                with gr.Accordion("Model card", open=False, elem_id="model-card"):
+                    gr.Markdown(card, elem_id="model-card-text")
+
+    return SimpleNamespace(
+        state=state, photo_in=photo_in, status=status, viewer=viewer, beam_in=beam_in, penalty_in=penalty_in,
+        make_figures=make_figures, downloads=downloads, downloads_note=downloads_note,
+    )  # fmt: skip
+
+
 def build_page(captioner: Captioner, decode: DecodeConfig = DecodeConfig(), queue_size: int = 16,
                keep_outputs: int = 300):  # fmt: skip
     """The Gradio Blocks of the page (not launched). ``decode``'s beam size and length penalty are the sliders'
@@ -619,117 +696,66 @@ def build_page(captioner: Captioner, decode: DecodeConfig = DecodeConfig(), queu
     figure downloads are deleted ``keep_outputs`` seconds after they were made."""
     import gradio as gr
 
-    def forget_upload(path: Path) -> None:
-        # Example photos live in the same cache but are kept; anything else was uploaded by a user.
-        if str(path) not in photo_in.keep_in_cache:
-            path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # Gradio's folder for this one upload, now empty
-                path.parent.rmdir()
-
-    def cleared(status: str) -> tuple:
-        """The outputs for no answer: a status line, the empty viewer, no state, no downloads."""
-        return status, EMPTY_VIEWER, None, gr.update(value=None, visible=False), ""
-
-    def answer(payload: Any, beam: Any, penalty: Any, previous: Answer | None):
-        """Event handler: (status, viewer, state, downloads, downloads note)."""
-        upload = upload_of(payload)
-        if upload is None:
-            return cleared(status_html(""))
-        path, name = upload
-        started = time.perf_counter()
-        try:
-            try:
-                beam, penalty = check_controls(beam, penalty)
-            except CamEyeError as err:  # e.g. 2.5 typed into the beam box: say so, keep the answer shown
-                return status_html(str(err), error=True), gr.update(), gr.update(), gr.update(), gr.update()
-            if previous is not None and previous.source == str(path) and not path.exists():
-                # The same photo again (new settings): its upload was deleted after the first answer.
-                result = caption_answer(
-                    captioner, previous.source, name, previous.image, previous.photo, page_search(decode, beam, penalty)
-                )
-            elif path.is_file():
-                result = answer_photo(captioner, path, name, beam, penalty, decode)
-            else:
-                raise CamEyeError(f"{name}: the upload is no longer on the server; please add the photo again")
-            viewer = viewer_html(result)
-        except CamEyeError as err:
-            return cleared(status_html(str(err), error=True))
-        finally:
-            forget_upload(path)
-        result.seconds = time.perf_counter() - started
-        status = status_html(f"{name}: captioned in {result.seconds:.2f} s ({result.settings})")
-        return status, viewer, result, gr.update(value=None, visible=False), ""
-
-    def choose_beam(state: Answer | None, event: gr.EventData):
-        """Event handler: the viewer for beam ``event.beam`` of the tab's answer (a click on a beam row)."""
-        beam = getattr(event, "beam", 0) if state is not None else 0
-        if state is None or not isinstance(beam, int) or not 0 <= beam < len(state.beams):
-            return gr.update()
-        return viewer_html(state, beam)
-
-    choose_beam.__annotations__["event"] = gr.EventData  # how Gradio knows to pass it (not a postponed string)
-
-    def figures(state: Answer | None):
-        if state is None:
-            message = status_html("no caption yet: drop a photo first", error=True)
-            return gr.update(value=None, visible=False), message
-        # Written inside Gradio's cache, so it serves them as they are and deletes them after keep_outputs.
-        cache = Path(downloads.GRADIO_CACHE)
-        cache.mkdir(parents=True, exist_ok=True)
-        made = time.time()
-        files = [str(p) for p in write_figures(state, Path(tempfile.mkdtemp(dir=cache)))]
-        return gr.update(value=files, visible=True), expiry_html(made, keep_outputs)
-
     # Every min(60 s, keep_outputs) Gradio deletes the files it made for this page that are older than keep_outputs.
     delete_cache = (min(60, keep_outputs), keep_outputs)
     card = model_card(captioner)
     with gr.Blocks(title="CamEye: where does it look?", analytics_enabled=False, delete_cache=delete_cache) as page:
-        state = gr.State(None)
-        gr.HTML(f"<h1>CamEye: where does it look?</h1>{model_summary(captioner)}", elem_id="header")
-        with gr.Row(elem_id="main"):
-            with gr.Column(elem_id="input-col", min_width=0):
-                photo_in = gr.Image(
-                    label="Your photo (drop, upload, paste or webcam)",
-                    sources=["upload", "clipboard", "webcam"],
-                    type="filepath",
-                    height=230,
-                    buttons=[],
-                    elem_id="photo",
-                )
-            with gr.Column(elem_id="result-col", min_width=0):
-                status = gr.HTML(status_html(""), elem_id="status")
-                viewer = gr.HTML(EMPTY_VIEWER, js_on_load=VIEWER_JS.replace("PLAY_MS", str(round(PLAY_SECONDS * 1000))),
-                                 elem_id="viewer")  # fmt: skip
-            with gr.Column(elem_id="settings-col", min_width=0):
-                gr.Examples([[str(p)] for p in example_photos()], inputs=photo_in, label="Example photos",
-                            elem_id="examples")  # fmt: skip
-                beam_in = gr.Slider(*BEAM_SIZES, value=decode.beam_size, step=1, label="Beam size", elem_id="beam",
-                                    info="captions kept at each step; re-captions when you let go")  # fmt: skip
-                penalty_in = gr.Slider(*LENGTH_PENALTIES, value=decode.length_penalty, step=0.1, label="Length penalty",
-                                       info="higher favours longer captions; re-captions when you let go",
-                                       elem_id="penalty")  # fmt: skip
-                make_figures = gr.Button("Attention figure and GIF (to download)", elem_id="make-figures")
-                downloads = gr.File(
-                    label="Downloads",
-                    file_count="multiple",
-                    interactive=False,
-                    height=120,
-                    visible=False,
-                    elem_id="downloads",
-                )  # fmt: skip (shown once there are files)
-                downloads_note = gr.HTML(elem_id="downloads-note")
-                if card is not None:
-                    with gr.Accordion("Model card", open=False, elem_id="model-card"):
-                        gr.Markdown(card, elem_id="model-card-text")
+        ui = page_layout(captioner, decode, card)
 
-        outputs = [status, viewer, state, downloads, downloads_note]
+        def forget_upload(path: Path) -> None:
+            # Example photos live in the same cache but are kept; anything else was uploaded by a user.
+            if str(path) not in ui.photo_in.keep_in_cache:
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # Gradio's folder for this one upload, now empty
+                    path.parent.rmdir()
+
+        def cleared(status: str) -> tuple:
+            """The outputs for no answer: a status line, the empty viewer, no state, no downloads."""
+            return status, EMPTY_VIEWER, None, gr.update(value=None, visible=False), ""
+
+        def answer(payload: Any, beam: Any, penalty: Any, previous: Answer | None):
+            """Event handler: (status, viewer, state, downloads, downloads note)."""
+            upload = upload_of(payload)
+            if upload is None:
+                return cleared(status_html(""))
+            try:
+                status, result, viewer = caption_event(captioner, decode, upload, beam, penalty, previous)
+            finally:
+                forget_upload(upload[0])
+            if result is None:
+                return cleared(status) if viewer is None else (status, *[gr.update()] * 4)
+            return status, viewer, result, gr.update(value=None, visible=False), ""
+
+        def choose_beam(state: Answer | None, event: gr.EventData):
+            """Event handler: the viewer for beam ``event.beam`` of the tab's answer (a click on a beam row)."""
+            beam = getattr(event, "beam", 0) if state is not None else 0
+            if state is None or not isinstance(beam, int) or not 0 <= beam < len(state.beams):
+                return gr.update()
+            return viewer_html(state, beam)
+
+        choose_beam.__annotations__["event"] = gr.EventData  # how Gradio knows to pass it (not a postponed string)
+
+        def figures(state: Answer | None):
+            if state is None:
+                message = status_html("no caption yet: drop a photo first", error=True)
+                return gr.update(value=None, visible=False), message
+            # Written inside Gradio's cache, so it serves them as they are and deletes them after keep_outputs.
+            cache = Path(ui.downloads.GRADIO_CACHE)
+            cache.mkdir(parents=True, exist_ok=True)
+            made = time.time()
+            files = [str(p) for p in write_figures(state, Path(tempfile.mkdtemp(dir=cache)))]
+            return gr.update(value=files, visible=True), expiry_html(made, keep_outputs)
+
+        outputs = [ui.status, ui.viewer, ui.state, ui.downloads, ui.downloads_note]
         events = {"outputs": outputs, "preprocess": False, "concurrency_id": "decode", "concurrency_limit": 1}
-        inputs = [photo_in, beam_in, penalty_in, state]
-        photo_in.change(answer, inputs, api_name="caption", **events)
-        beam_in.release(answer, inputs, api_name="recaption_beam", **events)
-        penalty_in.release(answer, inputs, api_name="recaption_penalty", **events)
-        viewer.click(choose_beam, state, viewer, api_name="beam", concurrency_limit=2)
-        make_figures.click(figures, state, [downloads, downloads_note], api_name="figures", concurrency_limit=2)
+        inputs = [ui.photo_in, ui.beam_in, ui.penalty_in, ui.state]
+        ui.photo_in.change(answer, inputs, api_name="caption", **events)
+        ui.beam_in.release(answer, inputs, api_name="recaption_beam", **events)
+        ui.penalty_in.release(answer, inputs, api_name="recaption_penalty", **events)
+        ui.viewer.click(choose_beam, ui.state, ui.viewer, api_name="beam", concurrency_limit=2)
+        ui.make_figures.click(
+            figures, ui.state, [ui.downloads, ui.downloads_note], api_name="figures", concurrency_limit=2
+        )
     page.queue(default_concurrency_limit=1, max_size=queue_size)
     return page
 

@@ -470,15 +470,16 @@ def train_one_epoch(
         progress.step += 1
         progress.seconds = time.perf_counter() - start
         bar.set_postfix(loss=f"{progress.mean('loss', 'words'):.3f}")
-        if step_log is not None and progress.step % tcfg.log_every == 0:
-            append_jsonl({"epoch": progress.epoch, "step": progress.step, "loss": value}, step_log)
-        if writer is not None and progress.step % 50 == 0:
-            per_epoch = math.ceil(loader.sampler.full_length() / tcfg.batch_size)
-            writer.add_scalar("train/loss_step", value, progress.epoch * per_epoch + progress.step)
+        log_step(progress, value, tcfg, step_log, writer, math.ceil(loader.sampler.full_length() / tcfg.batch_size))
         if (stop or save_due) and save is not None:
             save(progress)
         if stop:
             raise TrainingStopped(f"stopped by {control.signal_name}", control.signal_name or "SIGTERM")
+    return epoch_metrics(progress)
+
+
+def epoch_metrics(progress: EpochProgress) -> dict[str, float]:
+    """The finished epoch's training figures from its running sums (speed, loss, and what the objective adds)."""
     seconds = max(progress.seconds, 1e-9)
     metrics = {
         "train_loss": progress.mean("loss", "words"),
@@ -495,6 +496,17 @@ def train_one_epoch(
     if "hallucinated" in progress.sums:  # invented objects per drawn caption (counted when penalised)
         metrics["train_hallucinated"] = progress.mean("hallucinated", "captions")
     return metrics
+
+
+def log_step(
+    progress: EpochProgress, loss: float, tcfg: TrainConfig, step_log: Path | None, writer, steps: int
+) -> None:
+    """Append every ``tcfg.log_every``-th step's loss to ``step_log`` (JSON lines: epoch, step, loss) and every
+    50th to TensorBoard's ``writer`` (steps counted across epochs of ``steps`` steps)."""
+    if step_log is not None and progress.step % tcfg.log_every == 0:
+        append_jsonl({"epoch": progress.epoch, "step": progress.step, "loss": loss}, step_log)
+    if writer is not None and progress.step % 50 == 0:
+        writer.add_scalar("train/loss_step", loss, progress.epoch * steps + progress.step)
 
 
 def optimiser_step(loss: torch.Tensor, optimizers: list, scaler, params: list, grad_clip: float) -> bool:
