@@ -392,8 +392,14 @@ def evaluate(
         subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval, worker_init_fn=quiet_worker
     )
     prior = ObjectPrior(cfg.backbone, word_map, object_prior) if object_prior else None
+    grounder, findings = None, None
+    if decode.ground != "off":  # the detector sees the prepared image, as the encoder does (grounding.py)
+        from grounding import Grounder
+
+        grounder = Grounder(word_map, image_size=cfg.image_size)
+        findings = {i: grounder.find([dataset.h5["images"][i]])[0] for i in rows}
     preds, refs, indices = decode_loader(
-        encoder, decoder, loader, dev, decode, content_word_mask(word_map), prior, progress=True
+        encoder, decoder, loader, dev, decode, content_word_mask(word_map), prior, True, grounder, findings
     )
     rev = reverse_word_map(word_map)
     hyps = [[rev[i] for i in p.tokens] for p in preds]
@@ -404,8 +410,13 @@ def evaluate(
 
     # The decoded captions first: nothing after this point may lose them.
     names = file_names(dataset)
+    # "outside": the caption's words that came from the detector (DecodeConfig.ground), in caption order.
+    outside = {cid: [w for w, o in zip(h, p.outside) if o] for cid, h, p in zip(ids, hyps, preds)}
     write_json(
-        [{"image_id": cid, "caption": predictions[cid], "file_name": names[i]} for cid, i in zip(ids, indices)],
+        [
+            {"image_id": cid, "caption": predictions[cid], "file_name": names[i], "outside": outside[cid]}
+            for cid, i in zip(ids, indices)
+        ],
         out / f"predictions_{split}.json",
     )
     write_json(references_as_coco(raw_refs, dataset, ids, indices), out / f"references_{split}.json")
@@ -420,6 +431,7 @@ def evaluate(
         "max_len": decode.max_len,
         "encoder_precision": encoder.precision,
         "object_prior": object_prior,
+        "ground": decode.ground,
     }
     if note is not None:
         results["vocabulary"] = note
