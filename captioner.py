@@ -115,11 +115,11 @@ class Captioner:
             bonus = self.prior.bonus(features) if self.prior is not None else None
             if cfg.ground == "off":
                 return beam_search(self.decoder, features, cfg, self.content_words, bonus)
-            if self.grounder is None:
-                from grounding import Grounder  # the detector loads only when grounding is asked for
+            from grounding import Grounder, detection_floor  # the detector loads only when grounding is asked for
 
+            if self.grounder is None:
                 self.grounder = Grounder(self.word_map, image_size=self.config.image_size)
-            findings = self.grounder.find(images, cfg.ground_min_score)
+            findings = self.grounder.find(images, detection_floor(cfg))
             return self.grounder.search(self.decoder, features, cfg, self.content_words, bonus, findings)
 
     def words(self, decoded: Decoded, marked: bool = False) -> list[str]:

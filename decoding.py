@@ -59,6 +59,9 @@ class DecodeConfig:
         choices=GROUND_MODES,
     )
     ground_min_score: float = 0.3  # a detection at least this confident names an object (docs/detector.md)
+    # "slot" only: a category the detector scores below this counts as absent and the decoder's words for it
+    # are refilled; between this and ground_min_score the decoder's own word stands (docs/grounding.md).
+    ground_absent_score: float = 0.3
 
 
 @dataclass

@@ -394,10 +394,10 @@ def evaluate(
     prior = ObjectPrior(cfg.backbone, word_map, object_prior) if object_prior else None
     grounder, findings = None, None
     if decode.ground != "off":  # the detector sees the prepared image, as the encoder does (grounding.py)
-        from grounding import Grounder
+        from grounding import Grounder, detection_floor
 
         grounder = Grounder(word_map, image_size=cfg.image_size)
-        findings = {i: grounder.find([dataset.h5["images"][i]])[0] for i in rows}
+        findings = {i: grounder.find([dataset.h5["images"][i]], detection_floor(decode))[0] for i in rows}
     preds, refs, indices = decode_loader(
         encoder, decoder, loader, dev, decode, content_word_mask(word_map), prior, True, grounder, findings
     )
@@ -432,6 +432,8 @@ def evaluate(
         "encoder_precision": encoder.precision,
         "object_prior": object_prior,
         "ground": decode.ground,
+        "ground_min_score": decode.ground_min_score,
+        "ground_absent_score": decode.ground_absent_score,
     }
     if note is not None:
         results["vocabulary"] = note

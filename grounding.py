@@ -12,10 +12,10 @@ is sitting in the grass" for a coffee cup). The detector (detector.py, COCO's 80
   (Lu et al., CVPR 2018) with soft attention. At every step, the probability the decoder gives to words naming
   COCO objects the detector does not see moves to the names of the detections, each detection's share in
   proportion to (attention inside its box) x (detector score) (:data:`SLOT_WEIGHTS`; a box-size factor is
-  there to try): the word is chosen where the decoder was looking. Each detected object fills one slot, and a
-  plural slot ("dogs") takes the plural name ("horses"). The LSTM then goes on from the filled word, so the rest of the
-  caption is written for a cup, and the search's own repeat blocking applies to it. With no confident
-  detection nothing changes: the decoder's own word stands.
+  there to try): the word is chosen where the decoder was looking. Each detected object fills one slot, a
+  plural slot ("dogs") takes the plural name ("horses"), and "a" before a vowel becomes "an" afterwards. The
+  LSTM then goes on from the filled word, so the rest of the caption is written for a cup, and the search's own
+  repeat blocking applies to it. With no confident detection nothing changes: the decoder's own word stands.
 
 Every word chosen because of the detector is flagged in ``Decoded.outside`` (caption.py marks it with ``*``).
 
@@ -139,11 +139,14 @@ class SlotHook:
     attention; the second word of a two-word name ("teddy" -> "bear") follows its first.
 
     Built for a batch: ``findings[i]`` are image i's detections (boxes in the ``size`` x ``size`` frame the
-    encoder saw), ``grid`` the encoder's feature grid (rows, cols), P = rows x cols attention cells.
+    encoder saw), ``grid`` the encoder's feature grid (rows, cols), P = rows x cols attention cells. Findings
+    of at least ``min_score`` fill slots; a category scoring below ``absent_score`` (default ``min_score``)
+    is absent, and only the words of absent categories give up their probability.
     """
 
     def __init__(self, findings: Sequence[Sequence[Detection]], words: ObjectWords, size: int,
                  grid: tuple[int, int], min_score: float, weights: SlotWeights | None = None,
+                 absent_score: float | None = None,
                  device: torch.device | str = "cpu") -> None:  # fmt: skip
         n, vocab, cells = len(findings), len(words.vocabulary), grid[0] * grid[1]
         weights = weights or SLOT_WEIGHTS
@@ -161,7 +164,8 @@ class SlotHook:
         for i, (found, conf) in enumerate(zip(findings, confident)):
             if not conf:
                 continue  # nothing confident: the decoder's own words stand
-            seen = torch.tensor([LABELS.index(f.label) for f in found if f.score >= min_score])
+            floor = min_score if absent_score is None else absent_score
+            seen = torch.tensor([LABELS.index(f.label) for f in found if f.score >= floor])
             self.absent[i] = (words.category >= 0) & ~torch.isin(words.category, seen)
             boxes = np.array([f.box for f in conf])
             self.cover[i, : len(conf)] = torch.from_numpy(boxes_to_grid(boxes, size, grid).reshape(len(conf), cells))
@@ -217,7 +221,26 @@ class SlotHook:
         return new, marked
 
 
+def agree_articles(decoded: Decoded, words: ObjectWords) -> Decoded:
+    """The article agrees: "a" before a word from the detector that starts with a vowel becomes "an" ("an
+    airplane"), "an" before one that does not becomes "a": the decoder chose its article for its own word.
+    (By letter, which is right for every COCO name.) Unchanged where the vocabulary lacks "a" or "an"."""
+    if not decoded.outside or not {"a", "an"} <= words.word_map.keys():
+        return decoded
+    tokens = list(decoded.tokens)
+    a, an = words.word_map["a"], words.word_map["an"]
+    for t in range(1, len(tokens)):
+        if decoded.outside[t] and tokens[t - 1] in (a, an):
+            tokens[t - 1] = an if words.vocabulary[tokens[t]][0] in "aeiou" else a
+    return decoded if tokens == decoded.tokens else replace(decoded, tokens=tokens)
+
+
 # ------------------------------------------------------------------------------------------------ together
+def detection_floor(cfg: DecodeConfig) -> float:
+    """The lowest detector score ``cfg``'s grounding looks at (what :meth:`Grounder.find` must keep)."""
+    return min(cfg.ground_min_score, cfg.ground_absent_score)
+
+
 class Grounder:
     """The detector and the vocabulary's object names, ready to ground captions (``DecodeConfig.ground``)."""
 
@@ -227,8 +250,8 @@ class Grounder:
         self.image_size = image_size
 
     def find(self, images: Sequence[np.ndarray], min_score: float = 0.3) -> list[list[Detection]]:
-        """Detections (best first, boxes in the image's own S x S frame) in images as the captioner reads them
-        (uint8 3 x S x S)."""
+        """Detections (best first, boxes in the image's own S x S frame) of at least ``min_score`` in images as
+        the captioner reads them (uint8 3 x S x S)."""
         return [self.detector.detect(np.ascontiguousarray(image.transpose(1, 2, 0)), min_score) for image in images]
 
     def search(
@@ -244,8 +267,9 @@ class Grounder:
         if cfg.ground == "slot":
             grid = int(round(features.shape[1] ** 0.5))
             hook = SlotHook(findings, self.words, self.image_size, (grid, grid), cfg.ground_min_score,
-                            device=features.device)  # fmt: skip
-            return beam_search(decoder, features, cfg, content_words, bonus, hook)
+                            absent_score=cfg.ground_absent_score, device=features.device)  # fmt: skip
+            decoded = beam_search(decoder, features, cfg, content_words, bonus, hook)
+            return [agree_articles(d, self.words) for d in decoded]
         decoded = beam_search(decoder, features, cfg, content_words, bonus)
         if cfg.ground == "swap":
             return [swap(d, found, self.words, cfg.ground_min_score) for d, found in zip(decoded, findings)]

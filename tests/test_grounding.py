@@ -13,7 +13,7 @@ import caption
 import grounding
 from decoding import DecodeConfig, Decoded
 from detector import Detection
-from grounding import Grounder, ObjectWords, SlotHook, swap
+from grounding import Grounder, ObjectWords, SlotHook, agree_articles, swap
 from models import DecoderWithAttention
 from utils import DEFAULT_CHECKPOINT
 
@@ -74,6 +74,16 @@ def test_with_no_confident_detection_the_decoders_own_word_stands() -> None:
     decoded = grounder().search(dec, looking_at(0, 0), cfg, None, None, [weak, []])
     assert [said(d) for d in decoded] == [["dog", "dog", "dog"]] * 2
     assert [d.outside for d in decoded] == [[False] * 3] * 2
+
+
+def test_a_weakly_seen_object_keeps_the_decoders_word_above_the_absent_score() -> None:
+    """The dog scores 0.15: not confident enough to name (0.3), but with ground_absent_score 0.1 not absent
+    either, so the decoder's "dog" stands; at the default (absent below 0.3) it is refilled by the cup."""
+    dec, faint_dog = hand_made_decoder(), Detection("dog", 0.15, (0.0, 0.0, 64.0, 64.0))
+    kept = DecodeConfig(**PLAIN, ground="slot", ground_absent_score=0.1)
+    assert said(grounder().search(dec, looking_at(3), kept, None, None, [[CUP, faint_dog]])[0]) == ["dog"] * 3
+    refilled = DecodeConfig(**PLAIN, ground="slot")
+    assert said(grounder().search(dec, looking_at(3), refilled, None, None, [[CUP, faint_dog]])[0]) == ["cup"]
 
 
 def test_the_slot_hook_moves_only_the_mass_of_unseen_objects_and_keeps_plurals() -> None:
@@ -158,3 +168,16 @@ def test_the_ground_option_reaches_beam_search_from_the_command_line(
     assert "*" in out.splitlines()[0] and out.splitlines()[-1].startswith("* named by the object detector")
     assert caption.main([str(photo), "--no-figures", "--device", "cpu"]) == 0  # default off: not through here
     assert len(seen) == 1 and "*" not in capsys.readouterr().out
+
+
+def test_articles_agree_with_the_detectors_words() -> None:
+    words = ObjectWords({**WORD_MAP, "an": 12, "airplane": 13})
+    tokens = [words.word_map[w] for w in ["a", "airplane", "on", "an", "cup"]]
+    decoded = Decoded(tokens, -1.0, torch.zeros(5, 4), outside=[False, True, False, False, True])
+    assert said_in(words, agree_articles(decoded, words)) == ["an", "airplane", "on", "a", "cup"]
+    own = Decoded(tokens, -1.0, torch.zeros(5, 4), outside=[False] * 5)
+    assert agree_articles(own, words) is own  # the decoder's own articles are its business
+
+
+def said_in(words: ObjectWords, decoded: Decoded) -> list[str]:
+    return [words.vocabulary[i] for i in decoded.tokens]
