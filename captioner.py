@@ -118,7 +118,8 @@ class Captioner:
             from grounding import Grounder, detection_floor  # the detector loads only when grounding is asked for
 
             if self.grounder is None:
-                self.grounder = Grounder(self.word_map, image_size=self.config.image_size)
+                self.grounder = Grounder(self.word_map, image_size=self.config.image_size,
+                                         backbone=self.config.backbone)  # fmt: skip
             findings = self.grounder.find(images, detection_floor(cfg))
             return self.grounder.search(self.decoder, features, cfg, self.content_words, bonus, findings)
 

@@ -396,7 +396,7 @@ def evaluate(
     if decode.ground != "off":  # the detector sees the prepared image, as the encoder does (grounding.py)
         from grounding import Grounder, detection_floor
 
-        grounder = Grounder(word_map, image_size=cfg.image_size)
+        grounder = Grounder(word_map, image_size=cfg.image_size, backbone=cfg.backbone)
         findings = {i: grounder.find([dataset.h5["images"][i]], detection_floor(decode))[0] for i in rows}
     preds, refs, indices = decode_loader(
         encoder, decoder, loader, dev, decode, content_word_mask(word_map), prior, True, grounder, findings
@@ -434,6 +434,7 @@ def evaluate(
         "ground": decode.ground,
         "ground_min_score": decode.ground_min_score,
         "ground_absent_score": decode.ground_absent_score,
+        "ground_keep_classifier": decode.ground_keep_classifier,
     }
     if note is not None:
         results["vocabulary"] = note

@@ -34,11 +34,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from backbones import LITE_RESOLUTION
 from decoding import DecodeConfig, Decoded, beam_search
 from detector import LABELS, Detection, Detector, boxes_to_grid
 from metrics import _plural, coco_mentions
 from metrics_data import COCO_SYNONYMS
 from models import DecoderWithAttention
+from object_prior import ObjectPrior
 from utils import reverse_word_map
 
 PERSON = "person"
@@ -141,12 +143,13 @@ class SlotHook:
     Built for a batch: ``findings[i]`` are image i's detections (boxes in the ``size`` x ``size`` frame the
     encoder saw), ``grid`` the encoder's feature grid (rows, cols), P = rows x cols attention cells. Findings
     of at least ``min_score`` fill slots; a category scoring below ``absent_score`` (default ``min_score``)
-    is absent, and only the words of absent categories give up their probability.
+    is absent, and only the words of absent categories give up their probability, except the words ``kept``
+    (N x V bool: another source, the encoder's ImageNet classifier, sees them).
     """
 
     def __init__(self, findings: Sequence[Sequence[Detection]], words: ObjectWords, size: int,
                  grid: tuple[int, int], min_score: float, weights: SlotWeights | None = None,
-                 absent_score: float | None = None,
+                 absent_score: float | None = None, kept: torch.Tensor | None = None,
                  device: torch.device | str = "cpu") -> None:  # fmt: skip
         n, vocab, cells = len(findings), len(words.vocabulary), grid[0] * grid[1]
         weights = weights or SLOT_WEIGHTS
@@ -167,6 +170,8 @@ class SlotHook:
             floor = min_score if absent_score is None else absent_score
             seen = torch.tensor([LABELS.index(f.label) for f in found if f.score >= floor])
             self.absent[i] = (words.category >= 0) & ~torch.isin(words.category, seen)
+            if kept is not None:
+                self.absent[i] &= ~kept[i].cpu()
             boxes = np.array([f.box for f in conf])
             self.cover[i, : len(conf)] = torch.from_numpy(boxes_to_grid(boxes, size, grid).reshape(len(conf), cells))
             area = self.cover[i, : len(conf)].mean(dim=1)
@@ -244,10 +249,23 @@ def detection_floor(cfg: DecodeConfig) -> float:
 class Grounder:
     """The detector and the vocabulary's object names, ready to ground captions (``DecodeConfig.ground``)."""
 
-    def __init__(self, word_map: dict[str, int], detector: Detector | None = None, image_size: int = 256) -> None:
+    def __init__(self, word_map: dict[str, int], detector: Detector | None = None, image_size: int = 256,
+                 backbone: str | None = None) -> None:  # fmt: skip
         self.words = ObjectWords(word_map)
         self.detector = detector if detector is not None else Detector.load()
         self.image_size = image_size
+        self.backbone = backbone  # the encoder's, for its ImageNet classifier (DecodeConfig.ground_keep_classifier)
+        self._classifier: ObjectPrior | None = None
+
+    def kept_by_classifier(self, features: torch.Tensor, threshold: float) -> torch.Tensor | None:
+        """N x V: words whose ImageNet classes the encoder's classifier gives at least ``threshold`` (summed
+        probability; object_prior.py's table), from the annotation vectors (N x P x C); None when not asked
+        (``threshold`` 0) or the encoder has no packaged classifier (not an EfficientNet-Lite)."""
+        if threshold <= 0 or self.backbone not in LITE_RESOLUTION:
+            return None
+        if self._classifier is None:
+            self._classifier = ObjectPrior(self.backbone, self.words.word_map, 1.0)
+        return self._classifier.bonus(features) >= threshold
 
     def find(self, images: Sequence[np.ndarray], min_score: float = 0.3) -> list[list[Detection]]:
         """Detections (best first, boxes in the image's own S x S frame) of at least ``min_score`` in images as
@@ -266,8 +284,9 @@ class Grounder:
         """Beam search of ``features`` (N x P x C) grounded in ``findings`` (N lists) as ``cfg.ground`` says."""
         if cfg.ground == "slot":
             grid = int(round(features.shape[1] ** 0.5))
+            kept = self.kept_by_classifier(features, cfg.ground_keep_classifier)
             hook = SlotHook(findings, self.words, self.image_size, (grid, grid), cfg.ground_min_score,
-                            absent_score=cfg.ground_absent_score, device=features.device)  # fmt: skip
+                            absent_score=cfg.ground_absent_score, kept=kept, device=features.device)  # fmt: skip
             decoded = beam_search(decoder, features, cfg, content_words, bonus, hook)
             return [agree_articles(d, self.words) for d in decoded]
         decoded = beam_search(decoder, features, cfg, content_words, bonus)

@@ -86,6 +86,24 @@ def test_a_weakly_seen_object_keeps_the_decoders_word_above_the_absent_score() -
     assert said(grounder().search(dec, looking_at(3), refilled, None, None, [[CUP, faint_dog]])[0]) == ["cup"]
 
 
+def test_a_word_the_encoders_classifier_sees_is_not_refilled() -> None:
+    """``kept`` (the ImageNet classifier's words, Grounder.kept_by_classifier) protects the decoder's "dog"
+    from a detector that sees only a cup; without it the dog is refilled. No classifier without an
+    EfficientNet-Lite encoder, or at threshold 0."""
+    words, p = ObjectWords(WORD_MAP), torch.zeros(1, len(WORDS))
+    p[0, WORD_MAP["dog"]], p[0, WORD_MAP["a"]] = 0.7, 0.3
+    kept = torch.zeros(1, len(WORDS), dtype=torch.bool)
+    kept[0, WORD_MAP["dog"]] = True
+    empty, flags = torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.bool)
+    for protect, expected in ((kept, "dog"), (None, "cup")):
+        hook = SlotHook([[CUP]], words, SIZE, (2, 2), 0.3, kept=protect)
+        new, _ = hook(p.log(), torch.full((1, 4), 0.25), torch.tensor([0]), empty, flags)
+        assert WORDS[int(new.argmax())] == expected
+    assert grounder().kept_by_classifier(torch.zeros(1, 4, 8), 0.3) is None  # no backbone named
+    lite = Grounder(WORD_MAP, detector=object(), backbone="efficientnet_lite0")  # type: ignore[arg-type]
+    assert lite.kept_by_classifier(torch.zeros(1, 4, 1280), 0.0) is None
+
+
 def test_the_slot_hook_moves_only_the_mass_of_unseen_objects_and_keeps_plurals() -> None:
     """Step by step on a hand-made distribution: "dog" (not detected) gives its probability to the attended
     detection's name, "dogs" to its plural; a seen object's word ("cat" when the cat is detected) and words
