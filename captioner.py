@@ -119,7 +119,7 @@ class Captioner:
 
             if self.grounder is None:
                 self.grounder = Grounder(self.word_map, image_size=self.config.image_size,
-                                         backbone=self.config.backbone)  # fmt: skip
+                                         backbone=self.config.backbone, precision=self.encoder.precision)  # fmt: skip
             findings = self.grounder.find(images, detection_floor(cfg))
             return self.grounder.search(self.decoder, features, cfg, self.content_words, bonus, findings)
 

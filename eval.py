@@ -396,7 +396,7 @@ def evaluate(
     if decode.ground != "off":  # the detector sees the prepared image, as the encoder does (grounding.py)
         from grounding import Grounder, detection_floor
 
-        grounder = Grounder(word_map, image_size=cfg.image_size, backbone=cfg.backbone)
+        grounder = Grounder(word_map, image_size=cfg.image_size, backbone=cfg.backbone, precision=encoder.precision)
         findings = {i: grounder.find([dataset.h5["images"][i]], detection_floor(decode))[0] for i in rows}
     preds, refs, indices = decode_loader(
         encoder, decoder, loader, dev, decode, content_word_mask(word_map), prior, True, grounder, findings

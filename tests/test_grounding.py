@@ -78,7 +78,7 @@ def test_with_no_confident_detection_the_decoders_own_word_stands() -> None:
 
 def test_a_weakly_seen_object_keeps_the_decoders_word_above_the_absent_score() -> None:
     """The dog scores 0.15: not confident enough to name (0.3), but with ground_absent_score 0.1 not absent
-    either, so the decoder's "dog" stands; at the default (absent below 0.3) it is refilled by the cup."""
+    either, so the decoder's "dog" stands; at the default (absent below 0.2) it is refilled by the cup."""
     dec, faint_dog = hand_made_decoder(), Detection("dog", 0.15, (0.0, 0.0, 64.0, 64.0))
     kept = DecodeConfig(**PLAIN, ground="slot", ground_absent_score=0.1)
     assert said(grounder().search(dec, looking_at(3), kept, None, None, [[CUP, faint_dog]])[0]) == ["dog"] * 3
@@ -146,6 +146,18 @@ def test_object_names_come_from_the_vocabulary_or_its_nearest_synonym() -> None:
     assert name["teddy bear"] == ["teddy", "bear"] and name["bear"] == ["bear"] and name["giraffe"] == []
     assert [words.vocabulary[i] for i in words.plurals[grounding.LABELS.index("teddy bear")]] == ["teddy", "bears"]
     assert "giraffe" in words.unsayable() and "cup" not in words.unsayable()
+    people = ObjectWords({**WORD_MAP, "people": 12, "man": 13})
+    assert people.plural[12] and not people.plural[13] and people.plural[WORD_MAP["dogs"]]  # "a group of people"
+
+
+def test_a_two_word_name_follows_its_first_word_in_the_singular() -> None:
+    """A singular slot filled with "teddy" (the detector's teddy bear) goes on with "bear", not "bears"."""
+    words = ObjectWords({**WORD_MAP, "teddy": 12, "bear": 13, "bears": 14})
+    hook = SlotHook([[Detection("teddy bear", 0.6, CAT.box)]], words, SIZE, (2, 2), 0.3)
+    logp = torch.full((1, 15), -5.0)
+    seqs, flags = torch.tensor([[WORD_MAP["a"], 12]]), torch.tensor([[False, True]])
+    new, marked = hook(logp, torch.full((1, 4), 0.25), torch.tensor([0]), seqs, flags)
+    assert int(new.argmax()) == 13 and new[0, 13] == 0 and bool(marked[0, 13])
 
 
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="the shipped model is not there")
