@@ -4,8 +4,9 @@
     python caption.py photos/ more.png --gif         # a folder and a file; also an animated GIF each
     python caption.py photo.jpg --checkpoint checkpoints/run/best.pt --beam-size 5
 
-Prints one ``file: caption`` line per image and writes ``<out-dir>/<name>_attention.png``: the photo, then
-one panel per generated word with that step's attention drawn over the photo. As in the paper's figures,
+Prints one ``file: caption`` line per image (with ``--ground``, the words the object detector put in end in
+``*``, in the figure titles too, and a legend line follows) and writes ``<out-dir>/<name>_attention.png``:
+the photo, then one panel per generated word with that step's attention drawn over the photo. As in the paper's figures,
 the coarse attention grid is upsampled smoothly (a Gaussian pyramid expansion), not as blocky squares.
 
 Images are decoded like the training data (EXIF rotation, any colour mode, squashed to the training size)
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from attention_maps import attention_grids, photo_shape, save_attention_figure, save_attention_gif, stretch_photo
-from captioner import Captioner, caption_images, collect_images
+from captioner import OUTSIDE_LEGEND, Captioner, caption_images, collect_images
 from cli import HelpFormatter, options_from_args
 from decoding import DecodeConfig, add_decoding_arguments
 from utils import (
@@ -74,11 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    args.precision, args.object_prior)  # fmt: skip
         used: set[str] = set()
         results = caption_images(paths, captioner, options_from_args(DecodeConfig, args), args.batch_size)
+        any_outside = False
         for path, words, decoded, image in results:
             if isinstance(words, CamEyeError):
                 print(f"error: {words}", file=sys.stderr)
                 failed += 1
                 continue
+            words = captioner.words(decoded, marked=True)  # the detector's words marked (issue 20)
+            any_outside |= any(decoded.outside)
             print(f"{path}: {' '.join(words)}", flush=True)
             if args.figures and words:
                 stem = output_name(path, used)
@@ -87,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 save_attention_figure(image, words, grids, args.out_dir / f"{stem}_attention.png", photo)
                 if args.gif:
                     save_attention_gif(image, words, grids, args.out_dir / f"{stem}_attention.gif")
+        if any_outside:
+            print(OUTSIDE_LEGEND)
     return 2 if failed else 0
 
 

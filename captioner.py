@@ -28,8 +28,11 @@ from models import DecoderWithAttention, Encoder, ModelConfig, Preprocess
 from utils import CamEyeError, read_json, reverse_word_map, select_device, validate_word_map
 
 if TYPE_CHECKING:
+    from grounding import Grounder
     from object_prior import ObjectPrior
 
+OUTSIDE_MARK = "*"  # ends a word that came from the object detector (DecodeConfig.ground), not the decoder
+OUTSIDE_LEGEND = "* named by the object detector, not by the captioner's own words (--ground off: those alone)"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -65,6 +68,9 @@ class Captioner:
     preprocess: Preprocess = field(init=False)
     prior: ObjectPrior | None = None  # word bonuses from the encoder's ImageNet classifier (see object_prior.py)
     content_words: torch.Tensor = field(init=False)  # V bools: words that may not end a repeated bigram
+    # The COCO detector and the vocabulary's object names (grounding.py), loaded when a DecodeConfig.ground
+    # other than "off" first asks for them.
+    grounder: Grounder | None = None
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -107,11 +113,23 @@ class Captioner:
             x = self.preprocess(torch.from_numpy(np.stack(images))).to(self.device)
             features = self.encoder(x)
             bonus = self.prior.bonus(features) if self.prior is not None else None
-            return beam_search(self.decoder, features, cfg, self.content_words, bonus)
+            if cfg.ground == "off":
+                return beam_search(self.decoder, features, cfg, self.content_words, bonus)
+            from grounding import Grounder, detection_floor  # the detector loads only when grounding is asked for
 
-    def words(self, decoded: Decoded) -> list[str]:
-        """The caption's words."""
-        return [self.vocabulary[i] for i in decoded.tokens]
+            if self.grounder is None:
+                self.grounder = Grounder(self.word_map, image_size=self.config.image_size,
+                                         backbone=self.config.backbone, precision=self.encoder.precision)  # fmt: skip
+            findings = self.grounder.find(images, detection_floor(cfg))
+            return self.grounder.search(self.decoder, features, cfg, self.content_words, bonus, findings)
+
+    def words(self, decoded: Decoded, marked: bool = False) -> list[str]:
+        """The caption's words; with ``marked``, each word that came from the object detector (not from the
+        decoder alone: ``Decoded.outside``) ends in :data:`OUTSIDE_MARK`."""
+        words = [self.vocabulary[i] for i in decoded.tokens]
+        if marked and decoded.outside:
+            words = [w + OUTSIDE_MARK if o else w for w, o in zip(words, decoded.outside)]
+        return words
 
 
 def caption_images(

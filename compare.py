@@ -8,6 +8,10 @@ systems must caption exactly the reference images; captions are matched by ``ima
 intervals that overlap do not show that two models are level: both models' scores rise and fall with the same
 easy and hard images. The paired bootstrap (metrics.paired_bootstrap; Koehn, EMNLP 2004) resamples the images
 once for both models and looks at the difference itself.
+
+Where eval.py also wrote ``objects_<split>.json`` beside both predictions files (it does with ``--instances``),
+CHAIR-s and object coverage are compared too, with the same paired bootstrap over images
+(metrics.paired_mean_difference).
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from cli import HelpFormatter
-from metrics import PAIRED_METRICS, MetricError, PairedDifference, paired_bootstrap, ptb_tokenize
+from metrics import (
+    PAIRED_METRICS,
+    MetricError,
+    PairedDifference,
+    paired_bootstrap,
+    paired_mean_difference,
+    ptb_tokenize,
+)
 from utils import CamEyeError, cli_errors, non_negative_int, positive_int, read_json
 
 TOKENIZERS = ("words", "ptb")
@@ -71,6 +82,40 @@ def _check_same_images(references: Mapping, captions: Mapping, label: str, path:
             f"{label} ({path}) captions {len(extra)} image(s) without references (e.g. "
             f"{', '.join(map(repr, extra[:3]))}): are the references those of the same split?"
         )
+
+
+OBJECT_METRICS = ("CHAIR-s", "coverage")  # from eval.py's objects_<split>.json, per image
+
+
+def objects_beside(predictions: Path) -> Path:
+    """The objects file eval.py writes beside ``predictions_<split>.json``: ``objects_<split>.json``."""
+    return predictions.with_name(predictions.name.replace("predictions_", "objects_", 1))
+
+
+def read_objects(path: Path, label: str) -> dict[Hashable, dict[str, float]]:
+    """``{image_id: {"CHAIR-s": 0/1, "coverage": 0/1}}`` from an eval.py objects file (one line if malformed)."""
+    rows = read_json(path, f"objects file {label}")
+    flags: dict[Hashable, dict[str, float]] = {}
+    for n, row in enumerate(rows if isinstance(rows, list) else [None]):
+        if not isinstance(row, dict) or "image_id" not in row or not isinstance(row.get("hallucinated"), list):
+            raise CamEyeError(f"{path}: entry {n} is not an eval.py objects record (image_id, hallucinated, ...)")
+        named_true = [c for c in row.get("mentioned", []) if c not in row["hallucinated"]]
+        flags[row["image_id"]] = {"CHAIR-s": float(bool(row["hallucinated"])), "coverage": float(bool(named_true))}
+    return flags
+
+
+def compare_objects(
+    a: Mapping[Hashable, dict[str, float]], b: Mapping[Hashable, dict[str, float]], ids: Sequence[Hashable],
+    samples: int = 1000, seed: int = 0,
+) -> dict[str, PairedDifference]:  # fmt: skip
+    """CHAIR-s and object coverage of A and B on the images ``ids``, B - A with its 95% paired interval."""
+    missing = [i for i in ids if i not in a or i not in b]
+    if missing:
+        raise CamEyeError(f"the objects files do not cover {len(missing)} of the images (e.g. {missing[0]!r})")
+    return {
+        m: paired_mean_difference([a[i][m] for i in ids], [b[i][m] for i in ids], m, samples, seed=seed)
+        for m in OBJECT_METRICS
+    }
 
 
 def read_inputs(
@@ -129,6 +174,8 @@ def format_comparison(results: Mapping[str, PairedDifference], n_images: int, se
             f"{100 * r.difference:+.1f} [{100 * r.low:+.1f}, {100 * r.high:+.1f}]"
         )
     words = "the PTB tokenizer's tokens" if tokenizer == "ptb" else "create_input_files.py's words"
+    if any(m in results for m in OBJECT_METRICS):
+        lines.append("CHAIR-s: % of captions naming an object that is not there; coverage: % naming one that is.")
     lines.append(
         f"{n_images} images, {first.resamples} paired resamples (seed {seed}): the same resampled images score "
         f"both systems. BLEU: nltk corpus_bleu; CIDEr-D: document frequencies from these references; on {words}. "
@@ -175,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = compare(references, a, b, args.samples, args.seed, args.tokenizer)
         except MetricError as exc:  # the PTB tokenizer's Java failing: already one line
             raise CamEyeError(str(exc)) from None
+        objects = [objects_beside(args.predictions_a), objects_beside(args.predictions_b)]
+        if all(p.is_file() for p in objects):  # eval.py --instances wrote them: CHAIR-s and coverage too
+            flags = [read_objects(p, label) for p, label in zip(objects, "AB")]
+            results.update(compare_objects(*flags, list(references), args.samples, args.seed))
         print(f"A: {args.predictions_a}\nB: {args.predictions_b}")
         print(format_comparison(results, len(references), args.seed, args.tokenizer))
     return 0

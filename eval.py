@@ -11,7 +11,9 @@ Reports, each labelled with how it was computed:
   an object, the share of that step's attention inside the object's box, next to the uniform baseline;
 * with ``--instances`` (COCO instance annotations of the split's photos): CHAIR-s and CHAIR-i, the share of
   captions / of object mentions naming a COCO object that is in neither the photo's boxes nor its references,
-  and attention correctness inside the boxes of the objects the caption names;
+  object coverage, the share of captions naming at least one COCO object that is in either (issue 20), and
+  attention correctness inside the boxes of the objects the caption names (compare.py gives the paired
+  difference of CHAIR-s and coverage between two runs);
 * with ``--bootstrap N``: 95% percentile intervals over images.
 
 Writes ``predictions_<split>.json`` (COCO results format) and ``references_<split>.json`` (COCO caption
@@ -53,6 +55,7 @@ from metrics import (
     java_available,
     mean_attention_correctness,
     nltk_bleu,
+    object_coverage,
 )
 from metrics_data import COCO_SYNONYMS
 from models import Preprocess
@@ -307,7 +310,8 @@ def synthetic_attention(dataset: CaptionDataset, indices: list[int], hyps: list,
 def object_scores(
     hyps: list[list[str]], preds: list[Decoded], images: list[dict], references: list[list[str]]
 ) -> tuple[dict, dict, list[dict]]:
-    """CHAIR and attention correctness against COCO instance boxes (``images`` from :func:`read_instances`).
+    """CHAIR, object coverage and attention correctness against COCO instance boxes (``images`` from
+    :func:`read_instances`).
 
     Returns the results entries, the per-image statistics, and one record per image for ``objects_<split>.json``
     (what the caption names, what of it is hallucinated, the categories in the boxes and in the references).
@@ -315,20 +319,23 @@ def object_scores(
     truths = [image_truth(image["boxes"], refs) for image, refs in zip(images, references)]
     scores = chair(hyps, truths)
     per_caption = scores.pop("per_image")
+    scores["coverage"], covered = object_coverage(hyps, truths)
     pairs = [list(coco_attention_pairs(h, p.alphas, image)) for h, p, image in zip(hyps, preds, images)]
     statistics = {
         "CHAIR-s": ([float(bool(p["hallucinated"])) for p in per_caption], None),
         "CHAIR-i": ([len(p["hallucinated"]) for p in per_caption], [len(p["mentioned"]) for p in per_caption]),
+        "coverage": ([float(c) for c in covered], None),
         **attention_statistics(pairs),
     }
     details = [
         {
             "mentioned": p["mentioned"],
             "hallucinated": p["hallucinated"],
+            "covered": c,
             "in_boxes": sorted(image["boxes"]),
             "in_references_only": sorted(truth - set(image["boxes"])),
         }
-        for p, image, truth in zip(per_caption, images, truths)
+        for p, c, image, truth in zip(per_caption, covered, images, truths)
     ]
     return {"chair": scores, "attention_correctness": summarise_attention(pairs)}, statistics, details
 
@@ -386,8 +393,14 @@ def evaluate(
         subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval, worker_init_fn=quiet_worker
     )
     prior = ObjectPrior(cfg.backbone, word_map, object_prior) if object_prior else None
+    grounder, findings = None, None
+    if decode.ground != "off":  # the detector sees the prepared image, as the encoder does (grounding.py)
+        from grounding import Grounder, detection_floor
+
+        grounder = Grounder(word_map, image_size=cfg.image_size, backbone=cfg.backbone, precision=encoder.precision)
+        findings = {i: grounder.find([dataset.h5["images"][i]], detection_floor(decode))[0] for i in rows}
     preds, refs, indices = decode_loader(
-        encoder, decoder, loader, dev, decode, content_word_mask(word_map), prior, progress=True
+        encoder, decoder, loader, dev, decode, content_word_mask(word_map), prior, True, grounder, findings
     )
     rev = reverse_word_map(word_map)
     hyps = [[rev[i] for i in p.tokens] for p in preds]
@@ -398,8 +411,13 @@ def evaluate(
 
     # The decoded captions first: nothing after this point may lose them.
     names = file_names(dataset)
+    # "outside": the caption's words that came from the detector (DecodeConfig.ground), in caption order.
+    outside = {cid: [w for w, o in zip(h, p.outside) if o] for cid, h, p in zip(ids, hyps, preds)}
     write_json(
-        [{"image_id": cid, "caption": predictions[cid], "file_name": names[i]} for cid, i in zip(ids, indices)],
+        [
+            {"image_id": cid, "caption": predictions[cid], "file_name": names[i], "outside": outside[cid]}
+            for cid, i in zip(ids, indices)
+        ],
         out / f"predictions_{split}.json",
     )
     write_json(references_as_coco(raw_refs, dataset, ids, indices), out / f"references_{split}.json")
@@ -414,6 +432,10 @@ def evaluate(
         "max_len": decode.max_len,
         "encoder_precision": encoder.precision,
         "object_prior": object_prior,
+        "ground": decode.ground,
+        "ground_min_score": decode.ground_min_score,
+        "ground_absent_score": decode.ground_absent_score,
+        "ground_keep_classifier": decode.ground_keep_classifier,
     }
     if note is not None:
         results["vocabulary"] = note
@@ -515,6 +537,11 @@ def format_results(results: dict) -> str:
             f"(% of captions), CHAIR-i {_number(c['CHAIR-i'], spans.get('CHAIR-i'))} "
             f"(% of {c['mentions']} object mentions)"
         )
+        if "coverage" in c:  # (metrics files from before issue 20 have none)
+            lines.append(
+                f"  object coverage (higher is better): {_number(c['coverage'], spans.get('coverage'))} "
+                "(% of captions naming at least one object that is there)"
+            )
     if "attention_correctness" in results:
         a = results["attention_correctness"]
         inside = _number(a["attention_correctness"], spans.get("attention_correctness"), 1, 3)
@@ -558,8 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=local_path,
         default=None,
         help="COCO instance annotations (instances_*.json) of the split's images, matched by COCO image id: "
-        "adds CHAIR-s/CHAIR-i (object hallucination) and attention correctness inside the named objects' "
-        "boxes, and writes objects_<split>.json",
+        "adds CHAIR-s/CHAIR-i (object hallucination), object coverage and attention correctness inside the "
+        "named objects' boxes, and writes objects_<split>.json",
     )
     p.add_argument(
         "--bootstrap",

@@ -80,7 +80,9 @@ __all__ = [
     "java_available",
     "mean_attention_correctness",
     "nltk_bleu",
+    "object_coverage",
     "paired_bootstrap",
+    "paired_mean_difference",
     "ptb_tokenize",
 ]
 
@@ -870,6 +872,23 @@ def chair(captions: Sequence[Sequence[str]], truths: Sequence[Iterable[str]]) ->
     }
 
 
+def object_coverage(captions: Sequence[Sequence[str]], truths: Sequence[Iterable[str]]) -> tuple[float, list[bool]]:
+    """Object coverage: the share of captions (word lists) that name at least one COCO object really in their
+    image (``truths[i]`` as for :func:`chair`: its boxes' categories plus those its references name), and the
+    per-caption flags. CHAIR's other side: a caption that names nothing, or only what is not there, is not
+    covered; a caption that names one true object and one hallucinated one is covered and CHAIR-s counts it.
+    (Issue 20: the share of photos whose caption names something that is there.) NaN for no captions."""
+    if len(captions) != len(truths):
+        raise ValueError(f"object_coverage needs one truth set per caption: {len(truths)} for {len(captions)}")
+    flags = []
+    for words, truth in zip(captions, truths):
+        if isinstance(words, str):
+            raise TypeError("object_coverage: each caption must be a list of words, not a string")
+        truth = set(truth)
+        flags.append(any(category in truth for _, _, category in coco_mentions(list(words))))
+    return (sum(flags) / len(flags) if flags else math.nan), flags
+
+
 def image_truth(box_categories: Iterable[str], references: Iterable[str]) -> set[str]:
     """The COCO categories of an image for CHAIR: its boxes' categories plus those its references name."""
     truth = set(box_categories)
@@ -1050,3 +1069,26 @@ def paired_bootstrap(
         point_a, point_b = points[m]
         results[m] = PairedDifference(m, point_a, point_b, point_b - point_a, low, high, resamples, level)
     return {m: results[m] for m in metrics}
+
+
+def paired_mean_difference(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    metric: str = "mean",
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> PairedDifference:
+    """Paired bootstrap of a per-image statistic's mean, system B minus system A on the same images (e.g. the
+    0/1 flags of CHAIR-s or of :func:`object_coverage`). Both systems are scored on the same draws of the
+    images, as :func:`paired_bootstrap` does for corpus BLEU and CIDEr-D."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"paired_mean_difference needs one value per image from each system: {x.shape}, {y.shape}")
+    _check_bootstrap(resamples, level)
+    if x.size == 0:
+        return PairedDifference(metric, math.nan, math.nan, math.nan, math.nan, math.nan, resamples, level)
+    sums = _resampled_sums(np.stack([x, y], axis=1), resamples, seed) / x.size
+    low, high = _percentile_interval(sums[:, 1] - sums[:, 0], level)
+    return PairedDifference(metric, float(x.mean()), float(y.mean()), float(y.mean() - x.mean()), low, high,
+                            resamples, level)  # fmt: skip

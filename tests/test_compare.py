@@ -112,3 +112,17 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture) -> None:
     for option in ("predictions_a", "predictions_b", "--references", "--samples", "--seed", "--tokenizer"):
         assert option in text
     assert "B - A" in text
+
+
+def test_chair_s_and_coverage_are_compared_where_eval_wrote_objects_files(tmp_path: Path, capsys) -> None:
+    """objects_test.json beside both predictions (eval.py --instances) adds CHAIR-s and coverage rows: here B
+    stops hallucinating on images 1-3 and names a true object on 1-4."""
+    argv = run(tmp_path, POOR, GOOD, "--samples", "300")
+    for system, hallucinated, covered in (("a", {1, 2, 3}, {5}), ("b", set(), {1, 2, 3, 4, 5})):
+        rows = [{"image_id": i, "caption": "x", "mentioned": ["dog"] * (i in hallucinated | covered),
+                 "hallucinated": ["dog"] if i in hallucinated else []} for i in REFERENCES]  # fmt: skip
+        (tmp_path / system / "objects_test.json").write_text(json.dumps(rows), encoding="utf-8")
+    assert compare.main(argv) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line}
+    assert lines["CHAIR-s"][1:4] == ["50.0", "0.0", "-50.0"] and float(lines["CHAIR-s"][-1].rstrip("]")) <= 0
+    assert lines["coverage"][1:4] == ["16.7", "83.3", "+66.7"] and float(lines["coverage"][-2].strip("[,")) > 0

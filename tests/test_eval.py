@@ -778,11 +778,14 @@ def test_object_scores_by_hand() -> None:
     assert details[0] == {
         "mentioned": ["dog", "cat", "couch"],
         "hallucinated": ["dog"],
+        "covered": True,
         "in_boxes": ["cat", "couch"],
         "in_references_only": [],
     }
     assert details[1]["hallucinated"] == [] and details[1]["in_references_only"] == ["frisbee"]
     assert statistics["CHAIR-i"] == ([1, 0], [3, 2]) and statistics["CHAIR-s"] == ([1.0, 0.0], None)
+    # coverage: both captions name something that is there (the cat; the man and the referenced frisbee)
+    assert chair["coverage"] == 1.0 and statistics["coverage"] == ([1.0, 1.0], None)
     assert statistics["attention_correctness"] == ([1.75, 0.0], [2, 1])
 
 
@@ -807,14 +810,21 @@ def test_format_results_shows_intervals_and_failures() -> None:
         "images": 80,
         "beam_size": 3,
         "coco_caption_metrics": {"BLEU-4": 0.086, "CIDEr": 0.316},
-        "chair": {"CHAIR-s": 0.5625, "CHAIR-i": 0.4923, "mentions": 130},
+        "chair": {"CHAIR-s": 0.5625, "CHAIR-i": 0.4923, "mentions": 130, "coverage": 0.5875},
         "attention_correctness": {"attention_correctness": 0.45, "uniform_baseline": 0.319, "n_words": 58},
-        "intervals": {"resamples": 1000, "level": 0.95, "CIDEr": [0.25, 0.391], "CHAIR-s": [0.45, 0.6625]},
+        "intervals": {
+            "resamples": 1000,
+            "level": 0.95,
+            "CIDEr": [0.25, 0.391],
+            "CHAIR-s": [0.45, 0.6625],
+            "coverage": [0.475, 0.7],
+        },  # fmt: skip
         "failed_metrics": {"METEOR": "METEOR's Java process failed"},
     }
     text = cameye_eval.format_results(results)
     assert "BLEU-4 8.6  CIDEr 31.6 [25.0, 39.1]" in text
     assert "CHAIR-s 56.2 [45.0, 66.2]" in text and "CHAIR-i 49.2 (% of 130 object mentions)" in text
+    assert "object coverage (higher is better): 58.8 [47.5, 70.0]" in text
     assert "attention correctness 0.450 vs uniform baseline 0.319 over 58 object words" in text
     assert "95% bootstrap intervals over images (1000 resamples)" in text
     assert "METEOR FAILED: METEOR's Java process failed" in text

@@ -46,7 +46,9 @@ from metrics import (
     java_available,
     mean_attention_correctness,
     nltk_bleu,
+    object_coverage,
     paired_bootstrap,
+    paired_mean_difference,
     ptb_tokenize,
 )
 from metrics_data import COCO_SYNONYMS
@@ -724,6 +726,35 @@ def test_chair_on_the_examples_of_the_issue() -> None:
     result = chair([caption_words("a dog and a cat on a couch")], [{"cat", "couch"}])
     assert result["CHAIR-i"] == pytest.approx(1 / 3) and result["CHAIR-s"] == 1.0
     assert result["per_image"] == [{"mentioned": ["dog", "cat", "couch"], "hallucinated": ["dog"]}]
+
+
+def test_object_coverage_counts_captions_naming_something_that_is_there() -> None:
+    captions = [
+        "a dog and a cat on a couch",  # cat and couch true, dog not: covered (and a CHAIR-s caption)
+        "a brown dog is sitting in the grass",  # only a hallucinated dog: not covered
+        "a view of the sky",  # names nothing: not covered
+        "a teddy bear on a bed",  # "teddy bear" is one object, not a bear: covered by the bed... and the bear
+    ]
+    truths = [{"cat", "couch"}, {"cup", "dining table"}, {"airplane"}, {"teddy bear"}]
+    share, flags = object_coverage([caption_words(c) for c in captions], truths)
+    assert flags == [True, False, False, True] and share == pytest.approx(0.5)
+    assert math.isnan(object_coverage([], [])[0])
+    with pytest.raises(ValueError, match="one truth set per caption"):
+        object_coverage([["a", "dog"]], [])
+
+
+def test_paired_mean_difference_of_per_image_flags() -> None:
+    """B - A of a per-image mean with its paired interval: identical systems differ by exactly 0 on every
+    draw; a system that gains on every image has an interval above 0; the interval is narrower than the
+    difference of two independent marginal intervals would suggest."""
+    a = [0, 1, 0, 1, 0, 0, 1, 0, 1, 0]
+    same = paired_mean_difference(a, a, "coverage", resamples=300)
+    assert (same.a, same.b, same.difference, same.low, same.high) == (0.4, 0.4, 0.0, 0.0, 0.0)
+    better = paired_mean_difference(a, [1] * 10, "coverage", resamples=300, seed=3)
+    assert better.difference == pytest.approx(0.6) and 0 < better.low <= 0.6 <= better.high <= 1
+    assert better.metric == "coverage" and better.resamples == 300
+    with pytest.raises(ValueError, match="one value per image"):
+        paired_mean_difference([0, 1], [1])
 
 
 def test_chair_counts_over_captions_and_mentions() -> None:
