@@ -30,6 +30,7 @@ import math
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -377,30 +378,8 @@ def evaluate(
         boxes = read_instances(instances, [dataset.image_ids[i] for i in rows], split)
         images = dict(zip(rows, boxes))
     check_writable(out)
-    dev = select_device(device)
-    encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev, encoder_weights, precision)
-    note = vocabulary_note(word_map, data, [dataset.references(i) for i in rows])
-    if note is not None:
-        print(
-            f"note: the model's vocabulary ({note['model_words']} words) differs from {data / 'word_map.json'} "
-            f"({note['data_words']}); fine for evaluation, which scores text: "
-            f"{100 * note['reference_words_outside_vocabulary']:.1f}% of the reference words are outside the model's",
-            file=sys.stderr,
-        )
-    dataset.transform = Preprocess(cfg.backbone, cfg.input_size)
-    subset = Subset(dataset, rows) if len(rows) < len(dataset) else dataset
-    loader = DataLoader(
-        subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval, worker_init_fn=quiet_worker
-    )
-    prior = ObjectPrior(cfg.backbone, word_map, object_prior) if object_prior else None
-    grounder, findings = None, None
-    if decode.ground != "off":  # the detector sees the prepared image, as the encoder does (grounding.py)
-        from grounding import Grounder, detection_floor
-
-        grounder = Grounder(word_map, image_size=cfg.image_size, backbone=cfg.backbone, precision=encoder.precision)
-        findings = {i: grounder.find([dataset.h5["images"][i]], detection_floor(decode))[0] for i in rows}
-    preds, refs, indices = decode_loader(
-        encoder, decoder, loader, dev, decode, content_word_mask(word_map), prior, True, grounder, findings
+    preds, refs, indices, word_map, precision, note = decode_split(
+        checkpoint, dataset, rows, decode, batch_size, device, workers, encoder_weights, precision, object_prior
     )
     rev = reverse_word_map(word_map)
     hyps = [[rev[i] for i in p.tokens] for p in preds]
@@ -410,33 +389,11 @@ def evaluate(
     predictions = {cid: " ".join(h) for cid, h in zip(ids, hyps)}
 
     # The decoded captions first: nothing after this point may lose them.
-    names = file_names(dataset)
-    # "outside": the caption's words that came from the detector (DecodeConfig.ground), in caption order.
-    outside = {cid: [w for w, o in zip(h, p.outside) if o] for cid, h, p in zip(ids, hyps, preds)}
-    write_json(
-        [
-            {"image_id": cid, "caption": predictions[cid], "file_name": names[i], "outside": outside[cid]}
-            for cid, i in zip(ids, indices)
-        ],
-        out / f"predictions_{split}.json",
-    )
-    write_json(references_as_coco(raw_refs, dataset, ids, indices), out / f"references_{split}.json")
-    results = {
-        "checkpoint": str(checkpoint),
-        "split": split,
-        "images": len(preds),
-        "beam_size": decode.beam_size,
-        "length_penalty": decode.length_penalty,
-        "block_trigrams": decode.block_trigrams,
-        "block_bigrams": decode.block_bigrams,
-        "max_len": decode.max_len,
-        "encoder_precision": encoder.precision,
-        "object_prior": object_prior,
-        "ground": decode.ground,
-        "ground_min_score": decode.ground_min_score,
-        "ground_absent_score": decode.ground_absent_score,
-        "ground_keep_classifier": decode.ground_keep_classifier,
-    }
+    write_predictions(dataset, ids, indices, hyps, preds, raw_refs, out, split)
+    # What produced these numbers: the checkpoint, the split, every decoding setting (DecodeConfig), the precision.
+    search = {f.name: getattr(decode, f.name) for f in fields(DecodeConfig) if f.name not in ("min_len", "n_best")}
+    results = {"checkpoint": str(checkpoint), "split": split, "images": len(preds), **search}
+    results.update(encoder_precision=precision, object_prior=object_prior)
     if note is not None:
         results["vocabulary"] = note
     metrics = MetricsFile(results, out / f"metrics_{split}.json")
@@ -460,6 +417,59 @@ def evaluate(
         results["intervals"] = intervals(metrics.per_image, bootstrap)
     metrics.save()
     return results
+
+
+def decode_split(
+    checkpoint: Path, dataset: CaptionDataset, rows: range, decode: DecodeConfig, batch_size: int, device: str,
+    workers: int, encoder_weights: str | None, precision: str, object_prior: float,
+):  # fmt: skip
+    """Load the model and caption the dataset's ``rows``. Returns (captions, each image's references, dataset
+    indices, the model's word map, the encoder's precision, the vocabulary note or None)."""
+    data = Path(dataset.path).parent
+    dev = select_device(device)
+    encoder, decoder, word_map, cfg = load_captioner(checkpoint, dev, encoder_weights, precision)
+    note = vocabulary_note(word_map, data, [dataset.references(i) for i in rows])
+    if note is not None:
+        print(
+            f"note: the model's vocabulary ({note['model_words']} words) is another word list than "
+            f"{data / 'word_map.json'}'s ({note['data_words']} words); fine for evaluation, which scores text: "
+            f"{100 * note['reference_words_outside_vocabulary']:.1f}% of the reference words are outside the model's",
+            file=sys.stderr,
+        )
+    dataset.transform = Preprocess(cfg.backbone, cfg.input_size)
+    subset = Subset(dataset, rows) if len(rows) < len(dataset) else dataset
+    loader = DataLoader(
+        subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval, worker_init_fn=quiet_worker
+    )
+    prior = ObjectPrior(cfg.backbone, word_map, object_prior) if object_prior else None
+    grounder, findings = None, None
+    if decode.ground != "off":  # the detector sees the prepared image, as the encoder does (grounding.py)
+        from grounding import Grounder, detection_floor
+
+        grounder = Grounder(word_map, image_size=cfg.image_size, backbone=cfg.backbone, precision=encoder.precision)
+        findings = {i: grounder.find([dataset.h5["images"][i]], detection_floor(decode))[0] for i in rows}
+    preds, refs, indices = decode_loader(
+        encoder, decoder, loader, dev, decode, content_word_mask(word_map), prior, True, grounder, findings
+    )
+    return preds, refs, indices, word_map, encoder.precision, note
+
+
+def write_predictions(dataset, ids: list[int], indices: list[int], hyps: list[list[str]], preds: list[Decoded],
+                      raw_refs: dict, out: Path, split: str) -> None:  # fmt: skip
+    """Write predictions_<split>.json (COCO results format, with each image's file name and the words that came
+    from the detector, "outside") and references_<split>.json (COCO caption annotations)."""
+    names = file_names(dataset)
+    rows = [
+        {
+            "image_id": cid,
+            "caption": " ".join(h),
+            "file_name": names[i],
+            "outside": [w for w, o in zip(h, p.outside) if o],
+        }
+        for cid, i, h, p in zip(ids, indices, hyps, preds)
+    ]
+    write_json(rows, out / f"predictions_{split}.json")
+    write_json(references_as_coco(raw_refs, dataset, ids, indices), out / f"references_{split}.json")
 
 
 def coco_metrics_into(metrics: MetricsFile, references: dict, predictions: dict) -> None:
