@@ -19,7 +19,7 @@ import argparse
 import functools
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Protocol
 
 import torch
@@ -152,72 +152,101 @@ def beam_search(
     # Beams never change image (a beam's successors stay in its image's k rows), so the images are not
     # repeated per beam: projection and context read each image once.
     projected = decoder.attention.project(encoder_out)  # N x P x A
-    h, c = (s.repeat_interleave(k, dim=0) for s in decoder.init_state(encoder_out))  # N*k x D each
+    beams = _Beams.start(decoder.init_state(encoder_out), k, p)
     scores = torch.zeros(n, k, device=device)  # N x k
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
-    words = torch.full((n * k,), START_ID, dtype=torch.long, device=device)  # N*k
-    seqs = torch.zeros(n * k, 0, dtype=torch.long, device=device)  # N*k x steps
-    alphas = torch.zeros(n * k, 0, p, device=device)  # N*k x steps x P
-    outside = torch.zeros(n * k, 0, dtype=torch.bool, device=device)  # N*k x steps: word from the hook's knowledge
-    finished = torch.zeros(n * k, dtype=torch.bool, device=device)  # N*k
-    lengths = torch.zeros(n * k, device=device)  # N*k: words so far, <end> included
     images = torch.arange(n, device=device)  # the input image of each image still being searched
     results: dict[int, Decoded] = {}  # input image -> its caption, filled as images become final
     for step in range(cfg.max_len):
         m = images.numel()
-        z, alpha = decoder.attend(h, encoder_out, projected)  # m*k x C, m*k x P
+        z, alpha = decoder.attend(beams.h, encoder_out, projected)  # m*k x C, m*k x P
         # Finished beams only extend with a free <pad>, so the LSTM and classifier skip them. (Until a beam
         # finishes, every row is live: the gathers and scatters are skipped.)
-        live = (~finished).nonzero().squeeze(1) if finished.any() else None  # None: every beam is live
+        live = (~beams.finished).nonzero().squeeze(1) if beams.finished.any() else None  # None: all live
         pick = functools.partial(_rows, index=live)
-        h_live, c_live, out = decoder.advance(decoder.embedding(pick(words)), pick(h), pick(c), pick(z))
-        h, c = (h_live, c_live) if live is None else (h.index_copy(0, live, h_live), c.index_copy(0, live, c_live))
-        bonus = pick(word_bonus.repeat_interleave(k, dim=0)) if word_bonus is not None else None
-        logits = F.log_softmax(decoder.fc(out), dim=1)
-        marked = None
+        h, c, out = decoder.advance(decoder.embedding(pick(beams.words)), pick(beams.h), pick(beams.c), pick(z))
+        beams.h, beams.c = (h, c) if live is None else (beams.h.index_copy(0, live, h), beams.c.index_copy(0, live, c))
+        logits, marked = F.log_softmax(decoder.fc(out), dim=1), None  # live rows x V
         if hook is not None:
-            logits, marked = hook(logits, pick(alpha), pick(images.repeat_interleave(k)), pick(seqs), pick(outside))
-        logits = _allowed_next_words(logits, pick(seqs), step, cfg, repeat_words, bonus)
-        logp = logits if live is None else _with_finished_rows(logits, live, finished.numel())  # m*k x V
-        vocab = logp.size(1)
-        scores, flat = (scores.view(-1, 1) + logp).view(m, k * vocab).topk(k, dim=1)  # m x k each
-        src = (torch.arange(0, m * k, k, device=device).unsqueeze(1) + flat // vocab).view(-1)  # m*k
-        words = (flat % vocab).view(-1)  # m*k
-        # A beam chosen at -inf had no allowed word left (a vocabulary smaller than the beam): it ends here
-        # instead of emitting a masked token, and its -inf score keeps it from ever being chosen.
-        words = torch.where(torch.isinf(scores.view(-1)) & (words != PAD_ID), END_ID, words)
-        seqs = torch.cat([seqs[src], words.unsqueeze(1)], dim=1)
-        alphas = torch.cat([alphas[src], alpha[src].unsqueeze(1)], dim=1)
-        chosen_outside = torch.zeros_like(words, dtype=torch.bool)
+            logits, marked = hook(logits, pick(alpha), pick(images.repeat_interleave(k)), pick(beams.seqs),
+                                  pick(beams.outside))  # fmt: skip
+        bonus = pick(word_bonus.repeat_interleave(k, dim=0)) if word_bonus is not None else None
+        logits = _allowed_next_words(logits, pick(beams.seqs), step, cfg, repeat_words, bonus)
+        logp = logits if live is None else _with_finished_rows(logits, live, m * k)  # m*k x V
+        scores, src, words = _top_k(scores, logp)  # m x k; m*k source rows and their next words
+        outside = torch.zeros_like(words, dtype=torch.bool)
         if marked is not None:  # marked is per live row: the chosen word of a live source row
-            full = marked if live is None else _with_finished_marks(marked, live, m * k)
-            chosen_outside = full[src, words]
-        outside = torch.cat([outside[src], chosen_outside.unsqueeze(1)], dim=1)
-        h, c = h[src], c[src]
-        was_finished = finished[src]
-        lengths = lengths[src] + (~was_finished).float()
-        finished = was_finished | (words == END_ID)
+            outside = (marked if live is None else _with_finished_marks(marked, live, m * k))[src, words]
+        beams = beams.take(src).extend(words, alpha[src], outside)
         # An image whose k beams have all ended is final. Its rows already skip the LSTM (all finished); once
         # half the batch is final those images leave it, so attention stops reading them too. (Leaving at
         # once is slower: every exit copies the remaining images' annotation vectors.)
-        done = finished.view(m, k).all(dim=1)  # m
+        done = beams.finished.view(m, k).all(dim=1)  # m
         n_done = int(done.sum())
         if n_done == m:
             break
         if 2 * n_done >= m:
-            ended, keep = done.repeat_interleave(k), (~done).repeat_interleave(k)
-            picked = best_beams(
-                scores[done], lengths[ended], finished[ended], seqs[ended], alphas[ended], cfg, outside[ended]
+            results.update(
+                zip(images[done].tolist(), best_beams(scores[done], beams.take(done.repeat_interleave(k)), cfg))
             )
-            results.update(zip(images[done].tolist(), picked))
             images, encoder_out, projected, scores = (t[~done] for t in (images, encoder_out, projected, scores))
             word_bonus = word_bonus[~done] if word_bonus is not None else None
-            h, c, words, seqs, alphas, finished, lengths, outside = (
-                t[keep] for t in (h, c, words, seqs, alphas, finished, lengths, outside)
-            )
+            beams = beams.take((~done).repeat_interleave(k))
     # The rest: final images, and any still searching after max_len steps (their best beam, finished or not).
-    results.update(zip(images.tolist(), best_beams(scores, lengths, finished, seqs, alphas, cfg, outside)))
+    results.update(zip(images.tolist(), best_beams(scores, beams, cfg)))
     return [results[i] for i in range(n)]
+
+
+@dataclass
+class _Beams:
+    """The rows of a batched beam search, image i owning rows i*k .. i*k+k-1: each beam's LSTM state (rows x D),
+    last word (rows), words so far (rows x steps), attention (rows x steps x P), which words came from outside
+    knowledge (rows x steps), whether it has ended (rows) and its length with <end> (rows)."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+    words: torch.Tensor
+    seqs: torch.Tensor
+    alphas: torch.Tensor
+    outside: torch.Tensor
+    finished: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def start(cls, state: tuple[torch.Tensor, torch.Tensor], k: int, p: int) -> _Beams:
+        """k beams per image from each image's initial (h, c), N x D each, all at <start>."""
+        h, c = (s.repeat_interleave(k, dim=0) for s in state)  # N*k x D each
+        rows, device = h.size(0), h.device
+        return cls(
+            h, c, torch.full((rows,), START_ID, dtype=torch.long, device=device),
+            torch.zeros(rows, 0, dtype=torch.long, device=device), torch.zeros(rows, 0, p, device=device),
+            torch.zeros(rows, 0, dtype=torch.bool, device=device), torch.zeros(rows, dtype=torch.bool, device=device),
+            torch.zeros(rows, device=device),
+        )  # fmt: skip
+
+    def take(self, index: torch.Tensor) -> _Beams:
+        """The rows ``index`` selects (indices or a bool mask), in that order."""
+        return _Beams(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    def extend(self, words: torch.Tensor, alpha: torch.Tensor, outside: torch.Tensor) -> _Beams:
+        """Each row continued by its next word (rows), that step's attention (rows x P) and outside mark."""
+        return _Beams(
+            self.h, self.c, words, torch.cat([self.seqs, words.unsqueeze(1)], dim=1),
+            torch.cat([self.alphas, alpha.unsqueeze(1)], dim=1), torch.cat([self.outside, outside.unsqueeze(1)], dim=1),
+            self.finished | (words == END_ID), self.lengths + (~self.finished).float(),
+        )  # fmt: skip
+
+
+def _top_k(scores: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each image's k best continuations among its k beams' (``scores``, m x k) next words (``logp``, m*k x V):
+    their scores (m x k), the beam each continues (m*k rows) and its next word (m*k)."""
+    (m, k), vocab = scores.shape, logp.size(1)
+    scores, flat = (scores.view(-1, 1) + logp).view(m, k * vocab).topk(k, dim=1)  # m x k each
+    src = (torch.arange(0, m * k, k, device=logp.device).unsqueeze(1) + flat // vocab).view(-1)  # m*k
+    words = (flat % vocab).view(-1)  # m*k
+    # A beam chosen at -inf had no allowed word left (a vocabulary smaller than the beam): it ends here instead
+    # of emitting a masked token, and its -inf score keeps it from ever being chosen.
+    return scores, src, torch.where(torch.isinf(scores.view(-1)) & (words != PAD_ID), END_ID, words)
 
 
 def _allowed_next_words(
@@ -283,19 +312,11 @@ def block_repeated_bigrams(logp: torch.Tensor, seqs: torch.Tensor, repeat_words:
     logp.scatter_(1, torch.where(match, following, PAD_ID), float("-inf"))
 
 
-def best_beams(
-    scores: torch.Tensor,
-    lengths: torch.Tensor,
-    finished: torch.Tensor,
-    seqs: torch.Tensor,
-    alphas: torch.Tensor,
-    cfg: DecodeConfig,
-    outside: torch.Tensor | None = None,
-) -> list[Decoded]:
-    """The best beam of each of m images, from its k beams' scores (m x k) and the m*k beams' lengths,
-    finished flags, word ids, attention rows and outside-knowledge flags (``outside``, m*k x steps; None: all
-    the decoder's own) (image i owning beams i*k .. i*k+k-1); with ``cfg.n_best`` > 1 each also lists the
-    image's best finished beams (at least the best beam) in ``alternatives``."""
+def best_beams(scores: torch.Tensor, beams: _Beams, cfg: DecodeConfig) -> list[Decoded]:
+    """The best beam of each of m images, from its k beams' scores (m x k) and the m*k ``beams`` (image i owning
+    beams i*k .. i*k+k-1); with ``cfg.n_best`` > 1 each also lists the image's best finished beams (at least the
+    best beam) in ``alternatives``."""
+    lengths, finished, seqs, alphas, outside = beams.lengths, beams.finished, beams.seqs, beams.alphas, beams.outside
     m, k = scores.shape
     normalised = scores.view(-1) / lengths.clamp(min=1) ** cfg.length_penalty  # m*k
     # A finished beam beats any unfinished one; among equals, the better normalised score wins.
@@ -303,7 +324,7 @@ def best_beams(
     order = torch.arange(0, m * k, k, device=scores.device).unsqueeze(1) + rank.argsort(dim=1, descending=True)
     order, finished_list, flat_scores = order.tolist(), finished.tolist(), scores.view(-1).tolist()
     norm_list = normalised.tolist()
-    outside_list = outside.tolist() if outside is not None else None
+    outside_list = outside.tolist()
     results = []
     for beams in order:
         picked = []
@@ -312,7 +333,7 @@ def best_beams(
                 break  # alternatives are real, finished captions only
             ids = seqs[b].tolist()
             length = ids.index(END_ID) if END_ID in ids else len(ids)
-            marks = outside_list[b][:length] if outside_list is not None else [False] * length
+            marks = outside_list[b][:length]
             picked.append(Decoded(ids[:length], flat_scores[b], alphas[b, :length].cpu(), norm_list[b], outside=marks))
         results.append(replace(picked[0], alternatives=picked))
     return results
