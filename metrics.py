@@ -851,15 +851,10 @@ def chair(captions: Sequence[Sequence[str]], truths: Sequence[Iterable[str]]) ->
     ``per_image[i]`` is ``{"mentioned": [categories], "hallucinated": [categories]}`` in caption order (for
     bootstrap intervals and examples). CHAIR-i is NaN when no caption names any object.
     """
-    if len(captions) != len(truths):
-        raise ValueError(f"chair needs one truth set per caption: {len(truths)} for {len(captions)}")
-    per_image = []
-    for words, truth in zip(captions, truths):
-        if isinstance(words, str):
-            raise TypeError("chair: each caption must be a list of words, not a string")
-        truth = set(truth)
-        mentioned = [category for _, _, category in coco_mentions(list(words))]
-        per_image.append({"mentioned": mentioned, "hallucinated": [c for c in mentioned if c not in truth]})
+    per_image = [
+        {"mentioned": mentioned, "hallucinated": [c for c in mentioned if c not in truth]}
+        for mentioned, truth in _mentions_and_truths(captions, truths, "chair")
+    ]
     n_mentions = sum(len(p["mentioned"]) for p in per_image)
     n_hallucinated = sum(len(p["hallucinated"]) for p in per_image)
     return {
@@ -878,15 +873,24 @@ def object_coverage(captions: Sequence[Sequence[str]], truths: Sequence[Iterable
     per-caption flags. CHAIR's other side: a caption that names nothing, or only what is not there, is not
     covered; a caption that names one true object and one hallucinated one is covered and CHAIR-s counts it.
     (Issue 20: the share of photos whose caption names something that is there.) NaN for no captions."""
+    flags = [
+        any(c in truth for c in mentioned)
+        for mentioned, truth in _mentions_and_truths(captions, truths, "object_coverage")
+    ]
+    return (sum(flags) / len(flags) if flags else math.nan), flags
+
+
+def _mentions_and_truths(
+    captions: Sequence[Sequence[str]], truths: Sequence[Iterable[str]], caller: str
+) -> Iterator[tuple[list[str], set[str]]]:
+    """Per caption (a word list): the COCO categories it mentions, in order, and its image's truth as a set.
+    Raises ValueError for unequal lengths and TypeError for a caption given as a string."""
     if len(captions) != len(truths):
-        raise ValueError(f"object_coverage needs one truth set per caption: {len(truths)} for {len(captions)}")
-    flags = []
+        raise ValueError(f"{caller} needs one truth set per caption: {len(truths)} for {len(captions)}")
     for words, truth in zip(captions, truths):
         if isinstance(words, str):
-            raise TypeError("object_coverage: each caption must be a list of words, not a string")
-        truth = set(truth)
-        flags.append(any(category in truth for _, _, category in coco_mentions(list(words))))
-    return (sum(flags) / len(flags) if flags else math.nan), flags
+            raise TypeError(f"{caller}: each caption must be a list of words, not a string")
+        yield [category for _, _, category in coco_mentions(list(words))], set(truth)
 
 
 def image_truth(box_categories: Iterable[str], references: Iterable[str]) -> set[str]:
