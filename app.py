@@ -621,16 +621,16 @@ def caption_event(captioner: Captioner, decode: DecodeConfig, upload: tuple[Path
     path, name = upload
     started = time.perf_counter()
     try:
-        beam, penalty = check_controls(beam, penalty)
+        search = page_search(decode, beam, penalty)  # the controls checked once
     except CamEyeError as err:  # e.g. 2.5 typed into the beam box: say so, keep the answer shown
         return status_html(str(err), error=True), None, ""
     try:
         if previous is not None and previous.source == str(path) and not path.exists():
             # The same photo again (new settings): its upload was deleted after the first answer.
-            search = page_search(decode, beam, penalty)
             result = caption_answer(captioner, previous.source, name, previous.image, previous.photo, search)
         elif path.is_file():
-            result = answer_photo(captioner, path, name, beam, penalty, decode)
+            image, photo = decode_upload(path, name, captioner)
+            result = caption_answer(captioner, str(path), name, image, photo, search)
         else:
             raise CamEyeError(f"{name}: the upload is no longer on the server; please add the photo again")
         viewer = viewer_html(result)

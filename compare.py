@@ -99,8 +99,10 @@ def read_objects(path: Path, label: str) -> dict[Hashable, dict[str, float]]:
     for n, row in enumerate(rows if isinstance(rows, list) else [None]):
         if not isinstance(row, dict) or "image_id" not in row or not isinstance(row.get("hallucinated"), list):
             raise CamEyeError(f"{path}: entry {n} is not an eval.py objects record (image_id, hallucinated, ...)")
-        named_true = [c for c in row.get("mentioned", []) if c not in row["hallucinated"]]
-        flags[row["image_id"]] = {"CHAIR-s": float(bool(row["hallucinated"])), "coverage": float(bool(named_true))}
+        covered = row.get("covered")  # eval.py's metrics.object_coverage flag; derived for files from before it
+        if covered is None:
+            covered = any(c not in row["hallucinated"] for c in row.get("mentioned", []))
+        flags[row["image_id"]] = {"CHAIR-s": float(bool(row["hallucinated"])), "coverage": float(bool(covered))}
     return flags
 
 

@@ -706,16 +706,6 @@ class Detector(nn.Module):
         ]
 
 
-_DEFAULT: list[Detector] = []
-
-
-def detect(image: np.ndarray, min_score: float = 0.3) -> list[Detection]:
-    """:meth:`Detector.detect` with the pinned weights from ``checkpoints/detector/`` (loaded once)."""
-    if not _DEFAULT:
-        _DEFAULT.append(Detector.load())
-    return _DEFAULT[0].detect(image, min_score)
-
-
 # ------------------------------------------------------------------------------------- the encoder's frame
 BoxesLike = np.ndarray | Sequence[Sequence[float]]  # N x 4: (x0, y0, x1, y1) per box
 
@@ -806,15 +796,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             fetched = fetch(args.dir)
             print(f"{'fetched' if fetched else 'already present'}: {PACKAGE}@{PACKAGE_VERSION} CenterNet in {args.dir}")
             return 0
-        from caption import collect_images
-        from create_input_files import decode_image
+        from captioner import collect_images
+        from images import UNUSABLE_IMAGE_ERRORS, decode_image, image_problem
 
         detector = Detector.load(args.dir)
         for path in collect_images(args.images):
             try:
                 image = decode_image(path, 2**30)  # a side this large: never decoded at a reduced scale
-            except (OSError, ValueError) as exc:
-                raise CamEyeError(f"{path}: unreadable image ({exc})") from None
+            except UNUSABLE_IMAGE_ERRORS as exc:  # as images.read_image reports them
+                raise CamEyeError(f"{path}: {image_problem(path, exc)}") from None
             found = detector.detect(image, args.min_score)
             listed = ", ".join(f"{d.label} {d.score:.2f} [{', '.join(f'{v:.0f}' for v in d.box)}]" for d in found)
             print(f"{path}: {listed or 'nothing'}")

@@ -70,7 +70,6 @@ from utils import (
     keep_freed_memory,
     local_path,
     non_negative_int,
-    output_folder,
     positive_int,
     read_json,
     reverse_word_map,
@@ -148,10 +147,7 @@ def open_eval_split(data: Path, split: str) -> CaptionDataset:
 def check_writable(out: Path) -> None:
     """Fail in one line now, not after decoding, when ``out`` cannot hold the results."""
     try:
-        output_folder(out, "--out")
-    except CamEyeError as exc:
-        raise CamEyeError(f"cannot write the results to {out}: {str(exc).rsplit(': ', 1)[-1]}") from None
-    try:
+        out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as exc:
@@ -479,16 +475,10 @@ def coco_metrics_into(metrics: MetricsFile, references: dict, predictions: dict)
             if family.error is not None:
                 metrics.fail(family.family, family.error)
             else:
-                scores = dict(family.scores)
-                if "CIDEr" in scores and len(predictions) < 2:
-                    # CIDEr weighs n-grams by their document frequency over the evaluated images: with one image
-                    # every n-gram is in every "document" and scores 0 whatever the caption.
-                    scores["CIDEr"] = None
-                    metrics.results["notes"] = ["CIDEr needs at least 2 images (document frequencies): not computed"]
-                    print(
-                        "note: CIDEr needs at least 2 images (its document frequencies): not computed", file=sys.stderr
-                    )
-                metrics.results.setdefault("coco_caption_metrics", {}).update(scores)
+                if family.note is not None:
+                    metrics.results.setdefault("notes", []).append(family.note)
+                    print(f"note: {family.note}", file=sys.stderr)
+                metrics.results.setdefault("coco_caption_metrics", {}).update(family.scores)
                 means = {name: v for name, v in family.per_image.items() if name in MEAN_OF_PER_IMAGE}
                 metrics.per_image.update({name: (values, None) for name, values in means.items()})
             metrics.save()

@@ -79,8 +79,10 @@ def cache_features(
     out: Path,
     device: torch.device,
     workers: int = 2,
+    fingerprint: str | None = None,
 ) -> None:
-    """Encode every image of a split once and store float16 features N x P x C (atomically).
+    """Encode every image of a split once and store float16 features N x P x C (atomically), recording the
+    encoder's ``fingerprint`` (:func:`weights_fingerprint`; computed here when not given).
 
     The encoder is frozen here, so a copy with its batch norms folded into the convolutions does the work
     (:meth:`Encoder.fold_batch_norm`, the same function up to rounding); ``encoder`` itself is unchanged.
@@ -89,7 +91,7 @@ def cache_features(
     batch_size = 8 if device.type == "cpu" else 64
     dataset = CaptionDataset(split_file, "eval", Preprocess(cfg.backbone, cfg.input_size))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval)
-    fingerprint = weights_fingerprint(encoder)
+    fingerprint = fingerprint or weights_fingerprint(encoder)
     encoder = copy.deepcopy(encoder).fold_batch_norm()
     with atomic_path(out) as tmp, new_hdf5(tmp) as f:
         feats = None

@@ -361,10 +361,10 @@ def teacher_forcing(
 
     Without autograd (or when the regions need no gradient) it simply runs the plain loop.
     """
-    batch = decoder.sort_batch(encoder_out, captions, lengths, image_index)
     projected = 2 * decoder.attention.project(encoder_out)  # N_img x P x A: doubled for the sigmoid form
     if not (torch.is_grad_enabled() and projected.requires_grad):
         return decoder(encoder_out, captions, lengths, image_index)
+    batch = decoder.sort_batch(encoder_out, captions, lengths, image_index)
     logits, alphas = _fused_loop(decoder, encoder_out, projected, batch, compiled)
     return logits, batch.targets, alphas[batch.order.argsort()]
 

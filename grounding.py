@@ -166,10 +166,10 @@ class SlotHook:
         self.label = torch.full((n, d), -2, dtype=torch.long)  # N x D: each finding's category (-2: padding)
         self.category, self.plural = words.category.to(device), words.plural.to(device)
         self.second = torch.full((n, vocab), -1, dtype=torch.long)  # N x V: the word after a name's first word
+        floor = min_score if absent_score is None else absent_score  # below it, an object counts as absent
         for i, (found, conf) in enumerate(zip(findings, confident)):
             if not conf:
                 continue  # nothing confident: the decoder's own words stand
-            floor = min_score if absent_score is None else absent_score
             seen = torch.tensor([LABELS.index(f.label) for f in found if f.score >= floor])
             self.absent[i] = (words.category >= 0) & ~torch.isin(words.category, seen)
             if kept is not None:

@@ -190,9 +190,10 @@ class FamilyResult:
     """
 
     family: str
-    scores: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, float | None] = field(default_factory=dict)
     per_image: dict[str, list[float]] = field(default_factory=dict)
     error: str | None = None
+    note: str | None = None  # a score left out on purpose (None in ``scores``), and why
 
 
 # Scores equal to the mean of their per-image scores, so that resampling images gives their bootstrap
@@ -381,6 +382,9 @@ def _check_coco_inputs(references: Mapping, predictions: Mapping) -> None:
         raise JavaNotFoundError("java is not on PATH: the COCO caption metrics (pycocoevalcap) need Java 8+")
 
 
+CIDER_NEEDS_IMAGES = "CIDEr needs at least 2 images (its document frequencies): not computed"
+
+
 def iter_coco_metrics(
     references: Mapping[Hashable, Sequence[str]],
     predictions: Mapping[Hashable, str],
@@ -406,6 +410,11 @@ def iter_coco_metrics(
         return
     for family in families:
         try:
+            if family == "CIDEr" and len(references) < 2:
+                # CIDEr weighs n-grams by their document frequency over the evaluated images: with one image
+                # every n-gram is in every "document", and the score is 0 whatever the caption.
+                yield FamilyResult(family, {"CIDEr": None}, note=CIDER_NEEDS_IMAGES)
+                continue
             yield _score_family(family, gts, res)
         except MetricError as exc:
             yield FamilyResult(family, error=str(exc))
@@ -1065,10 +1074,13 @@ def paired_bootstrap(
         n_images = len(references)
         blocks["CIDEr-D"] = per_a[:, None], per_b[:, None], lambda sums: sums[:, 0] / n_images
 
+    # Every column of both systems summed over one set of draws: the pairing is the draws' being shared.
+    columns = [c for stats_a, stats_b, _ in blocks.values() for c in (stats_a, stats_b)]
+    sums = np.split(
+        _resampled_sums(np.hstack(columns), resamples, seed), np.cumsum([c.shape[1] for c in columns])[:-1], axis=1
+    )
     results = {}
-    for m, (stats_a, stats_b, statistic) in blocks.items():
-        # The same seed draws the same images for both systems (and for every metric).
-        sums_a, sums_b = _resampled_sums(stats_a, resamples, seed), _resampled_sums(stats_b, resamples, seed)
+    for (m, (_, _, statistic)), sums_a, sums_b in zip(blocks.items(), sums[::2], sums[1::2]):
         low, high = _percentile_interval(statistic(sums_b) - statistic(sums_a), level)
         point_a, point_b = points[m]
         results[m] = PairedDifference(m, point_a, point_b, point_b - point_a, low, high, resamples, level)

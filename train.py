@@ -193,9 +193,9 @@ class TrainConfig:
         "against (same results within rounding; slower)", _MACHINE, flags=("--plain-loop",), action="store_false",
     )  # fmt: skip
     encoder_precision: str = opt(
-        "auto", "precision of the frozen encoder filling the feature cache ('auto': bfloat16 where the CPU or GPU "
-        "has bfloat16 matrix units, as eval.py and caption.py do by default); a cache of each precision is kept "
-        "apart", _MACHINE, choices=["auto", "float32", "bfloat16"],
+        "auto", "precision of the frozen encoder filling the feature cache ('auto': bfloat16 on CUDA GPUs and on "
+        "CPUs with AMX tiles, where it is faster; float32 elsewhere); a cache of each precision is kept apart",
+        _MACHINE, choices=["auto", "float32", "bfloat16"],
     )  # fmt: skip
     workers: int = opt(2, "DataLoader worker processes when reading images", _MACHINE, type=non_negative_int)
     seed: int = opt(0, "random seed (weights, data order, dropout)", _MACHINE, type=int_between(0, 2**32 - 1))
@@ -441,6 +441,7 @@ def train_one_epoch(
     low = amp_dtype(device)
     start = time.perf_counter() - progress.seconds
     params = [p for optimizer in optimizers for g in optimizer.param_groups for p in g["params"]]
+    steps_per_epoch = math.ceil(loader.sampler.full_length() / tcfg.batch_size)  # for TensorBoard's step axis
     bar = tqdm(
         loader,
         desc=f"epoch {progress.epoch}",
@@ -470,7 +471,7 @@ def train_one_epoch(
         progress.step += 1
         progress.seconds = time.perf_counter() - start
         bar.set_postfix(loss=f"{progress.mean('loss', 'words'):.3f}")
-        log_step(progress, value, tcfg, step_log, writer, math.ceil(loader.sampler.full_length() / tcfg.batch_size))
+        log_step(progress, value, tcfg, step_log, writer, steps_per_epoch)
         if (stop or save_due) and save is not None:
             save(progress)
         if stop:
@@ -810,8 +811,9 @@ def _build_models(mcfg, tcfg, device, word_map, ckpt, init, build_weights):
         except RuntimeError as exc:
             raise CamEyeError(f"{tcfg.init_from}: weights do not fit ({str(exc).splitlines()[0]})") from None
         print(f"weights from {tcfg.init_from} (epoch {init.get('epoch')})")
-    if ckpt is not None:  # the weights to cache features with: the run's own, not the freshly built ones
+    if ckpt is not None:  # the run's own weights (the encoder's are the ones the feature cache must hold)
         encoder.load_state_dict(ckpt["encoder"])
+        decoder.load_state_dict(ckpt["decoder"])
     check_grid_size(encoder, mcfg)
     return encoder.to(device), decoder.to(device), teacher
 
@@ -847,7 +849,7 @@ def _prepare_feature_cache(mcfg, tcfg, encoder, decoder, rank, world, device, us
     rng = get_rng_state()
     for split in stale if rank == 0 else ():
         encoder.precision = tcfg.encoder_precision
-        cache_features(encoder, mcfg, data / f"{split}.hdf5", path[split], device, workers=tcfg.workers)
+        cache_features(encoder, mcfg, data / f"{split}.hdf5", path[split], device, tcfg.workers, fingerprint)
     set_rng_state(rng)
     if world > 1:
         dist.barrier()
@@ -870,7 +872,7 @@ def _optimisers(mcfg, tcfg, encoder, decoder):
 def _resume(run: Run, ckpt: dict) -> None:
     """Restore ``run`` from its last.pt: weights, optimisers, scheduler, RNG, history, best score and the step."""
     mcfg, tcfg, scheduler = run.mcfg, run.tcfg, run.scheduler
-    progress = restore_checkpoint(ckpt, mcfg, tcfg, run.encoder, run.decoder, run.optimizers, scheduler)
+    progress = restore_checkpoint(ckpt, mcfg, tcfg, run.optimizers, scheduler)
     run.history = list(ckpt["history"])
     best = ckpt.get("best_score", ckpt.get("best_bleu4"))  # version-1 checkpoints selected on BLEU-4
     run.state = {"best": float(best), "since": int(ckpt["epochs_since_improvement"])}
@@ -1071,14 +1073,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
-def restore_checkpoint(ckpt, mcfg, tcfg, encoder, decoder, optimizers, scheduler) -> EpochProgress:
-    """Load weights, optimisers, scheduler and RNG from ``ckpt``; returns where training continues.
+def restore_checkpoint(ckpt, mcfg, tcfg, optimizers, scheduler) -> EpochProgress:
+    """Load optimisers, scheduler and RNG from ``ckpt`` (the weights came with the models: _build_models);
+    returns where training continues.
 
     A resume may switch fine-tuning on, off or to other stages (the common two-stage recipe: train the decoder
     on a frozen encoder, then fine-tune): the encoder then gets a fresh optimiser, the decoder keeps its own.
     """
-    encoder.load_state_dict(ckpt["encoder"])
-    decoder.load_state_dict(ckpt["decoder"])
     saved_stages = ModelConfig.from_dict(ckpt["config"]).fine_tune_stages
     load_optimizer_state(optimizers[0], ckpt["optimizers"][0])
     if len(optimizers) > 1:
