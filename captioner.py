@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from checkpoint import load_captioner
+from checkpoint import load_captioner, load_language_model
 from decoding import DecodeConfig, Decoded, beam_search, content_word_mask
 from images import read_image
 from models import DecoderWithAttention, Encoder, ModelConfig, Preprocess
@@ -119,7 +119,8 @@ class Captioner:
 
             if self.grounder is None:
                 self.grounder = Grounder(self.word_map, image_size=self.config.image_size,
-                                         backbone=self.config.backbone, precision=self.encoder.precision)  # fmt: skip
+                                         backbone=self.config.backbone, precision=self.encoder.precision,
+                                         language_model=load_language_model(self.checkpoint, self.device))  # fmt: skip
             findings = self.grounder.find(images, detection_floor(cfg))
             return self.grounder.search(self.decoder, features, cfg, self.content_words, bonus, findings)
 

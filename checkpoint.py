@@ -10,6 +10,7 @@ an untrusted file is refused in one line (:class:`utils.CamEyeError`), never hal
     word_map                word -> id (utils.validate_word_map)
     encoder, decoder        state dicts; ``encoder_partial``: the encoder holds only the tensors that differ
                             from the backbone's pretrained weights (exported models, to stay small)
+    language_model          optional: {"config", "weights"} of language.ObjectLanguageModel (train_text.py)
     training only           train_config, optimizers, scheduler, scaler, epoch, progress, history, best_score,
                             select_on, epochs_since_improvement, rng (train.py resumes from these)
 """
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from backbones import BACKBONES, resolve_precision
+from language import ObjectLanguageModel, TextModelConfig
 from models import DecoderWithAttention, Encoder, ModelConfig, build_captioner
 from utils import CamEyeError, save_torch, validate_word_map
 
@@ -61,11 +63,21 @@ _CONFIG_RULES: dict[str, tuple] = {
 }
 
 
-def validate_model_config(cfg: Any, where: str) -> None:
+# The same for the language model a model file may carry (language.TextModelConfig; train_text.py).
+_TEXT_MODEL_RULES: dict[str, tuple] = {
+    "vocab_size": (int, 5, 1_000_000),
+    "embed_dim": (int, 1, 8192),
+    "hidden_dim": (int, 1, 8192),
+    "object_dim": (int, 1, 8192),
+    "dropout": (float, 0.0, 0.999),
+}
+
+
+def validate_model_config(cfg: Any, where: str, rules: dict[str, tuple] = _CONFIG_RULES) -> None:
     """Check every field of a checkpoint's config for its type and supported range (one-line CamEyeError)."""
     if not isinstance(cfg, dict):
         raise CamEyeError(f"{where}: checkpoint config is not a dict")
-    for name, (kind, *limits) in _CONFIG_RULES.items():
+    for name, (kind, *limits) in rules.items():
         if name not in cfg:
             if name == "vocab_size":
                 raise CamEyeError(f"{where}: checkpoint config has no vocab_size")
@@ -142,7 +154,45 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     validate_word_map(ckpt["word_map"])
     if ckpt["config"].get("vocab_size") != len(ckpt["word_map"]):
         raise CamEyeError(f"{path}: the model's vocabulary does not match its word map")
+    if "language_model" in ckpt:
+        _check_language_model(ckpt, str(path))
     return ckpt
+
+
+def _check_language_model(ckpt: dict[str, Any], where: str) -> None:
+    """The optional ``language_model`` part (language.py): a valid config for the model's word map, with
+    finite weights, and not absurdly large."""
+    part = ckpt["language_model"]
+    if not isinstance(part, dict) or not isinstance(part.get("config"), dict) or not isinstance(
+            part.get("weights"), dict):  # fmt: skip
+        raise CamEyeError(f"{where}: checkpoint has an invalid 'language_model'")
+    cfg = part["config"]
+    if set(cfg) != set(_TEXT_MODEL_RULES):
+        raise CamEyeError(f"{where}: the language model's config has other fields than {sorted(_TEXT_MODEL_RULES)}")
+    validate_model_config(cfg, f"{where} (language model)", _TEXT_MODEL_RULES)
+    if cfg["vocab_size"] != len(ckpt["word_map"]):
+        raise CamEyeError(f"{where}: the language model's vocabulary does not match the word map")
+    with torch.device("meta"):
+        count = sum(p.numel() for p in ObjectLanguageModel(TextModelConfig(**cfg)).parameters())
+    if count > MAX_DECODER_PARAMETERS:
+        raise CamEyeError(f"{where}: its language model would have {count:,} parameters; refusing to build it")
+    check_finite_weights(part["weights"], "language model", where)
+
+
+def load_language_model(path: str | Path, device: torch.device | str = "cpu") -> ObjectLanguageModel | None:
+    """The model file's language model (language.py) in eval mode on ``device``, or None when it has none
+    (models trained before issue 20). Raises :class:`CamEyeError` when it is there but unusable."""
+    ckpt = load_checkpoint_file(path)
+    if "language_model" not in ckpt:
+        return None
+    part = ckpt["language_model"]
+    model = ObjectLanguageModel(TextModelConfig(**part["config"]))
+    try:
+        model.load_state_dict({k: v.float() for k, v in part["weights"].items()})
+    except RuntimeError as exc:
+        raise CamEyeError(f"{path}: the language model's weights do not fit its config ({str(exc).splitlines()[0]})"
+                          ) from None  # fmt: skip
+    return model.to(device).eval()
 
 
 def load_captioner(

@@ -140,7 +140,7 @@ def _tokenized(
         refs = ptb_tokenize(references)
         systems = [ptb_tokenize({i: [c[i]] for i in ids}) for c in captions]
         return [[r.split() for r in refs[i]] for i in ids], [[s[i][0].split() for i in ids] for s in systems]
-    from create_input_files import tokenize  # the words the prepared references are made of
+    from captions import tokenize  # the words the prepared references are made of
 
     return [[tokenize(r) for r in references[i]] for i in ids], [[tokenize(c[i]) for i in ids] for c in captions]
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import add_options, opt
+from cli import add_options, float_between, opt
 from models import END_ID, PAD_ID, START_ID, DecoderWithAttention, mask_non_words
 from utils import DEFAULT_CHECKPOINT, FUNCTION_WORDS, SPECIAL_TOKENS, local_path, positive_int
 
@@ -67,6 +67,15 @@ class DecodeConfig:
     # this probability is not refilled, detector or not (the detector takes Flickr8k's dogs for horses and cows);
     # 0 = not asked. 0.3: Flickr8k val CIDEr +1.4 to +1.9 over none, coco-dev80's first 40 unchanged.
     ground_keep_classifier: float = 0.3
+    # "slot" only: how much the model file's everyday-caption language model (language.py; train_text.py) weighs
+    # beside the captioner: log p = log_softmax(log p_captioner + text_weight x log p_text). A model file without
+    # one (trained before issue 20) ignores it.
+    text_weight: float = opt(
+        0.5,
+        "with --ground slot: weight of the model file's everyday-caption language model beside the captioner's own "
+        "words (0 = not used; models without one ignore it)",
+        type=float_between(0.0, 10.0),
+    )
 
 
 @dataclass

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from checkpoint import load_captioner
+from checkpoint import load_captioner, load_language_model
 from cli import HelpFormatter, options_from_args
 from datasets import CaptionDataset, check_split_has_images, collate_eval
 from decoding import DecodeConfig, Decoded, add_decoding_arguments, content_word_mask, decode_loader
@@ -442,7 +442,8 @@ def decode_split(
     if decode.ground != "off":  # the detector sees the prepared image, as the encoder does (grounding.py)
         from grounding import Grounder, detection_floor
 
-        grounder = Grounder(word_map, image_size=cfg.image_size, backbone=cfg.backbone, precision=encoder.precision)
+        grounder = Grounder(word_map, image_size=cfg.image_size, backbone=cfg.backbone, precision=encoder.precision,
+                            language_model=load_language_model(checkpoint, dev))  # fmt: skip
         findings = {i: grounder.find([dataset.h5["images"][i]], detection_floor(decode))[0] for i in rows}
     preds, refs, indices = decode_loader(
         encoder, decoder, loader, dev, decode, content_word_mask(word_map), prior, True, grounder, findings

@@ -37,6 +37,7 @@ import torch
 from backbones import LITE_RESOLUTION
 from decoding import DecodeConfig, Decoded, beam_search
 from detector import LABELS, Detection, Detector, boxes_to_grid
+from language import ObjectLanguageModel, TextFusion, presence
 from metrics import _plural, coco_mentions
 from metrics_data import COCO_SYNONYMS
 from models import DecoderWithAttention
@@ -253,8 +254,10 @@ class Grounder:
     """The detector and the vocabulary's object names, ready to ground captions (``DecodeConfig.ground``)."""
 
     def __init__(self, word_map: dict[str, int], detector: Detector | None = None, image_size: int = 256,
-                 backbone: str | None = None, precision: str = "float32") -> None:  # fmt: skip
+                 backbone: str | None = None, precision: str = "float32",
+                 language_model: ObjectLanguageModel | None = None) -> None:  # fmt: skip
         self.words = ObjectWords(word_map)
+        self.language_model = language_model  # the model file's text-taught language model, if any (language.py)
         self.detector = detector if detector is not None else Detector.load()
         self.image_size = image_size
         # "bfloat16": the detector runs under CPU autocast, as the encoder does where the CPU has bfloat16 units:
@@ -294,6 +297,9 @@ class Grounder:
             kept = self.kept_by_classifier(features, cfg.ground_keep_classifier)
             hook = SlotHook(findings, self.words, self.image_size, (grid, grid), cfg.ground_min_score,
                             absent_score=cfg.ground_absent_score, kept=kept, device=features.device)  # fmt: skip
+            if self.language_model is not None and cfg.text_weight > 0:
+                objects = presence(findings, cfg.ground_min_score).to(features.device)  # N x 80
+                hook = TextFusion(self.language_model, objects, cfg.text_weight, hook)
             decoded = beam_search(decoder, features, cfg, content_words, bonus, hook)
             return [agree_articles(d, self.words) for d in decoded]
         decoded = beam_search(decoder, features, cfg, content_words, bonus)

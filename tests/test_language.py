@@ -1,0 +1,102 @@
+"""language.py: the object-aware language model, its training objects and its fusion with beam search."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from _decoders import features, random_decoder
+
+from decoding import DecodeConfig, beam_search
+from detector import LABELS, Detection
+from language import (
+    N_CATEGORIES,
+    ObjectLanguageModel,
+    PresenceNoise,
+    TextFusion,
+    TextModelConfig,
+    caption_categories,
+    presence,
+    training_presence,
+)
+
+
+def small_model(vocab: int = 12, seed: int = 0) -> ObjectLanguageModel:
+    torch.manual_seed(seed)
+    return ObjectLanguageModel(TextModelConfig(vocab, embed_dim=8, hidden_dim=16, object_dim=4, dropout=0.0)).eval()
+
+
+def test_stepping_gives_the_same_distribution_as_the_whole_sentence():
+    model = small_model()
+    words = torch.tensor([[1, 5, 7, 9], [1, 4, 4, 6]])  # N x T
+    objects = torch.rand(2, N_CATEGORIES)
+    with torch.no_grad():
+        whole = torch.log_softmax(model(words, objects), dim=2)  # N x T x V
+        code, state = model.start(objects)
+        for t in range(words.size(1)):
+            logp, state = model.step(words[:, t], code, state)
+            torch.testing.assert_close(logp, whole[:, t])
+
+
+def test_caption_categories_read_chairs_synonyms():
+    assert caption_categories("a man riding a motorbike next to a hot dog stand".split()) == {
+        LABELS.index("person"),
+        LABELS.index("motorcycle"),
+        LABELS.index("hot dog"),
+    }
+    assert caption_categories("the sky is blue".split()) == set()
+
+
+def test_presence_keeps_each_categorys_best_confident_score():
+    found = [
+        [Detection("cat", 0.9, (0, 0, 1, 1)), Detection("cat", 0.5, (0, 0, 1, 1)), Detection("cup", 0.2, (0, 0, 1, 1))],
+        [],
+    ]
+    scores = presence(found, min_score=0.3)
+    assert scores.shape == (2, N_CATEGORIES)
+    assert scores[0, LABELS.index("cat")] == torch.tensor(0.9)
+    assert scores[0, LABELS.index("cup")] == 0  # below min_score: not a find
+    assert scores[1].sum() == 0
+
+
+def test_training_presence_simulates_a_detector():
+    rng = np.random.default_rng(0)
+    named, others = {LABELS.index("cat")}, {LABELS.index("couch"), LABELS.index("cat")}
+    noise = PresenceNoise()
+    draws = np.stack([training_presence(named, others, rng, noise) for _ in range(4000)])
+    cat, couch = draws[:, LABELS.index("cat")], draws[:, LABELS.index("couch")]
+    assert abs((cat > 0).mean() - noise.keep_named) < 0.03
+    assert abs((couch > 0).mean() - noise.keep_other) < 0.03
+    found = draws[draws > 0]
+    assert found.min() >= noise.min_score and found.max() <= 1.0
+    extra = (draws > 0).sum(axis=1) - (cat > 0) - (couch > 0)
+    assert 0.02 < extra.mean() < 0.08  # about noise.false_find extra categories per caption
+
+
+def test_fusion_with_weight_zero_changes_nothing_and_a_strong_text_model_writes_its_words():
+    decoder, enc = random_decoder(), features(3)
+    cfg = DecodeConfig(block_bigrams=False)
+    plain = beam_search(decoder, enc, cfg)
+    model = small_model()
+    objects = torch.zeros(3, N_CATEGORIES)
+    zero = beam_search(decoder, enc, cfg, hook=TextFusion(model, objects, 0.0))
+    assert [d.tokens for d in zero] == [d.tokens for d in plain]
+    assert not any(any(d.outside) for d in zero)
+    with torch.no_grad():  # a text model that always says word 7, then <end>
+        model.fc.weight.zero_()
+        model.fc.bias.fill_(-20.0)
+        model.fc.bias[7] = 20.0
+    strong = beam_search(decoder, enc, cfg, hook=TextFusion(model, objects, 5.0))
+    for d in strong:
+        assert d.tokens[0] == 7 and d.outside[0]  # the text model's word, marked as outside knowledge
+
+
+def test_fusion_follows_reordered_beams():
+    """The text model's state is found by each beam's words, so batched search equals one image at a time."""
+    decoder, enc, model = random_decoder(), features(4), small_model(seed=3)
+    objects = torch.rand(4, N_CATEGORIES)
+    cfg = DecodeConfig(beam_size=3, block_bigrams=False)
+    together = beam_search(decoder, enc, cfg, hook=TextFusion(model, objects, 1.0))
+    for i in range(4):
+        alone = beam_search(decoder, enc[i : i + 1], cfg, hook=TextFusion(model, objects[i : i + 1], 1.0))[0]
+        assert alone.tokens == together[i].tokens
+        assert abs(alone.score - together[i].score) < 1e-4
