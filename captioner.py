@@ -31,8 +31,12 @@ if TYPE_CHECKING:
     from grounding import Grounder
     from object_prior import ObjectPrior
 
-OUTSIDE_MARK = "*"  # ends a word that came from the object detector (DecodeConfig.ground), not the decoder
-OUTSIDE_LEGEND = "* named by the object detector, not by the captioner's own words (--ground off: those alone)"
+# ends a word that came from outside knowledge (DecodeConfig.ground: the detector, the text-taught language model)
+OUTSIDE_MARK = "*"
+OUTSIDE_LEGEND = (
+    "* chosen by outside knowledge (the object detector, or the language model taught by everyday captions), "
+    "not by the captioner's own words (--ground off: those alone)"
+)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 

@@ -195,7 +195,7 @@ def test_the_ground_option_reaches_beam_search_from_the_command_line(
     assert caption.main([str(photo), "--ground", "slot", "--no-figures", "--device", "cpu"]) == 0
     assert seen == [("slot", "SlotHook")]
     out = capsys.readouterr().out
-    assert "*" in out.splitlines()[0] and out.splitlines()[-1].startswith("* named by the object detector")
+    assert "*" in out.splitlines()[0] and out.splitlines()[-1].startswith("* chosen by outside knowledge")
     assert caption.main([str(photo), "--no-figures", "--device", "cpu"]) == 0  # default off: not through here
     assert len(seen) == 1 and "*" not in capsys.readouterr().out
 
