@@ -10,7 +10,8 @@ an untrusted file is refused in one line (:class:`utils.CamEyeError`), never hal
     word_map                word -> id (utils.validate_word_map)
     encoder, decoder        state dicts; ``encoder_partial``: the encoder holds only the tensors that differ
                             from the backbone's pretrained weights (exported models, to stay small)
-    language_model          optional: {"config", "weights"} of language.ObjectLanguageModel (train_text.py)
+    language_model          optional: {"config", "weights", "object_names"} of language.ObjectLanguageModel
+                            (train_text.py)
     training only           train_config, optimizers, scheduler, scaler, epoch, progress, history, best_score,
                             select_on, epochs_since_improvement, rng (train.py resumes from these)
 """
@@ -28,6 +29,7 @@ import torch
 
 from backbones import BACKBONES, resolve_precision
 from language import ObjectLanguageModel, TextModelConfig
+from metrics_data import COCO_SYNONYMS
 from models import DecoderWithAttention, Encoder, ModelConfig, build_captioner
 from utils import CamEyeError, save_torch, validate_word_map
 
@@ -177,6 +179,11 @@ def _check_language_model(ckpt: dict[str, Any], where: str) -> None:
     if count > MAX_DECODER_PARAMETERS:
         raise CamEyeError(f"{where}: its language model would have {count:,} parameters; refusing to build it")
     check_finite_weights(part["weights"], "language model", where)
+    names = part.get("object_names", {})
+    if not isinstance(names, dict) or not all(
+        c in COCO_SYNONYMS and isinstance(n, str) and n in COCO_SYNONYMS[c] for c, n in names.items()
+    ):
+        raise CamEyeError(f"{where}: the language model's object names are not COCO category synonyms")
 
 
 def load_language_model(path: str | Path, device: torch.device | str = "cpu") -> ObjectLanguageModel | None:
@@ -186,7 +193,7 @@ def load_language_model(path: str | Path, device: torch.device | str = "cpu") ->
     if "language_model" not in ckpt:
         return None
     part = ckpt["language_model"]
-    model = ObjectLanguageModel(TextModelConfig(**part["config"]))
+    model = ObjectLanguageModel(TextModelConfig(**part["config"]), part.get("object_names"))
     try:
         model.load_state_dict({k: v.float() for k, v in part["weights"].items()})
     except RuntimeError as exc:

@@ -72,8 +72,9 @@ class ObjectWords:
     say it; a missing plural falls back to the singular).
     """
 
-    def __init__(self, word_map: dict[str, int]) -> None:
+    def __init__(self, word_map: dict[str, int], usual: dict[str, str] | None = None) -> None:
         self.word_map = word_map
+        self.usual = usual or {}  # category -> its most used name in caption text (language.usual_names)
         self.vocabulary = reverse_word_map(word_map)
         self.category = torch.full((len(self.vocabulary),), -1, dtype=torch.long)
         self.plural = torch.zeros(len(self.vocabulary), dtype=torch.bool)
@@ -95,8 +96,12 @@ class ObjectWords:
         return (*name[:-1], self.word_map[last]) if last in self.word_map else name
 
     def _name(self, category: str) -> tuple[int, ...]:
-        """The category's own name if every word is in the vocabulary, else the first synonym that is, one
-        word preferred (a two-word name is said as its two words)."""
+        """The name caption text uses most (``usual``) if the vocabulary can say it; else the category's own name
+        if every word is in the vocabulary, else the first synonym that is, one word preferred (a two-word name
+        is said as its two words)."""
+        usual = self.usual.get(category, "").split()
+        if usual and all(w in self.word_map for w in usual):
+            return tuple(self.word_map[w] for w in usual)
         sayable = [s.split() for s in COCO_SYNONYMS[category] if all(w in self.word_map for w in s.split())]
         if category.split() in sayable:
             return tuple(self.word_map[w] for w in category.split())
@@ -256,7 +261,7 @@ class Grounder:
     def __init__(self, word_map: dict[str, int], detector: Detector | None = None, image_size: int = 256,
                  backbone: str | None = None, precision: str = "float32",
                  language_model: ObjectLanguageModel | None = None) -> None:  # fmt: skip
-        self.words = ObjectWords(word_map)
+        self.words = ObjectWords(word_map, language_model.object_names if language_model is not None else None)
         self.language_model = language_model  # the model file's text-taught language model, if any (language.py)
         self.detector = detector if detector is not None else Detector.load()
         self.image_size = image_size

@@ -19,6 +19,7 @@ et al., 2017). The attention shown for each word stays the captioner's.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from torch import nn
 
 from detector import LABELS, Detection
 from metrics import coco_mentions
+from metrics_data import COCO_SYNONYMS
 
 N_CATEGORIES = len(LABELS)  # 80 COCO categories, detector.LABELS' order
 CATEGORY = {name: i for i, name in enumerate(LABELS)}
@@ -53,9 +55,11 @@ class ObjectLanguageModel(nn.Module):
     goes on. Word ids are the captioner's (same word map), so its distribution adds to the captioner's.
     """
 
-    def __init__(self, cfg: TextModelConfig) -> None:
+    def __init__(self, cfg: TextModelConfig, object_names: dict[str, str] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        # category -> the name the text uses most (:func:`usual_names`): what a detected object is called
+        self.object_names = dict(object_names or {})
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
         self.object_code = nn.Linear(N_CATEGORIES, cfg.object_dim)
         self.init_h = nn.Linear(N_CATEGORIES, cfg.hidden_dim)
@@ -87,6 +91,22 @@ class ObjectLanguageModel(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- objects
+def usual_names(sentences: Iterable[Sequence[str]]) -> dict[str, str]:
+    """Each COCO category's name as the text says it most often, among its singular synonyms (CHAIR's list):
+    "table" for dining table, "phone" for cell phone, "giraffe" for giraffe. Categories the text never names
+    are left out (grounding.ObjectWords then falls back on its own rule)."""
+    counts: dict[str, Counter[str]] = {}
+    for words in sentences:
+        for start, end, category in coco_mentions(list(words)):
+            if category == "person":  # "man" is said most, but a detector cannot tell a man from a woman or a child
+                continue
+            phrase = " ".join(words[start:end])
+            if phrase in COCO_SYNONYMS[category]:
+                counts.setdefault(category, Counter())[phrase] += 1
+    # most frequent first; ties go to the synonym list's order
+    return {c: max(n, key=lambda p: (n[p], -COCO_SYNONYMS[c].index(p))) for c, n in sorted(counts.items())}
+
+
 def caption_categories(words: Sequence[str]) -> set[int]:
     """The COCO categories (indices into detector.LABELS) a caption's words name (CHAIR's synonyms)."""
     return {CATEGORY[category] for _, _, category in coco_mentions(list(words))}

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from captions import ImageRecord, read_source
 from checkpoint import load_checkpoint_file
 from cli import HelpFormatter, add_options, float_between, int_between, opt, options_from_args
-from language import ObjectLanguageModel, TextModelConfig, caption_categories, training_presence
+from language import ObjectLanguageModel, TextModelConfig, caption_categories, training_presence, usual_names
 from utils import DEFAULT_CHECKPOINT, CamEyeError, cli_errors, local_path, save_torch, seed_everything
 from vocabulary import extend_decoder_state, extend_word_map, transfer_sources, word_vectors
 
@@ -191,6 +191,7 @@ def train_text(sources: Sequence[Path], base_path: Path, out: Path, cfg: TextTra
     grown["language_model"] = {
         "config": asdict(mcfg),
         "weights": {k: v.to(dtype) for k, v in state["best_weights"].items()},
+        "object_names": usual_names(t for r in records for t in r.tokens),
     }
     grown["text_training"] = {"sources": [str(s) for s in sources], "config": asdict(cfg), "history": state["history"],
                               "vocabulary": summary}  # fmt: skip
