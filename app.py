@@ -13,7 +13,9 @@ the best beams as a list whose rows show their own words and attention. Every wo
 the answer (as small ``data:`` images), so moving between words is instant and asks the server nothing; choosing
 another beam asks once for that beam's layers. Decoding and drawing are the Python API's
 (:class:`captioner.Captioner`, attention_maps.py) with decoding.DecodeConfig's defaults, so the page and
-caption.py give the same caption and draw attention the same way.
+caption.py give the same caption and draw attention the same way. Words from outside knowledge
+(``DecodeConfig.ground``: the object detector) are marked as caption.py marks them (``*``, with a dashed border
+in the word picker, words for screen readers and a legend), and "Own words only" captions without them.
 
 Offline and private by construction: the server listens on 127.0.0.1 unless --host says otherwise, no share
 link, no analytics, no run history, system fonts only (nothing is fetched from the internet). Uploads go to a
@@ -41,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -64,7 +66,7 @@ from attention_maps import (
     stretch_photo,
     word_heat,
 )
-from captioner import Captioner
+from captioner import OUTSIDE_MARK, OUTSIDE_MEANING, Captioner, mark_outside
 from cli import HelpFormatter, options_from_args
 from decoding import DecodeConfig, add_decoding_arguments
 from images import read_image
@@ -83,6 +85,7 @@ BEAM_SIZES = (1, 10)  # the page's bounds for beam size ...
 LENGTH_PENALTIES = (0.0, 2.0)  # ... and for the length penalty
 EXAMPLE_PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "motorcycle_left.png", "rocket.jpg", "camera.png")
 PLAY_SECONDS = 0.9  # how long the play button shows each word
+OUTSIDE_SAID = "from outside knowledge"  # what a screen reader says after a marked word (it would read "*" as "star")
 GOOD_AT = {
     "cameye-flickr8k.pt": "everyday scenes like Flickr8k's: people and dogs outdoors, running, playing, in water "
     "or snow (CIDEr 60.0, BLEU-4 23.8 on Flickr8k's test photos).",
@@ -99,16 +102,24 @@ LIMITS = {
 
 @dataclass
 class Beam:
-    """One of the best beams: its words, each word's attention (words x grid x grid) and its two scores."""
+    """One of the best beams: its words, each word's attention (words x grid x grid), its two scores and which
+    words came from outside knowledge (``Decoded.outside``: empty when all are the captioner's own)."""
 
     words: list[str]
     grids: np.ndarray
     score: float  # log-probability of the caption (and its <end>): closer to 0 is likelier
     normalised: float  # score / (words + 1) ** length_penalty: what the beams are ranked by
+    outside: list[bool] = field(default_factory=list)
 
     @property
     def caption(self) -> str:
-        return " ".join(self.words)
+        """The caption as caption.py prints it: words from outside knowledge end in captioner.OUTSIDE_MARK."""
+        return " ".join(mark_outside(self.words, self.outside))
+
+    @property
+    def marked(self) -> list[bool]:
+        """Per word, whether it came from outside knowledge (all False when none did)."""
+        return self.outside or [False] * len(self.words)
 
 
 @dataclass
@@ -184,33 +195,50 @@ def decode_upload(path: Path, name: str, captioner: Captioner) -> tuple[np.ndarr
 
 
 def answer_photo(captioner: Captioner, path: Path, name: str, beam_size: Any, length_penalty: Any,
-                 decode: DecodeConfig = DecodeConfig()) -> Answer:  # fmt: skip
-    """Decode and caption one photo file with the page's ``beam_size`` and ``length_penalty`` and the rest of
-    ``decode`` (see :func:`caption_answer`).
+                 decode: DecodeConfig = DecodeConfig(), own_words: Any = False) -> Answer:  # fmt: skip
+    """Decode and caption one photo file with the page's ``beam_size``, ``length_penalty`` and "own words only"
+    switch (``own_words``: ``decode.ground`` "off") and the rest of ``decode`` (see :func:`caption_answer`).
 
-    Raises :class:`CamEyeError` (one line) for an unusable file or a beam size / length penalty out of bounds.
+    Raises :class:`CamEyeError` (one line) for an unusable file or a control out of bounds.
     """
-    decode = page_search(decode, beam_size, length_penalty)
+    search = page_search(decode, beam_size, length_penalty, own_words)
     image, photo = decode_upload(path, name, captioner)
-    return caption_answer(captioner, str(path), name, image, photo, decode)
+    answer = caption_answer(captioner, str(path), name, image, photo, search)
+    answer.settings = search_settings(search, decode)
+    return answer
 
 
-def page_search(decode: DecodeConfig, beam_size: Any, length_penalty: Any) -> DecodeConfig:
-    """``decode`` with the page's controls (checked: :func:`check_controls`), showing every beam."""
+def page_search(decode: DecodeConfig, beam_size: Any, length_penalty: Any, own_words: Any = False) -> DecodeConfig:
+    """``decode`` with the page's controls (checked: :func:`check_controls`), showing every beam; with
+    ``own_words``, outside knowledge off (``ground="off"``: the captioner's own words alone)."""
     beam_size, length_penalty = check_controls(beam_size, length_penalty)
-    return replace(decode, beam_size=beam_size, length_penalty=length_penalty, n_best=beam_size)
+    if not isinstance(own_words, bool):  # the checkbox sends a bool; a direct API call may send anything
+        raise CamEyeError(f"own words only must be true or false, got {own_words!r}")
+    ground = "off" if own_words else decode.ground
+    return replace(decode, beam_size=beam_size, length_penalty=length_penalty, n_best=beam_size, ground=ground)
+
+
+def search_settings(search: DecodeConfig, configured: DecodeConfig | None = None) -> str:
+    """How the caption was searched for, for the status line; "own words only" where the page's switch turned
+    off the outside knowledge that the server's ``configured`` search has."""
+    text = f"beam {search.beam_size}, length penalty {search.length_penalty:g}"
+    if search.ground != "off":
+        return f"{text}, outside knowledge: {search.ground}"
+    return f"{text}, own words only" if configured is not None and configured.ground != "off" else text
 
 
 def caption_answer(captioner: Captioner, source: str, name: str, image: np.ndarray, photo: np.ndarray,
                    decode: DecodeConfig) -> Answer:  # fmt: skip
-    """Caption a decoded photo: the ``decode.n_best`` best beams, each with its words and per-word attention."""
+    """Caption a decoded photo: the ``decode.n_best`` best beams, each with its words, per-word attention and
+    outside-knowledge marks."""
     [decoded] = captioner.decode([image], decode)
+    # The caption itself first, then the other beams: grounding may change the caption after the search
+    # (grounding.agree_articles' "an airplane") without changing its copy among the alternatives.
     beams = [
-        Beam(captioner.words(d), attention_grids(d), round(d.score, 3), round(d.normalised_score, 3))
-        for d in decoded.alternatives or [decoded]
+        Beam(captioner.words(d), attention_grids(d), round(d.score, 3), round(d.normalised_score, 3), d.outside)
+        for d in [decoded, *decoded.alternatives[1:]]
     ]
-    settings = f"beam {decode.beam_size}, length penalty {decode.length_penalty:g}"
-    return Answer(source, name, photo, image, beams, settings=settings)
+    return Answer(source, name, photo, image, beams, settings=search_settings(decode))
 
 
 def port_number(text: str) -> int:
@@ -238,11 +266,13 @@ def check_controls(beam_size: Any, length_penalty: Any) -> tuple[int, float]:
 
 
 def write_figures(answer: Answer, folder: Path) -> list[Path]:
-    """Write the answer's full attention figure (PNG, the photo at its own shape) and GIF into ``folder``."""
+    """Write the answer's full attention figure (PNG, the photo at its own shape) and GIF into ``folder``, its
+    words marked as caption.py marks them."""
     stem = re.sub(r"[^\w.-]+", "_", Path(answer.name).stem).strip("_.")[:60] or "photo"
     png, gif = folder / f"{stem}_attention.png", folder / f"{stem}_attention.gif"
-    save_attention_figure(answer.image, answer.words, answer.grids, png, photo=answer.photo)
-    save_attention_gif(answer.image, answer.words, answer.grids, gif)
+    words = mark_outside(answer.words, answer.beams[0].outside)
+    save_attention_figure(answer.image, words, answer.grids, png, photo=answer.photo)
+    save_attention_gif(answer.image, words, answer.grids, gif)
     return [png, gif]
 
 
@@ -277,32 +307,72 @@ def heatmap_gradient() -> str:
     return f"linear-gradient(to right, {', '.join(stops)})"
 
 
+def marked_word_html(word: str, outside: bool) -> str:
+    """A word as the page writes it: one from outside knowledge ends in :data:`captioner.OUTSIDE_MARK`, as in
+    caption.py, which screen readers hear as :data:`OUTSIDE_SAID` instead of "star"."""
+    if not outside:
+        return html.escape(word)
+    return (f'{html.escape(word)}<span class="cam-mark" aria-hidden="true">{OUTSIDE_MARK}</span>'
+            f'<span class="cam-sr"> ({OUTSIDE_SAID})</span>')  # fmt: skip
+
+
+def marked_caption_html(beam: Beam) -> str:
+    """The beam's caption, its words from outside knowledge marked (:func:`marked_word_html`)."""
+    return " ".join(marked_word_html(w, o) for w, o in zip(beam.words, beam.marked))
+
+
+def word_button(word: str, outside: bool, layer: dict[str, str]) -> str:
+    """One word of the picker with its attention layers; a word from outside knowledge also has a dashed border
+    (``cam-outside``). ``data-word`` is the bare word, which the picker's script names in the photo's label."""
+    kind = "cam-word cam-outside" if outside else "cam-word"
+    return (f'<button type="button" class="{kind}" role="radio" aria-checked="false" tabindex="-1" '
+            f'data-word="{html.escape(word)}" data-contour="{layer["contour"]}" data-heatmap="{layer["heatmap"]}">'
+            f"{marked_word_html(word, outside)}</button>")  # fmt: skip
+
+
+def outside_legend_html(beam: Beam) -> str:
+    """The line under the words that says what their mark means (from captioner.OUTSIDE_MEANING, as caption.py's
+    legend), only when one of them is marked."""
+    if not any(beam.marked):
+        return ""
+    return (f'<p class="cam-hint cam-outside-legend"><span aria-hidden="true">{OUTSIDE_MARK}</span> '
+            f'{OUTSIDE_SAID}: {html.escape(OUTSIDE_MEANING)} ("Own words only" leaves them out).</p>')  # fmt: skip
+
+
+def spoken_caption(beam: Beam) -> str:
+    """The caption as the live region reads it out: plain words, then which came from outside knowledge."""
+    named = [w for w, o in zip(beam.words, beam.marked) if o]
+    return " ".join(beam.words) + (f" ({OUTSIDE_SAID}: {', '.join(named)})" if named else "")
+
+
 def viewer_html(answer: Answer, beam: int = 0) -> str:
-    """The answer as the page shows it: the chosen beam's words (the word picker), the photo with the chosen
-    word's attention, the play controls and renderings, and the best beams as a list (see :data:`VIEWER_JS`)."""
+    """The answer as the page shows it: the chosen beam's words (the word picker, words from outside knowledge
+    marked, with a legend), the photo with the chosen word's attention, the play controls and renderings, and
+    the best beams as a list (see :data:`VIEWER_JS`)."""
     chosen = answer.beams[beam]
     esc = html.escape
     buttons = "".join(
-        f'<button type="button" class="cam-word" role="radio" aria-checked="false" tabindex="-1" '
-        f'data-contour="{layer["contour"]}" data-heatmap="{layer["heatmap"]}">{esc(word)}</button>'
-        for word, layer in zip(chosen.words, word_layers(answer, beam))
+        word_button(word, outside, layer)
+        for word, outside, layer in zip(chosen.words, chosen.marked, word_layers(answer, beam))
     )
     h, w = answer.photo.shape[:2]
     photo = data_uri(answer.photo, "JPEG", quality=85)
     which = "the caption" if beam == 0 else f"beam {beam + 1} of {len(answer.beams)}"
     rows = "".join(
         f'<li><button type="button" class="cam-beam" data-beam="{i}" aria-pressed="{str(i == beam).lower()}">'
-        f'<span class="cam-beam-text">{esc(b.caption)}</span>'
+        f'<span class="cam-beam-text">{marked_caption_html(b)}</span>'
         f'<span class="cam-beam-score">log-probability {b.score:.2f} · ranked by {b.normalised:.2f}</span>'
         f"</button></li>"
         for i, b in enumerate(answer.beams)
     )
-    announce = f"Caption of {answer.name}: {answer.beams[0].caption}" if beam == 0 else f"{which}: {chosen.caption}"
+    spoken = spoken_caption(chosen)
+    announce = f"Caption of {answer.name}: {spoken}" if beam == 0 else f"{which}: {spoken}"
     return f"""
 <div class="cam-view" data-announce="{esc(announce)}" data-caption="{esc(answer.beams[0].caption)}">
   <h2 class="cam-heading">{esc(which.capitalize())}
     <span class="cam-hint">(choose a word or use the arrow keys: where did it look?)</span></h2>
   <div class="cam-words" role="radiogroup" aria-label="words of {esc(which)}">{buttons}</div>
+  {outside_legend_html(chosen)}
   <figure class="cam-figure">
     <div class="cam-stage" style="aspect-ratio: {w} / {h}; width: min(100%, calc(60vh * {w / h:.4f}))">
       <img class="cam-photo" src="{photo}" alt="the photo, {esc(answer.name)}" width="{w}" height="{h}">
@@ -404,10 +474,13 @@ function show(i, focus) {
   if (!all.length) return;
   index = Math.max(0, Math.min(all.length - 1, i));
   all.forEach((w, j) => { w.setAttribute('aria-checked', String(j === index)); w.tabIndex = j === index ? 0 : -1; });
-  const word = all[index], where = `${word.textContent}, ${index + 1} of ${all.length}`;
+  // data-word is the bare word: the button's text also holds a mark and words for screen readers.
+  const word = all[index], outside = word.classList.contains('cam-outside');
+  const where = `${word.dataset.word}${outside ? 'OUTSIDE_MARK' : ''}, ${index + 1} of ${all.length}`;
   const overlay = one('.cam-overlay');
   overlay.src = word.dataset[rendering];
-  overlay.alt = `where the model looked while writing "${word.textContent}" (word ${index + 1} of ${all.length})`;
+  overlay.alt = `where the model looked while writing "${word.dataset.word}" (word ${index + 1} of ${all.length}`
+    + `${outside ? ', OUTSIDE_SAID' : ''})`;
   one('.cam-tag').textContent = where;
   one('.cam-view').dataset.rendering = rendering;
   if (focus) word.focus();
@@ -557,6 +630,10 @@ PAGE_CSS = """
   border-radius: 6px; cursor: pointer; }
 .cam-word { font-size: 1.15rem; padding: 2px 10px; }
 .cam-word[aria-checked=true] { background: #1d4ed8; border-color: #1d4ed8; color: #fff; }
+.cam-word.cam-outside { border: 2px dashed #92400e; padding: 1px 9px; }  /* a mark that is not colour alone */
+.cam-word.cam-outside[aria-checked=true] { border-color: #f59e0b; }
+.cam-mark { font-weight: 700; }
+.cam-outside-legend { margin: 0 0 .5rem; }
 .cam-word:focus-visible, .cam-tools button:focus-visible, .cam-beam:focus-visible, .cam-renderings input:focus-visible {
   outline: 3px solid #f59e0b; outline-offset: 2px; }
 .cam-figure { margin: 0; }
@@ -605,6 +682,12 @@ def page_theme():
     return theme.set(block_info_text_color="*neutral_600", body_text_color_subdued="*neutral_600")
 
 
+def viewer_script() -> str:
+    """:data:`VIEWER_JS` with this page's play speed and outside-knowledge mark filled in."""
+    filled = {"PLAY_MS": str(round(PLAY_SECONDS * 1000)), "OUTSIDE_MARK": OUTSIDE_MARK, "OUTSIDE_SAID": OUTSIDE_SAID}
+    return re.sub("|".join(filled), lambda m: filled[m[0]], VIEWER_JS)
+
+
 def page_head() -> str:
     """The page's own script for the document's head (:data:`PAGE_JS` with this page's limits filled in)."""
     names = [p.name for p in example_photos()]
@@ -614,14 +697,15 @@ def page_head() -> str:
 
 
 def caption_event(captioner: Captioner, decode: DecodeConfig, upload: tuple[Path, str], beam: Any, penalty: Any,
-                  previous: Answer | None) -> tuple[str, Answer | None, str | None]:  # fmt: skip
+                  previous: Answer | None, own_words: Any = False
+                  ) -> tuple[str, Answer | None, str | None]:  # fmt: skip
     """The page's answer to a photo (or to new settings for the photo it shows): (status HTML, the answer, its
-    viewer HTML). A refused beam size or length penalty gives (message, None, "") and the shown answer stays;
-    an unusable photo gives (message, None, None)."""
+    viewer HTML). A refused beam size, length penalty or "own words only" value gives (message, None, "") and
+    the shown answer stays; an unusable photo gives (message, None, None)."""
     path, name = upload
     started = time.perf_counter()
     try:
-        search = page_search(decode, beam, penalty)  # the controls checked once
+        search = page_search(decode, beam, penalty, own_words)  # the controls checked once
     except CamEyeError as err:  # e.g. 2.5 typed into the beam box: say so, keep the answer shown
         return status_html(str(err), error=True), None, ""
     try:
@@ -637,6 +721,7 @@ def caption_event(captioner: Captioner, decode: DecodeConfig, upload: tuple[Path
     except CamEyeError as err:
         return status_html(str(err), error=True), None, None
     result.seconds = time.perf_counter() - started
+    result.settings = search_settings(search, decode)
     return status_html(f"{name}: captioned in {result.seconds:.2f} s ({result.settings})"), result, viewer
 
 
@@ -659,8 +744,7 @@ def page_layout(captioner: Captioner, decode: DecodeConfig, card: str | None) ->
             )
         with gr.Column(elem_id="result-col", min_width=0):
             status = gr.HTML(status_html(""), elem_id="status")
-            viewer = gr.HTML(EMPTY_VIEWER, js_on_load=VIEWER_JS.replace("PLAY_MS", str(round(PLAY_SECONDS * 1000))),
-                             elem_id="viewer")  # fmt: skip
+            viewer = gr.HTML(EMPTY_VIEWER, js_on_load=viewer_script(), elem_id="viewer")
         with gr.Column(elem_id="settings-col", min_width=0):
             gr.Examples([[str(p)] for p in example_photos()], inputs=photo_in, label="Example photos",
                         elem_id="examples")  # fmt: skip
@@ -669,6 +753,7 @@ def page_layout(captioner: Captioner, decode: DecodeConfig, card: str | None) ->
             penalty_in = gr.Slider(*LENGTH_PENALTIES, value=decode.length_penalty, step=0.1, label="Length penalty",
                                    info="higher favours longer captions; re-captions when you let go",
                                    elem_id="penalty")  # fmt: skip
+            own_words_in = own_words_control(decode)
             make_figures = gr.Button("Attention figure and GIF (to download)", elem_id="make-figures")
             downloads = gr.File(
                 label="Downloads",
@@ -685,15 +770,30 @@ def page_layout(captioner: Captioner, decode: DecodeConfig, card: str | None) ->
 
     return SimpleNamespace(
         state=state, photo_in=photo_in, status=status, viewer=viewer, beam_in=beam_in, penalty_in=penalty_in,
-        make_figures=make_figures, downloads=downloads, downloads_note=downloads_note,
+        own_words_in=own_words_in, make_figures=make_figures, downloads=downloads, downloads_note=downloads_note,
     )  # fmt: skip
+
+
+def own_words_control(decode: DecodeConfig):
+    """The "own words only" switch: unticked, the page decodes with the server's ``decode.ground``; ticked, with
+    "off". Where the server's is already "off" it stays ticked and disabled, saying how to turn grounding on."""
+    import gradio as gr
+
+    if decode.ground == "off":
+        return gr.Checkbox(True, label="Own words only", interactive=False, elem_id="own-words",
+                           info="outside knowledge is off on this server (python app.py --ground slot or swap lets "
+                           "the object detector name objects)")  # fmt: skip
+    return gr.Checkbox(False, label="Own words only", elem_id="own-words",
+                       info=f"tick to caption without outside knowledge (here --ground {decode.ground}, whose words "
+                       f"are marked {OUTSIDE_MARK}); re-captions when changed")  # fmt: skip
 
 
 def build_page(captioner: Captioner, decode: DecodeConfig = DecodeConfig(), queue_size: int = 16,
                keep_outputs: int = 300):  # fmt: skip
     """The Gradio Blocks of the page (not launched). ``decode``'s beam size and length penalty are the sliders'
-    first values; the rest of it holds for every request. ``queue_size`` requests may wait while one decodes;
-    figure downloads are deleted ``keep_outputs`` seconds after they were made."""
+    first values and its ``ground`` what "own words only" switches off (:func:`own_words_control`); the rest
+    of it holds for every request. ``queue_size`` requests may wait while one decodes; figure downloads are
+    deleted ``keep_outputs`` seconds after they were made."""
     import gradio as gr
 
     # Every min(60 s, keep_outputs) Gradio deletes the files it made for this page that are older than keep_outputs.
@@ -713,13 +813,13 @@ def build_page(captioner: Captioner, decode: DecodeConfig = DecodeConfig(), queu
             """The outputs for no answer: a status line, the empty viewer, no state, no downloads."""
             return status, EMPTY_VIEWER, None, gr.update(value=None, visible=False), ""
 
-        def answer(payload: Any, beam: Any, penalty: Any, previous: Answer | None):
+        def answer(payload: Any, beam: Any, penalty: Any, own_words: Any, previous: Answer | None):
             """Event handler: (status, viewer, state, downloads, downloads note)."""
             upload = upload_of(payload)
             if upload is None:
                 return cleared(status_html(""))
             try:
-                status, result, viewer = caption_event(captioner, decode, upload, beam, penalty, previous)
+                status, result, viewer = caption_event(captioner, decode, upload, beam, penalty, previous, own_words)
             finally:
                 forget_upload(upload[0])
             if result is None:
@@ -748,10 +848,11 @@ def build_page(captioner: Captioner, decode: DecodeConfig = DecodeConfig(), queu
 
         outputs = [ui.status, ui.viewer, ui.state, ui.downloads, ui.downloads_note]
         events = {"outputs": outputs, "preprocess": False, "concurrency_id": "decode", "concurrency_limit": 1}
-        inputs = [ui.photo_in, ui.beam_in, ui.penalty_in, ui.state]
+        inputs = [ui.photo_in, ui.beam_in, ui.penalty_in, ui.own_words_in, ui.state]
         ui.photo_in.change(answer, inputs, api_name="caption", **events)
         ui.beam_in.release(answer, inputs, api_name="recaption_beam", **events)
         ui.penalty_in.release(answer, inputs, api_name="recaption_penalty", **events)
+        ui.own_words_in.input(answer, inputs, api_name="recaption_own_words", **events)
         ui.viewer.click(choose_beam, ui.state, ui.viewer, api_name="beam", concurrency_limit=2)
         ui.make_figures.click(
             figures, ui.state, [ui.downloads, ui.downloads_note], api_name="figures", concurrency_limit=2
@@ -789,11 +890,13 @@ def launch_page(page, captioner: Captioner, host: str = "127.0.0.1", port: int =
     return url
 
 
-def warm_up(captioner: Captioner) -> None:
+def warm_up(captioner: Captioner, decode: DecodeConfig = DecodeConfig()) -> None:
     """Caption one example photo before serving: a model's first run pays for one-off allocations and kernel
-    choices (measured: the first photo took 1.0-1.6 s in the browser, later ones 0.4-0.9 s on a busy CPU)."""
+    choices (measured: the first photo took 1.0-1.6 s in the browser, later ones 0.4-0.9 s on a busy CPU).
+    With ``decode.ground`` on, this also loads the detector, so missing weights stop the server in one line
+    at start rather than refusing every photo."""
     for path in example_photos()[:1]:
-        captioner.decode([captioner.read(path)], replace(DecodeConfig(), n_best=DecodeConfig.beam_size))
+        captioner.decode([captioner.read(path)], replace(decode, n_best=decode.beam_size))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -821,14 +924,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_freed_memory()
         captioner = Captioner.load(args.checkpoint, args.device, encoder_weights=args.encoder_weights,
                                    precision=args.precision, object_prior=args.object_prior)  # fmt: skip
-        warm_up(captioner)
+        decode = options_from_args(DecodeConfig, args)
+        warm_up(captioner, decode)
         # Everything Gradio writes (uploads, outputs) goes to a folder of this process, removed when it stops.
         cache = tempfile.mkdtemp(prefix="cameye-app-")
         print(f"uploads and outputs go to {cache} (removed when the server stops)", flush=True)
         os.environ["GRADIO_TEMP_DIR"] = cache
         os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
         try:
-            page = build_page(captioner, options_from_args(DecodeConfig, args), args.queue_size, args.keep_outputs)
+            page = build_page(captioner, decode, args.queue_size, args.keep_outputs)
             launch_page(page, captioner, args.host, args.port)
             try:
                 while True:  # serve until Ctrl-C or SIGTERM (cli_errors turns them into exit status 130 / 143)

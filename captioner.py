@@ -33,10 +33,12 @@ if TYPE_CHECKING:
 
 # ends a word that came from outside knowledge (DecodeConfig.ground: the detector, the text-taught language model)
 OUTSIDE_MARK = "*"
-OUTSIDE_LEGEND = (
-    "* chosen by outside knowledge (the object detector, or the language model taught by everyday captions), "
-    "not by the captioner's own words (--ground off: those alone)"
+# What a marked word is, said once: caption.py's legend line and the page's (app.py) both read it.
+OUTSIDE_MEANING = (
+    "chosen by outside knowledge (the object detector, or the language model taught by everyday captions), "
+    "not by the captioner's own words"
 )
+OUTSIDE_LEGEND = f"{OUTSIDE_MARK} {OUTSIDE_MEANING} (--ground off: those alone)"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -132,9 +134,12 @@ class Captioner:
         """The caption's words; with ``marked``, each word that came from the object detector (not from the
         decoder alone: ``Decoded.outside``) ends in :data:`OUTSIDE_MARK`."""
         words = [self.vocabulary[i] for i in decoded.tokens]
-        if marked and decoded.outside:
-            words = [w + OUTSIDE_MARK if o else w for w, o in zip(words, decoded.outside)]
-        return words
+        return mark_outside(words, decoded.outside) if marked else words
+
+
+def mark_outside(words: Sequence[str], outside: Sequence[bool]) -> list[str]:
+    """``words`` with :data:`OUTSIDE_MARK` ending each one ``outside`` flags (``Decoded.outside``; empty: none)."""
+    return [w + OUTSIDE_MARK if o else w for w, o in zip(words, outside)] if outside else list(words)
 
 
 def caption_images(

@@ -2,17 +2,20 @@
 
 * Its functions, in-process with the session's tiny model (tests/_tiny_model.py): a photo in; caption, best
   beams, per-word attention over the photo at its own aspect ratio, figure and GIF out; each bad input refused
-  in one line.
+  in one line; words from outside knowledge (``DecodeConfig.ground``, faked: no detector needed) marked, and
+  "own words only" decoding with ground "off".
 * The served page through Gradio's own client (in-process server): empty submit, a text file and then a photo,
   uploads deleted once decoded, a full queue answered with a message.
 * A real browser (headless Debian chromium through chromedriver, Selenium) on ``python app.py`` with the shipped
   model: captions of real photos as caption.py writes them, a word's attention image, an error message while
-  the server keeps serving, two tabs at once, figure downloads, and every request going to 127.0.0.1. Skipped,
-  with the reason, where no browser is installed.
+  the server keeps serving, two tabs at once, figure downloads, and every request going to 127.0.0.1; and, on
+  the tiny model, the outside-knowledge marks and the switch that takes them away. Skipped, with the reason,
+  where no browser is installed.
 """
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import re
@@ -20,6 +23,7 @@ import shutil
 import time
 import urllib.request
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,8 +36,8 @@ import app
 import attention_maps
 from attention_maps import attention_layer, attention_overlay, composite, figure_pixels, word_heat
 from benchmarks import bench_app as browser
-from captioner import Captioner, caption_images
-from decoding import DecodeConfig
+from captioner import OUTSIDE_MEANING, Captioner, caption_images
+from decoding import DecodeConfig, Decoded
 from utils import DEFAULT_CHECKPOINT, CamEyeError
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates: its warning, not ours.
@@ -185,6 +189,70 @@ def test_bad_file_is_one_line_naming_the_users_file(captioner: Captioner, photos
     assert "Error" not in message and "DOS" not in message and "not processed" not in message, "Pillow's words"
 
 
+# ------------------------------------------------------------------------- words from outside knowledge
+def last_word_outside(decoded: Decoded) -> Decoded:
+    """The caption as grounding could give it: its last word (and each beam's) from outside knowledge, its
+    attention row the step's own."""
+    flagged = replace(decoded, outside=[False] * (len(decoded.tokens) - 1) + [True])
+    return replace(flagged, alternatives=[last_word_outside(d) for d in decoded.alternatives])
+
+
+@pytest.fixture
+def grounded(captioner: Captioner, monkeypatch: pytest.MonkeyPatch) -> list[DecodeConfig]:
+    """The captioner's decode with outside knowledge faked (no detector: its weights may be absent): any
+    ``ground`` but "off" marks each beam's last word as from outside. Returns the DecodeConfigs decode is given."""
+    seen: list[DecodeConfig] = []
+    real = captioner.decode
+
+    def decode(images, cfg: DecodeConfig = DecodeConfig()) -> list[Decoded]:
+        seen.append(cfg)
+        decoded = real(images, replace(cfg, ground="off"))
+        return decoded if cfg.ground == "off" else [last_word_outside(d) for d in decoded]
+
+    monkeypatch.setattr(captioner, "decode", decode)
+    return seen
+
+
+def test_words_from_outside_knowledge_are_marked_and_own_words_are_not(
+    captioner: Captioner, photos: SimpleNamespace, grounded: list[DecodeConfig]
+) -> None:
+    slot = DecodeConfig(ground="slot")
+    answer = app.answer_photo(captioner, photos.wide, "wide.png", 3, 0.5, slot)
+    assert grounded[-1].ground == "slot" and answer.settings.endswith("outside knowledge: slot")
+    words, last = answer.words, answer.words[-1]
+    [decoded] = captioner.decode([answer.image], grounded[-1])
+    assert answer.beams[0].caption == " ".join(captioner.words(decoded, marked=True)), "as caption.py prints it"
+    assert answer.beams[0].caption.endswith(f"{last}*") and all(b.caption.endswith("*") for b in answer.beams)
+    page = app.viewer_html(answer)
+    assert page.count('class="cam-word cam-outside"') == 1 and page.count('class="cam-word"') == len(words) - 1
+    button = re.search(r"<button[^>]*cam-outside[^>]*>(.*?)</button>", page)
+    assert f'data-word="{last}"' in button[0], "the bare word, for the photo's label"
+    assert button[1] == f'{last}<span class="cam-mark" aria-hidden="true">*</span>' \
+        '<span class="cam-sr"> (from outside knowledge)</span>'  # fmt: skip
+    assert 'class="cam-hint cam-outside-legend"' in page and html.escape(OUTSIDE_MEANING) in page
+    assert f'data-caption="{answer.beams[0].caption}"' in page
+    assert f"(from outside knowledge: {last})" in page, "the live region says it in words, not 'star'"
+
+    # Own words only: the same photo decoded with ground "off"; nothing marked, no legend.
+    own = app.answer_photo(captioner, photos.wide, "wide.png", 3, 0.5, slot, own_words=True)
+    assert grounded[-1].ground == "off" and own.settings.endswith("own words only")
+    assert own.words == words and not any(any(b.outside) for b in own.beams)
+    page = app.viewer_html(own)
+    assert page.count('class="cam-word"') == len(words)
+    assert [part for part in ("cam-outside", "cam-mark", "cam-sr") if part in page] == []
+    assert f'data-caption="{" ".join(words)}"' in page and not any("*" in b.caption for b in own.beams)
+    # The outside word's attention is its step's own: the same rows as the same words decoded without marks.
+    np.testing.assert_array_equal(answer.grids, own.grids)
+    assert len(app.word_layers(answer)) == len(words)
+
+
+@pytest.mark.parametrize("own_words", ["yes", 1, None])
+def test_own_words_only_must_be_true_or_false(captioner: Captioner, photos: SimpleNamespace, own_words) -> None:
+    with pytest.raises(CamEyeError, match="own words only must be true or false") as err:
+        app.answer_photo(captioner, photos.square, "square.png", 3, 0.5, DecodeConfig(ground="slot"), own_words)
+    assert "\n" not in str(err.value)
+
+
 def test_renderings_keep_the_photo_visible_where_it_looked() -> None:
     grid = np.full((4, 4), 0.01)
     grid[0, 3] = 1.0  # top-right cell
@@ -300,8 +368,6 @@ def served(captioner: Captioner, tmp_path_factory: pytest.TempPathFactory):
 
 def status_and_caption(result: tuple) -> tuple[str, str]:
     """The status line (as text) and the caption from the page's outputs (status HTML, answer HTML, ...)."""
-    import html
-
     caption = re.search(r'data-caption="([^"]*)"', result[1] or "")
     return html.unescape(re.sub(r"<[^>]+>", "", result[0] or "")), html.unescape(caption[1]) if caption else ""
 
@@ -371,6 +437,38 @@ def test_a_full_queue_is_refused_with_a_message(
     for job in (running, waiting):  # both answered once the model is free
         status, caption = status_and_caption(job.result(timeout=60))
         assert status.startswith("square.png: captioned in") and caption
+
+
+@pytest.fixture
+def grounded_page(
+    captioner: Captioner, grounded: list[DecodeConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> SimpleNamespace:
+    """A page served with outside knowledge on (``--ground slot``, faked by :func:`grounded`), and its client."""
+    from gradio_client import Client
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    page = app.build_page(captioner, DecodeConfig(ground="slot"), queue_size=4, keep_outputs=60)
+    try:
+        url = app.launch_page(page, captioner, port=browser.free_port())
+        client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
+        yield SimpleNamespace(url=url, client=client, seen=grounded)
+    finally:
+        page.close()
+
+
+def test_the_own_words_switch_recaptions_without_outside_knowledge(
+    grounded_page: SimpleNamespace, photos: SimpleNamespace
+) -> None:
+    from gradio_client import handle_file
+
+    photo, client, seen = handle_file(str(photos.wide)), grounded_page.client, grounded_page.seen
+    status, caption = status_and_caption(client.predict(photo, 3, 0.5, False, api_name="/caption"))
+    assert seen[-1].ground == "slot" and caption.endswith("*") and status.endswith("outside knowledge: slot)")
+    status, caption = status_and_caption(client.predict(photo, 3, 0.5, True, api_name="/recaption_own_words"))
+    assert seen[-1].ground == "off" and "*" not in caption and status.endswith("own words only)"), status
+    assert caption == status_and_caption(client.predict(photo, 3, 0.5, False, api_name="/caption"))[1][:-1]
+    refused = client.predict(photo, 3, 0.5, "yes", api_name="/recaption_own_words")  # as an API call may send it
+    assert status_and_caption((refused[0], "")) == ("error: own words only must be true or false, got 'yes'", "")
 
 
 # ----------------------------------------------------------------------------------------- a real browser
@@ -582,6 +680,37 @@ def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNames
     assert server.proc.returncode == 143 and "Traceback" not in log, log
     [folder] = re.findall(r"uploads and outputs go to (\S+) ", log)
     assert not Path(folder).exists()
+
+
+@pytest.mark.skipif(bool(browser.browser_missing()), reason=f"no browser: {browser.browser_missing()}")
+def test_outside_words_in_a_real_browser(grounded_page: SimpleNamespace, photos: SimpleNamespace) -> None:
+    """The marks as a user sees and hears them, and the switch that takes them away (the tiny model, faked
+    grounding: no detector needed)."""
+    from selenium.webdriver.common.by import By
+
+    driver = browser.chromium(*browser.DESKTOP)
+    try:
+        browser.open_page(driver, grounded_page.url)
+        browser.drop_photo(driver, photos.wide)
+        browser.wait_for(driver, lambda d: "outside knowledge: slot)" in browser.status_text(d), what="the caption")
+        words = browser.word_buttons(driver)
+        [marked] = driver.find_elements(By.CSS_SELECTOR, "#viewer .cam-word.cam-outside")
+        word = marked.get_attribute("data-word")
+        assert driver.execute_script("return getComputedStyle(arguments[0]).borderTopStyle", marked) == "dashed"
+        assert marked.get_attribute("textContent") == f"{word}* (from outside knowledge)", "what a reader hears"
+        assert driver.find_element(By.CSS_SELECTOR, "#viewer .cam-outside-legend").is_displayed()
+        marked.click()
+        assert browser.shown_word(driver) == f"{word}*, {len(words)} of {len(words)}"
+        alt = driver.find_element(By.CSS_SELECTOR, "#viewer .cam-overlay").get_attribute("alt")
+        assert alt.endswith(f"(word {len(words)} of {len(words)}, from outside knowledge)"), alt
+        if not AXE_MISSING:
+            assert serious_violations(driver) == [], "the page with marked words"
+        driver.find_element(By.CSS_SELECTOR, "#own-words input[type=checkbox]").click()
+        browser.wait_for(driver, lambda d: browser.status_text(d).endswith("own words only)"), what="own words")
+        assert grounded_page.seen[-1].ground == "off" and "*" not in browser.caption_text(driver)
+        assert driver.find_elements(By.CSS_SELECTOR, "#viewer .cam-outside, #viewer .cam-outside-legend") == []
+    finally:
+        driver.quit()
 
 
 def test_browser_helpers_find_requests_off_this_machine() -> None:
