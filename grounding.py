@@ -171,6 +171,8 @@ class SlotHook:
         self.first_plural = torch.zeros(n, d, dtype=torch.long)  # N x D: ... of its plural name
         self.label = torch.full((n, d), -2, dtype=torch.long)  # N x D: each finding's category (-2: padding)
         self.category, self.plural = words.category.to(device), words.plural.to(device)
+        self.person = LABELS.index(PERSON)
+        self.active = torch.tensor([bool(c) for c in confident], dtype=torch.bool, device=device)  # N
         self.second = torch.full((n, vocab), -1, dtype=torch.long)  # N x V: the word after a name's first word
         floor = min_score if absent_score is None else absent_score  # below it, an object counts as absent
         for i, (found, conf) in enumerate(zip(findings, confident)):
@@ -198,11 +200,22 @@ class SlotHook:
         self.first, self.second = self.first.to(device), self.second.to(device)
         self.first_plural, self.label = self.first_plural.to(device), self.label.to(device)
 
+    def _said_before(self, seqs: torch.Tensor) -> torch.Tensor:
+        """rows x V: the words naming a category other than person that each row's words (rows x steps) named."""
+        said = self.category[seqs]  # rows x steps (-1: no object)
+        said = said.masked_fill(said == self.person, -1)
+        named = torch.zeros(seqs.size(0), len(LABELS) + 1, dtype=torch.bool, device=seqs.device)
+        named.scatter_(1, said.clamp(min=-1) + 1, True)  # column 0: "no object", dropped below
+        word_category = self.category + 1  # V, 0 for words naming nothing
+        return named[:, 1:].index_select(1, self.category.clamp(min=0)) & (word_category > 0)
+
     def __call__(
         self, logp: torch.Tensor, alpha: torch.Tensor, image: torch.Tensor, seqs: torch.Tensor, outside: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         p = logp.exp()  # rows x V
         absent = self.absent[image]  # rows x V
+        if seqs.size(1):  # "a bench is sitting on a bench": where the detector saw something, an object is named once
+            absent = absent | (self._said_before(seqs) & self.active[image].unsqueeze(1))
         # the mass of names of unseen objects, singular ("dog") and plural ("dogs") apart: rows x 1 each
         moved_plural = (p * (absent & self.plural)).sum(dim=1, keepdim=True)
         moved = (p * absent).sum(dim=1, keepdim=True) - moved_plural
