@@ -12,6 +12,7 @@ Photos are decoded like the training data (EXIF rotation, any colour mode, squas
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class Captioner:
     # The COCO detector and the vocabulary's object names (grounding.py), loaded when a DecodeConfig.ground
     # other than "off" first asks for them.
     grounder: Grounder | None = None
+    no_detector: str | None = None  # why the detector could not load (then grounding is off), None: not tried / fine
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,16 +121,28 @@ class Captioner:
             x = self.preprocess(torch.from_numpy(np.stack(images))).to(self.device)
             features = self.encoder(x)
             bonus = self.prior.bonus(features) if self.prior is not None else None
-            if cfg.ground == "off":
+            if cfg.ground == "off" or self._grounder() is None:
                 return beam_search(self.decoder, features, cfg, self.content_words, bonus)
-            from grounding import Grounder, detection_floor  # the detector loads only when grounding is asked for
+            from grounding import detection_floor
 
-            if self.grounder is None:
+            findings = self.grounder.find(images, detection_floor(cfg))
+            return self.grounder.search(self.decoder, features, cfg, self.content_words, bonus, findings)
+
+    def _grounder(self) -> Grounder | None:
+        """The detector and the model's text knowledge, loaded when grounding is first asked for; None (after
+        one note on stderr) when the detector's weights are not on this machine: the decoder's own words then."""
+        if self.grounder is None and self.no_detector is None:
+            from detector import DetectorUnavailable
+            from grounding import Grounder
+
+            try:
                 self.grounder = Grounder(self.word_map, image_size=self.config.image_size,
                                          backbone=self.config.backbone, precision=self.encoder.precision,
                                          language_model=load_language_model(self.checkpoint, self.device))  # fmt: skip
-            findings = self.grounder.find(images, detection_floor(cfg))
-            return self.grounder.search(self.decoder, features, cfg, self.content_words, bonus, findings)
+            except DetectorUnavailable as exc:
+                self.no_detector = str(exc)
+                print(f"note: {exc}; captions use the decoder's own words (as --ground off)", file=sys.stderr)
+        return self.grounder
 
     def words(self, decoded: Decoded, marked: bool = False) -> list[str]:
         """The caption's words; with ``marked``, each word that came from the object detector (not from the

@@ -47,6 +47,8 @@ class DecodeConfig:
     # Against "a man is riding a motorcycle on a motorcycle": no trigram repeats, but "a motorcycle" is a repeated
     # bigram ending in a content word. Bigrams ending in a function word ("in a") may repeat.
     block_bigrams: bool = opt(True, "forbid a beam to repeat a bigram ending in a content word ('a bike ... a bike')")
+    # Against "a a tree" and "a soccer soccer game" (a word said twice in a row is never right in a caption).
+    block_doubled: bool = opt(True, "forbid a word right after itself ('a a', 'soccer soccer')")
     min_len: int = 1  # <end> is not allowed before this many words (1: never an empty caption)
     allow_unk: bool = False  # whether <unk> may be emitted
     n_best: int = 1  # each result's ``alternatives``: the image's n_best best finished beams (1..beam_size)
@@ -63,6 +65,8 @@ class DecodeConfig:
     # are refilled; between this and ground_min_score the decoder's own word stands. 0.2 against 0.3: one more
     # hallucinating caption of coco-dev80's first 40, Flickr8k val CIDEr +2.3 (docs/grounding.md).
     ground_absent_score: float = 0.2
+    # "slot" only: a photo with no find of ground_min_score is named by its best find of at least this (None: not)
+    ground_fallback_score: float | None = 0.2
     # "slot" only: a word whose ImageNet classes the encoder's own classifier (object_prior.py) gives at least
     # this probability is not refilled, detector or not (the detector takes Flickr8k's dogs for horses and cows);
     # 0 = not asked. 0.3: Flickr8k val CIDEr +1.4 to +1.9 over none, coco-dev80's first 40 unchanged.
@@ -272,6 +276,8 @@ def _allowed_next_words(
         unsaid = torch.ones_like(logp).scatter_(1, seqs, 0.0) if seqs.size(1) else 1.0
         logp = logp + bonus * unsaid
     logp = mask_non_words(logp, cfg.allow_unk)
+    if cfg.block_doubled and seqs.size(1):
+        logp.scatter_(1, seqs[:, -1:], float("-inf"))
     if cfg.block_trigrams and seqs.size(1) >= 3:
         block_repeated_trigrams(logp, seqs)
     if repeat_words is not None and seqs.size(1) >= 2:

@@ -30,7 +30,7 @@ import math
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -440,11 +440,17 @@ def decode_split(
     prior = ObjectPrior(cfg.backbone, word_map, object_prior) if object_prior else None
     grounder, findings = None, None
     if decode.ground != "off":  # the detector sees the prepared image, as the encoder does (grounding.py)
+        from detector import DetectorUnavailable
         from grounding import Grounder, detection_floor
 
-        grounder = Grounder(word_map, image_size=cfg.image_size, backbone=cfg.backbone, precision=encoder.precision,
-                            language_model=load_language_model(checkpoint, dev))  # fmt: skip
-        findings = {i: grounder.find([dataset.h5["images"][i]], detection_floor(decode))[0] for i in rows}
+        try:
+            grounder = Grounder(word_map, image_size=cfg.image_size, backbone=cfg.backbone,
+                                precision=encoder.precision,
+                                language_model=load_language_model(checkpoint, dev))  # fmt: skip
+            findings = {i: grounder.find([dataset.h5["images"][i]], detection_floor(decode))[0] for i in rows}
+        except DetectorUnavailable as exc:  # as caption.py does; the note says the numbers are the decoder's own
+            print(f"note: {exc}; scoring the decoder's own words (as --ground off)", file=sys.stderr)
+            decode = replace(decode, ground="off")
     preds, refs, indices = decode_loader(
         encoder, decoder, loader, dev, decode, content_word_mask(word_map), prior, True, grounder, findings
     )

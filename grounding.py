@@ -143,6 +143,18 @@ def swap(decoded: Decoded, findings: Sequence[Detection], words: ObjectWords, mi
 
 
 # ------------------------------------------------------------------------------------------- the slot hook
+def confident_findings(found: Sequence[Detection], words: ObjectWords, min_score: float,
+                       fallback_score: float | None = None) -> list[Detection]:  # fmt: skip
+    """The findings (best first) that may name an object: those of at least ``min_score`` that the vocabulary
+    can say; where there is none, the best one of at least ``fallback_score`` (a photo nearly always shows
+    something, and the detector's best guess beats the decoder's Flickr8k default)."""
+    sayable = [f for f in found if words.names[LABELS.index(f.label)]]
+    confident = [f for f in sayable if f.score >= min_score]
+    if confident or fallback_score is None:
+        return confident
+    return [f for f in sayable if f.score >= fallback_score][:1]
+
+
 class SlotHook:
     """decoding.WordHook for ``"slot"``: each step, the probability of words naming objects the detector does
     not see goes to the names of its confident findings, shared by :data:`SLOT_WEIGHTS` with this step's
@@ -158,11 +170,10 @@ class SlotHook:
     def __init__(self, findings: Sequence[Sequence[Detection]], words: ObjectWords, size: int,
                  grid: tuple[int, int], min_score: float, weights: SlotWeights | None = None,
                  absent_score: float | None = None, kept: torch.Tensor | None = None,
-                 device: torch.device | str = "cpu") -> None:  # fmt: skip
+                 device: torch.device | str = "cpu", fallback_score: float | None = None) -> None:  # fmt: skip
         n, vocab, cells = len(findings), len(words.vocabulary), grid[0] * grid[1]
         weights = weights or SLOT_WEIGHTS
-        confident = [[f for f in found if f.score >= min_score and words.names[LABELS.index(f.label)]]
-                     for found in findings]  # fmt: skip
+        confident = [confident_findings(found, words, min_score, fallback_score) for found in findings]
         d = max((len(c) for c in confident), default=0) or 1
         self.absent = torch.zeros(n, vocab, dtype=torch.bool)  # N x V: object words of categories not seen
         self.cover = torch.zeros(n, d, cells)  # N x D x P: share of each grid cell inside each finding's box
@@ -265,7 +276,7 @@ def agree_articles(decoded: Decoded, words: ObjectWords) -> Decoded:
 # ------------------------------------------------------------------------------------------------ together
 def detection_floor(cfg: DecodeConfig) -> float:
     """The lowest detector score ``cfg``'s grounding looks at (what :meth:`Grounder.find` must keep)."""
-    return min(cfg.ground_min_score, cfg.ground_absent_score)
+    return min(cfg.ground_min_score, cfg.ground_absent_score, cfg.ground_fallback_score or 1.0)
 
 
 class Grounder:
@@ -314,9 +325,12 @@ class Grounder:
             grid = int(round(features.shape[1] ** 0.5))
             kept = self.kept_by_classifier(features, cfg.ground_keep_classifier)
             hook = SlotHook(findings, self.words, self.image_size, (grid, grid), cfg.ground_min_score,
-                            absent_score=cfg.ground_absent_score, kept=kept, device=features.device)  # fmt: skip
+                            absent_score=cfg.ground_absent_score, kept=kept, device=features.device,
+                            fallback_score=cfg.ground_fallback_score)  # fmt: skip
             if self.language_model is not None and cfg.text_weight > 0:
-                objects = presence(findings, cfg.ground_min_score).to(features.device)  # N x 80
+                named = [confident_findings(f, self.words, cfg.ground_min_score, cfg.ground_fallback_score)
+                         for f in findings]  # fmt: skip
+                objects = presence(named, 0.0).to(features.device)  # N x 80
                 hook = TextFusion(self.language_model, objects, cfg.text_weight, hook)
             decoded = beam_search(decoder, features, cfg, content_words, bonus, hook)
             return [agree_articles(d, self.words) for d in decoded]

@@ -92,16 +92,17 @@ class ObjectLanguageModel(nn.Module):
 
 # ------------------------------------------------------------------------------------------- objects
 def usual_names(sentences: Iterable[Sequence[str]]) -> dict[str, str]:
-    """Each COCO category's name as the text says it most often, among its singular synonyms (CHAIR's list):
-    "table" for dining table, "phone" for cell phone, "giraffe" for giraffe. Categories the text never names
-    are left out (grounding.ObjectWords then falls back on its own rule)."""
+    """Each COCO category's name as the text says it most often after "a" or "an", among its singular synonyms
+    (CHAIR's list): "a table" for dining table, "a phone" for cell phone, "a suitcase" (not "luggage").
+    Categories the text never names so are left out (grounding.ObjectWords then falls back on its own rule)."""
     counts: dict[str, Counter[str]] = {}
     for words in sentences:
         for start, end, category in coco_mentions(list(words)):
             if category == "person":  # "man" is said most, but a detector cannot tell a man from a woman or a child
                 continue
             phrase = " ".join(words[start:end])
-            if phrase in COCO_SYNONYMS[category]:
+            # counted after "a"/"an" only: the name for one such object ("a suitcase", not "luggage")
+            if phrase in COCO_SYNONYMS[category] and start > 0 and words[start - 1] in ("a", "an"):
                 counts.setdefault(category, Counter())[phrase] += 1
     # most frequent first; ties go to the synonym list's order
     return {c: max(n, key=lambda p: (n[p], -COCO_SYNONYMS[c].index(p))) for c, n in sorted(counts.items())}
@@ -196,6 +197,12 @@ class TextFusion:
         marked = torch.zeros_like(logp, dtype=torch.bool)
         if self.inner is not None:
             logp, marked = self.inner(logp, alpha, image, seqs, outside)
-        fused = torch.log_softmax(logp + self.weight * self._text_logp(image, seqs), dim=1)  # rows x V
+        text = self._text_logp(image, seqs)  # rows x V (computed for every row: the states follow the beams)
+        # The text model speaks once outside knowledge has put a word in the beam (a slot filled with an object
+        # the captioner did not say): it knows what is said around a giraffe, the captioner does not. Before
+        # that, or where the captioner names what the detector sees (its own world: Flickr8k's people and
+        # dogs), the captioner's words stand as they are.
+        weight = self.weight * outside.any(dim=1, keepdim=True).float() if outside.size(1) else 0.0  # rows x 1
+        fused = torch.log_softmax(logp + weight * text, dim=1)  # rows x V
         fused = torch.where(torch.isfinite(logp), fused, logp)  # a word the captioner or a hook forbids stays so
         return fused, marked | (fused - logp > math.log(OUTSIDE_RATIO))

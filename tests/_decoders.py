@@ -54,7 +54,12 @@ def search(
 ) -> list[Decoded]:
     """beam_search with ``options`` over a plain search: length penalty 1, no repeat blocking (bigram blocking
     when ``repeat_words`` is given), so that each test states what it turns on."""
-    base = {"length_penalty": 1.0, "block_trigrams": False, "block_bigrams": repeat_words is not None}
+    base = {
+        "length_penalty": 1.0,
+        "block_trigrams": False,
+        "block_bigrams": repeat_words is not None,
+        "block_doubled": False,
+    }
     return beam_search(dec, enc, DecodeConfig(**{**base, **options}), repeat_words, word_bonus)
 
 

@@ -258,6 +258,22 @@ def test_trigram_blocking_on_a_hand_worked_decoder() -> None:
                 assert len(trigrams) == len(set(trigrams)), alt.tokens
 
 
+def test_a_word_never_follows_itself_when_doubled_words_are_blocked() -> None:
+    """The fixed decoder of the test above (p(a) = 0.6, p(b) = 0.3, p(<end>) = 0.1) says "a a a ..." unblocked;
+    with ``block_doubled`` greedy alternates "a b a b ..." (b is the best word that is not the last one)."""
+    a, b = 4, 5
+    dec = DecoderWithAttention(tiny_cfg(6), encoder_dim=8).eval()
+    probs = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.6, 0.3])
+    with torch.no_grad():
+        dec.fc.weight.zero_()
+        dec.fc.bias.copy_(torch.where(probs > 0, probs.log(), torch.tensor(-1e4)))
+    enc = torch.randn(2, 5, 8)
+    assert [d.tokens for d in search(dec, enc, beam_size=1, max_len=6, block_doubled=True)] == [[a, b] * 3] * 2
+    for d in search(dec, enc, beam_size=3, max_len=6, block_doubled=True, n_best=3):
+        for alt in d.alternatives:
+            assert all(x != y for x, y in zip(alt.tokens, alt.tokens[1:])), alt.tokens
+
+
 def test_block_repeated_trigrams_masks_exactly_the_repeats() -> None:
     seqs = torch.tensor([[7, 8, 9, 7, 8], [7, 8, 7, 8, 7], [4, 5, 6, 7, 8]])
     logp = torch.zeros(3, 12)

@@ -22,7 +22,7 @@ WORD_MAP = {w: i for i, w in enumerate(WORDS)}
 SIZE = 64  # the square frame the encoder saw; its 2 x 2 grid's cells are 32 x 32
 CAT = Detection("cat", 0.6, (0.0, 0.0, 32.0, 32.0))  # the top-left cell
 CUP = Detection("cup", 0.5, (32.0, 32.0, 64.0, 64.0))  # the bottom-right cell
-PLAIN = dict(beam_size=1, max_len=3, block_trigrams=False, block_bigrams=False)
+PLAIN = dict(beam_size=1, max_len=3, block_trigrams=False, block_bigrams=False, block_doubled=False)
 
 
 def hand_made_decoder() -> DecoderWithAttention:
@@ -70,10 +70,21 @@ def test_the_word_whose_attention_falls_on_a_box_names_that_boxs_object() -> Non
 
 def test_with_no_confident_detection_the_decoders_own_word_stands() -> None:
     dec, cfg = hand_made_decoder(), DecodeConfig(**PLAIN, ground="slot")
-    weak = [Detection("cat", 0.29, CAT.box)]  # below ground_min_score (0.3)
+    weak = [Detection("cat", 0.19, CAT.box)]  # below ground_min_score (0.3) and ground_fallback_score (0.2)
     decoded = grounder().search(dec, looking_at(0, 0), cfg, None, None, [weak, []])
     assert [said(d) for d in decoded] == [["dog", "dog", "dog"]] * 2
     assert [d.outside for d in decoded] == [[False] * 3] * 2
+
+
+def test_a_photo_with_no_confident_detection_is_named_by_its_best_guess() -> None:
+    """Nothing reaches ground_min_score (0.3): the best find of at least ground_fallback_score (0.2) names the
+    object, the weaker one does not; with the fallback off the decoder's own word stands."""
+    dec = hand_made_decoder()
+    guesses = [Detection("cat", 0.29, CAT.box), Detection("cup", 0.25, CUP.box)]
+    cfg = DecodeConfig(**PLAIN, ground="slot")
+    assert said(grounder().search(dec, looking_at(0), cfg, None, None, [guesses])[0])[0] == "cat"
+    off = DecodeConfig(**PLAIN, ground="slot", ground_fallback_score=None)
+    assert said(grounder().search(dec, looking_at(0), off, None, None, [guesses])[0]) == ["dog"] * 3
 
 
 def test_a_weakly_seen_object_keeps_the_decoders_word_above_the_absent_score() -> None:

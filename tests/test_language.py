@@ -72,22 +72,37 @@ def test_training_presence_simulates_a_detector():
     assert 0.02 < extra.mean() < 0.08  # about noise.false_find extra categories per caption
 
 
-def test_fusion_with_weight_zero_changes_nothing_and_a_strong_text_model_writes_its_words():
+class FirstWordFromOutside:
+    """An inner hook standing for the detector: the first word is word 5, marked as outside knowledge."""
+
+    def __call__(self, logp, alpha, image, seqs, outside):
+        marked = torch.zeros_like(logp, dtype=torch.bool)
+        if seqs.size(1) == 0:
+            logp = torch.full_like(logp, float("-inf"))
+            logp[:, 5] = 0.0
+            marked[:, 5] = True
+        return logp, marked
+
+
+def test_the_text_model_speaks_only_after_outside_knowledge_did():
     decoder, enc = random_decoder(), features(3)
     cfg = DecodeConfig(block_bigrams=False)
-    plain = beam_search(decoder, enc, cfg)
     model = small_model()
-    objects = torch.zeros(3, N_CATEGORIES)
-    zero = beam_search(decoder, enc, cfg, hook=TextFusion(model, objects, 0.0))
-    assert [d.tokens for d in zero] == [d.tokens for d in plain]
-    assert not any(any(d.outside) for d in zero)
-    with torch.no_grad():  # a text model that always says word 7, then <end>
+    with torch.no_grad():  # a text model that always says word 7
         model.fc.weight.zero_()
         model.fc.bias.fill_(-20.0)
         model.fc.bias[7] = 20.0
-    strong = beam_search(decoder, enc, cfg, hook=TextFusion(model, objects, 5.0))
-    for d in strong:
-        assert d.tokens[0] == 7 and d.outside[0]  # the text model's word, marked as outside knowledge
+    objects = torch.zeros(3, N_CATEGORIES)
+    plain = beam_search(decoder, enc, cfg)
+    silent = beam_search(decoder, enc, cfg, hook=TextFusion(model, objects, 5.0))  # nothing from outside yet
+    assert [d.tokens for d in silent] == [d.tokens for d in plain]
+    assert not any(any(d.outside) for d in silent)
+    zero = beam_search(decoder, enc, cfg, hook=TextFusion(model, objects, 0.0, FirstWordFromOutside()))
+    spoken = beam_search(decoder, enc, cfg, hook=TextFusion(model, objects, 5.0, FirstWordFromOutside()))
+    for z, d in zip(zero, spoken):
+        assert z.tokens[0] == d.tokens[0] == 5 and z.outside[0] and d.outside[0]
+        assert not any(z.outside[1:])  # weight 0: the captioner's own words after it
+        assert d.tokens[1] == 7 and d.outside[1]  # the text model's word, marked as outside knowledge
 
 
 def test_fusion_follows_reordered_beams():

@@ -145,7 +145,9 @@ def test_load_captioner_decodes_exactly_like_the_in_memory_model(trained_run) ->
     loader = DataLoader(dataset, batch_size=4, collate_fn=collate_eval)
     device = torch.device("cpu")
     for beam in (1, 3):
-        search = DecodeConfig(beam_size=beam, max_len=20, block_trigrams=False, block_bigrams=False)
+        search = DecodeConfig(
+            beam_size=beam, max_len=20, block_trigrams=False, block_bigrams=False, block_doubled=False
+        )
         mine, _, _ = decode_loader(mem_encoder, mem_decoder, loader, device, search, None)
         loaded, _, _ = decode_loader(encoder, decoder, loader, device, search, None)
         assert len(mine) == len(dataset) == 4
@@ -663,7 +665,7 @@ def _val_bleu4(decoder, loader: DataLoader, rev: list[str], beam: int) -> float:
         decoder,
         loader,
         torch.device("cpu"),
-        DecodeConfig(beam_size=beam, max_len=20, block_trigrams=False, block_bigrams=False),
+        DecodeConfig(beam_size=beam, max_len=20, block_trigrams=False, block_bigrams=False, block_doubled=False),
         None,
     )
     return nltk_bleu(references, [[rev[i] for i in p.tokens] for p in predictions])["BLEU-4"]
