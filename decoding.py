@@ -54,7 +54,7 @@ class DecodeConfig:
     n_best: int = 1  # each result's ``alternatives``: the image's n_best best finished beams (1..beam_size)
     # Issue 20: name what the COCO detector sees (grounding.py; docs/grounding.md has the measurements).
     ground: str = opt(
-        "off",
+        "slot",
         "name the objects a COCO detector sees (caption.py marks its words with *): 'swap' replaces the first object "
         "word the detector does not see by its top find (the baseline); 'slot' fills the decoder's object word, "
         "as it is searched for, with the detection its attention falls on; 'off' the decoder's own words alone",
@@ -75,7 +75,7 @@ class DecodeConfig:
     # beside the captioner: log p = log_softmax(log p_captioner + text_weight x log p_text). A model file without
     # one (trained before issue 20) ignores it.
     text_weight: float = opt(
-        0.5,
+        1.0,
         "with --ground slot: weight of the model file's everyday-caption language model beside the captioner's own "
         "words (0 = not used; models without one ignore it)",
         type=float_between(0.0, 10.0),
