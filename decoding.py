@@ -376,8 +376,9 @@ def decode_loader(
     features when ``encoder`` is None.
 
     ``prior`` (object_prior.ObjectPrior) adds its per-image bonuses on object words to beam search. With
-    ``cfg.ground`` other than "off", ``grounder`` (grounding.Grounder) decodes instead, naming the objects in
-    ``findings`` (dataset index -> that image's detections, grounding.Grounder.find).
+    ``cfg.ground`` other than "off" and a ``grounder`` (grounding.Grounder), it decodes instead, naming the
+    objects in ``findings`` (dataset index -> that image's detections, grounding.Grounder.find); without a
+    grounder the decoder's own words are searched for.
     Returns the decoded captions, each image's references and the dataset indices, in loader order.
     """
     decoder.eval()
@@ -388,7 +389,7 @@ def decode_loader(
         images = images.to(device)
         feats = encoder(images) if encoder is not None else images
         bonus = prior.bonus(feats) if prior is not None else None
-        if cfg.ground != "off":
+        if cfg.ground != "off" and grounder is not None:
             found = [findings[int(i)] for i in index]  # type: ignore[index]
             predictions += grounder.search(decoder, feats, cfg, content_words, bonus, found)
         else:

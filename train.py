@@ -533,7 +533,9 @@ def validate(encoder, decoder, loader, tcfg: TrainConfig, device, use_cache: boo
     document frequencies from these references as in COCOEvalCap, on our tokens rather than the PTB
     tokenizer's), and what SCST can spoil: mean caption length, distinct words used, the share of captions
     ending in a function word."""
-    cfg = dataclasses.replace(DecodeConfig(), beam_size=tcfg.val_beam_size, max_len=tcfg.max_decode_len)
+    # Model selection scores the decoder's own words (ground "off"): the detector and a text model are not part of
+    # what is being trained, and validation must not need their weights.
+    cfg = dataclasses.replace(DecodeConfig(), beam_size=tcfg.val_beam_size, max_len=tcfg.max_decode_len, ground="off")
     words = content_word_mask({w: i for i, w in enumerate(rev_word_map)})
     predictions, references, _ = decode_loader(None if use_cache else encoder, decoder, loader, device, cfg, words)
     hyps = [[rev_word_map[i] for i in p.tokens] for p in predictions]

@@ -389,7 +389,8 @@ def test_a_text_file_gets_a_message_then_a_photo_its_caption_and_neither_upload_
     status, caption = status_and_caption(
         served.client.predict(handle_file(str(photos.wide)), 3, 0.5, api_name="/caption")
     )
-    assert status.startswith("wide.png: captioned in ") and status.endswith(" s (beam 3, length penalty 0.5)")
+    assert status.startswith("wide.png: captioned in ")
+    assert status.endswith(" s (beam 3, length penalty 0.5, outside knowledge: slot)")  # DecodeConfig's defaults
     assert caption == " ".join(app.answer_photo(captioner, photos.wide, "wide.png", 3, 0.5).words)
     kept = [p.name for p in served.cache.rglob("*") if p.is_file()]
     assert "notes.txt" not in kept and "wide.png" not in kept, kept
@@ -474,10 +475,13 @@ def test_the_own_words_switch_recaptions_without_outside_knowledge(
 # ----------------------------------------------------------------------------------------- a real browser
 @pytest.fixture(scope="module")
 def shipped_captions() -> dict[str, str]:
-    """caption.py's captions of two real photos with the shipped model, at the page's default settings."""
+    """caption.py's captions of two real photos with the shipped model, at the page's default settings (with the
+    outside-knowledge marks the page shows), and at beam 1 ("coffee.png@1": the page's slider moved to 1)."""
     photos = [browser.skimage_photo("chelsea.png"), browser.skimage_photo("coffee.png")]
     captioner = Captioner.load(DEFAULT_CHECKPOINT, "cpu")
-    return {path.name: " ".join(words) for path, words, _, _ in caption_images(photos, captioner)}
+    found = {p.name: " ".join(captioner.words(d, marked=True)) for p, _, d, _ in caption_images(photos, captioner)}
+    greedy = caption_images(photos, captioner, DecodeConfig(beam_size=1))
+    return {**found, **{f"{p.name}@1": " ".join(captioner.words(d, marked=True)) for p, _, d, _ in greedy}}
 
 
 def in_view(driver, selector: str) -> bool:
@@ -640,7 +644,7 @@ def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNames
                 assert "exceed the maximum" not in browser.body_text(driver), "not Gradio's pop-up"
             browser.clear_photo(driver)
             caption, _ = browser.seconds_to_caption(driver, coffee)
-            assert caption == shipped_captions["coffee.png"]
+            assert caption == shipped_captions["coffee.png@1"]  # the beam slider is still at 1
 
             # Two tabs at once: each gets the caption of its own photo.
             driver.switch_to.new_window("tab")
@@ -651,10 +655,14 @@ def test_in_a_real_browser(shipped_captions: dict[str, str], photos: SimpleNames
             browser.drop_photo(driver, chelsea)
             driver.switch_to.window(second_tab)
             browser.drop_photo(driver, coffee)
-            for handle, name in ((first, "chelsea.png"), (second_tab, "coffee.png")):
+            # (the first tab's beam slider is still at 1; the new tab's at its default)
+            for handle, name, key in (
+                (first, "chelsea.png", "chelsea.png@1"),
+                (second_tab, "coffee.png", "coffee.png"),
+            ):
                 driver.switch_to.window(handle)
                 browser.wait_for(driver, lambda d, n=name: browser.status_text(d).startswith(f"{n}: captioned"))
-                assert browser.caption_text(driver) == shipped_captions[name], name
+                assert browser.caption_text(driver) == shipped_captions[key], name
 
             # Every request the page made went to this machine's server.
             urls = browser.requested_urls(driver)

@@ -372,9 +372,11 @@ def _evaluate_with_fake_decoder(model, folder: Path, entries: list[dict], monkey
         return decoded
 
     monkeypatch.setattr(decoding, "beam_search", fake_beam_search)
+    own_words = DecodeConfig(ground="off")  # the fake decoder stands for the decoder's own beam search
     results = cameye_eval.evaluate(
-        model.checkpoint, folder / "prepared", "test", folder / "out", batch_size=2, device="cpu", workers=0, coco=False
-    )
+        model.checkpoint, folder / "prepared", "test", folder / "out", own_words, batch_size=2, device="cpu",
+        workers=0, coco=False,
+    )  # fmt: skip
     assert not queue, "every test image was decoded once"
     written = {p["image_id"]: p["caption"] for p in strict_json(folder / "out" / "predictions_test.json")}
     assert written == {10 + k: e["hyp"] for k, e in enumerate(entries)}
@@ -899,7 +901,7 @@ def test_decoding_options_reach_beam_search(model: SimpleNamespace, tmp_path: Pa
 
     monkeypatch.setattr(decoding, "beam_search", recording)
     results = cameye_eval.evaluate(
-        model.checkpoint, model.data, "test", tmp_path, DecodeConfig(max_len=20, block_trigrams=False),
+        model.checkpoint, model.data, "test", tmp_path, DecodeConfig(max_len=20, block_trigrams=False, ground="off"),
         device="cpu", workers=0, coco=False, max_images=2,
     )  # fmt: skip
     assert seen == [False] and results["block_trigrams"] is False and results["images"] == 2

@@ -17,6 +17,7 @@ from language import (
     caption_categories,
     presence,
     training_presence,
+    usual_names,
 )
 
 
@@ -115,3 +116,14 @@ def test_fusion_follows_reordered_beams():
         alone = beam_search(decoder, enc[i : i + 1], cfg, hook=TextFusion(model, objects[i : i + 1], 1.0))[0]
         assert alone.tokens == together[i].tokens
         assert abs(alone.score - together[i].score) < 1e-4
+
+
+def test_usual_names_are_what_the_text_calls_one_such_object():
+    said = ("a suitcase on the floor", "a pile of luggage", "some luggage here", "a dining table", "a table with food",
+            "a table by a window", "a man and a woman", "a man on a bike")  # fmt: skip
+    text = [s.split() for s in said]
+    names = usual_names(text)
+    assert names["suitcase"] == "suitcase"  # "luggage" is said more, but never as "a luggage"
+    assert names["dining table"] == "table"
+    assert names["bicycle"] == "bike"
+    assert "person" not in names  # "a man" is said most, but a detector cannot tell a man from a woman
