@@ -310,7 +310,7 @@ def test_model_summary_names_the_model_its_card_and_limits(captioner: Captioner)
     )
     text = app.model_summary(shipped)
     assert '<a href="#model-card">model card</a>' in text and "Good at" in text and "dogs" in text
-    assert app.model_card(shipped).startswith("# CamEye Flickr8k model card")
+    assert app.model_card(shipped).startswith("# CamEye model card")
 
 
 def test_example_photos_are_the_demo_photos_that_ship_with_scikit_image() -> None:
