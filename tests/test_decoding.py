@@ -232,6 +232,16 @@ def test_n_best_does_not_change_the_caption() -> None:
         assert scores == sorted(scores, reverse=True) and len({tuple(x.tokens) for x in b.alternatives}) == len(scores)
 
 
+def fixed_decoder() -> DecoderWithAttention:
+    """A decoder whose next-word distribution is the same at every step: p(a=4) = 0.6, p(b=5) = 0.3, p(<end>) = 0.1."""
+    dec = DecoderWithAttention(tiny_cfg(6), encoder_dim=8).eval()
+    probs = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.6, 0.3])
+    with torch.no_grad():
+        dec.fc.weight.zero_()
+        dec.fc.bias.copy_(torch.where(probs > 0, probs.log(), torch.tensor(-1e4)))
+    return dec
+
+
 def test_trigram_blocking_on_a_hand_worked_decoder() -> None:
     """A decoder whose next-word distribution is fixed: p(a) = 0.6, p(b) = 0.3, p(<end>) = 0.1.
 
@@ -242,11 +252,7 @@ def test_trigram_blocking_on_a_hand_worked_decoder() -> None:
       then the last pair (a, a) occurred at 0 (followed by a) and 1 (followed by b): both blocked -> <end>.
     """
     a, b = 4, 5
-    dec = DecoderWithAttention(tiny_cfg(6), encoder_dim=8).eval()
-    probs = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.6, 0.3])
-    with torch.no_grad():
-        dec.fc.weight.zero_()
-        dec.fc.bias.copy_(torch.where(probs > 0, probs.log(), torch.tensor(-1e4)))
+    dec = fixed_decoder()
     enc = torch.randn(3, 5, 8)
     assert [d.tokens for d in search(dec, enc, beam_size=1, max_len=8)] == [[a] * 8] * 3
     for k in (1, 3):
@@ -262,11 +268,7 @@ def test_a_word_never_follows_itself_when_doubled_words_are_blocked() -> None:
     """The fixed decoder of the test above (p(a) = 0.6, p(b) = 0.3, p(<end>) = 0.1) says "a a a ..." unblocked;
     with ``block_doubled`` greedy alternates "a b a b ..." (b is the best word that is not the last one)."""
     a, b = 4, 5
-    dec = DecoderWithAttention(tiny_cfg(6), encoder_dim=8).eval()
-    probs = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.6, 0.3])
-    with torch.no_grad():
-        dec.fc.weight.zero_()
-        dec.fc.bias.copy_(torch.where(probs > 0, probs.log(), torch.tensor(-1e4)))
+    dec = fixed_decoder()
     enc = torch.randn(2, 5, 8)
     assert [d.tokens for d in search(dec, enc, beam_size=1, max_len=6, block_doubled=True)] == [[a, b] * 3] * 2
     for d in search(dec, enc, beam_size=3, max_len=6, block_doubled=True, n_best=3):
