@@ -206,7 +206,7 @@ def answer_photo(captioner: Captioner, path: Path, name: str, beam_size: Any, le
     search = page_search(decode, beam_size, length_penalty, own_words)
     image, photo = decode_upload(path, name, captioner)
     answer = caption_answer(captioner, str(path), name, image, photo, search)
-    answer.settings = search_settings(search, decode)
+    answer.settings = search_settings(search, decode, captioner.no_detector is not None)
     return answer
 
 
@@ -220,10 +220,13 @@ def page_search(decode: DecodeConfig, beam_size: Any, length_penalty: Any, own_w
     return replace(decode, beam_size=beam_size, length_penalty=length_penalty, n_best=beam_size, ground=ground)
 
 
-def search_settings(search: DecodeConfig, configured: DecodeConfig | None = None) -> str:
+def search_settings(search: DecodeConfig, configured: DecodeConfig | None = None, no_detector: bool = False) -> str:
     """How the caption was searched for, for the status line; "own words only" where the page's switch turned
-    off the outside knowledge that the server's ``configured`` search has."""
+    off the outside knowledge that the server's ``configured`` search has, or where the server has no detector
+    (``no_detector``: the captioner then used its own words, captioner.Captioner.no_detector)."""
     text = f"beam {search.beam_size}, length penalty {search.length_penalty:g}"
+    if search.ground != "off" and no_detector:
+        return f"{text}, own words only (no object detector on this server)"
     if search.ground != "off":
         return f"{text}, outside knowledge: {search.ground}"
     return f"{text}, own words only" if configured is not None and configured.ground != "off" else text
@@ -723,7 +726,7 @@ def caption_event(captioner: Captioner, decode: DecodeConfig, upload: tuple[Path
     except CamEyeError as err:
         return status_html(str(err), error=True), None, None
     result.seconds = time.perf_counter() - started
-    result.settings = search_settings(search, decode)
+    result.settings = search_settings(search, decode, captioner.no_detector is not None)
     return status_html(f"{name}: captioned in {result.seconds:.2f} s ({result.settings})"), result, viewer
 
 

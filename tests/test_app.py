@@ -145,6 +145,19 @@ def test_server_wide_search_settings_reach_the_beam_search(captioner: Captioner,
         assert len(grams) == len(set(grams)), f"a repeated trigram in {beam.caption!r}"
 
 
+def test_a_server_without_the_detector_says_its_captions_are_its_own_words(
+    captioner: Captioner, photos: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the detector's weights the captioner uses its own words (captioner.Captioner.no_detector); the
+    status line says so instead of naming a grounding that did not happen."""
+    monkeypatch.setattr(captioner, "grounder", None)
+    monkeypatch.setattr(captioner, "no_detector", "the object detector's weights are not there")
+    answer = app.answer_photo(captioner, photos.wide, "wide.png", 3, 0.5, DecodeConfig(ground="slot"))
+    assert answer.settings.endswith("own words only (no object detector on this server)")
+    assert not any(any(b.outside) for b in answer.beams if b.outside)
+    assert app.search_settings(DecodeConfig(ground="slot")).endswith("outside knowledge: slot")
+
+
 def test_exif_rotated_photo_is_shown_upright(captioner: Captioner, photos: SimpleNamespace) -> None:
     answer = app.answer_photo(captioner, photos.rotated, "rotated.jpg", 1, 0.0)
     assert answer.photo.shape == (512, 256, 3), "stored 2:1, shown 1:2 as its EXIF orientation says"
