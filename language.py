@@ -81,13 +81,20 @@ class ObjectLanguageModel(nn.Module):
         out, _ = self.lstm(self.dropout(x), state)  # N x T x H
         return self.fc(self.dropout(out))  # N x T x V
 
+    def read(
+        self, words: torch.Tensor, code: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Read ``words`` (N x T) from ``state`` ((1 x N x H) x 2) with the object code (N x O): log p(next word)
+        after the last one (N x V) and the state after them."""
+        x = torch.cat([self.embedding(words), code.unsqueeze(1).expand(-1, words.size(1), -1)], dim=2)  # N x T x E+O
+        out, state = self.lstm(x, state)  # N x T x H
+        return F.log_softmax(self.fc(out[:, -1]), dim=1), state  # N x V
+
     def step(
         self, words: torch.Tensor, code: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One step: log p(next word) (N x V) after ``words`` (N), with the object code (N x O) and state."""
-        x = torch.cat([self.embedding(words), code], dim=1).unsqueeze(1)  # N x 1 x E+O
-        out, state = self.lstm(x, state)  # N x 1 x H
-        return F.log_softmax(self.fc(out.squeeze(1)), dim=1), state  # N x V
+        return self.read(words.unsqueeze(1), code, state)
 
 
 # ------------------------------------------------------------------------------------------- objects
@@ -170,26 +177,33 @@ class TextFusion:
 
     def __init__(self, model: ObjectLanguageModel, objects: torch.Tensor, weight: float, inner=None) -> None:
         self.model, self.weight, self.inner = model.eval(), weight, inner
-        self.code, (h, c) = model.start(objects)  # N x O, (1 x N x H) x 2
-        self.start_state = (h, c)
+        self.code, self.start_state = model.start(objects)  # N x O, (1 x N x H) x 2
         self.states: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def _text_logp(self, image: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
-        """rows x V: log p_text(next word | each row's words so far), advancing the model by one word per row."""
-        start = torch.full((image.numel(),), 1, dtype=torch.long, device=image.device)  # <start> is id 1
-        words = seqs[:, -1] if seqs.size(1) else start
-        h, c = [], []
-        for r, i in enumerate(image.tolist()):
-            prefix = (i, *seqs[r, :-1].tolist()) if seqs.size(1) else None
-            hr, cr = (
-                (self.start_state[0][:, i], self.start_state[1][:, i]) if prefix is None else self.states[prefix][1:]
-            )
-            h.append(hr)
-            c.append(cr)
-        logp, (h2, c2) = self.model.step(words, self.code[image], (torch.stack(h, 1), torch.stack(c, 1)))
-        for r, i in enumerate(image.tolist()):
-            self.states[(i, *seqs[r].tolist())] = (logp[r], h2[:, r], c2[:, r])
-        return logp
+    def _text_logp(self, image: torch.Tensor, seqs: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """len(rows) x V: log p_text(next word | words so far) of the beams ``rows``. A beam whose words but the
+        last were read before (kept by prefix) takes one step; any other reads its words from <start> (the text
+        model is asked only where it speaks, so a beam's first question reads its whole prefix)."""
+        found: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        parents = [r for r in rows if seqs.size(1) and (int(image[r]), *seqs[r, :-1].tolist()) in self.states]
+        fresh = [r for r in rows if r not in set(parents)]
+        for group, one_step in ((parents, True), (fresh, False)):
+            if not group:
+                continue
+            index = torch.tensor(group, dtype=torch.long, device=image.device)
+            images = image[index]
+            if one_step:
+                cached = [self.states[(int(image[r]), *seqs[r, :-1].tolist())] for r in group]
+                state = (torch.stack([c[1] for c in cached], 1), torch.stack([c[2] for c in cached], 1))
+                words = seqs[index, -1:]  # rows x 1
+            else:
+                state = (self.start_state[0][:, images], self.start_state[1][:, images])
+                start = torch.full((len(group), 1), 1, dtype=torch.long, device=image.device)  # <start> is id 1
+                words = torch.cat([start, seqs[index]], dim=1)  # rows x (steps + 1)
+            logp, (h, c) = self.model.read(words, self.code[images], state)
+            for k, r in enumerate(group):
+                found[r] = self.states[(int(image[r]), *seqs[r].tolist())] = (logp[k], h[:, k], c[:, k])
+        return torch.stack([found[r][0] for r in rows]) if rows else torch.zeros(0)
 
     def __call__(
         self, logp: torch.Tensor, alpha: torch.Tensor, image: torch.Tensor, seqs: torch.Tensor, outside: torch.Tensor
@@ -197,12 +211,15 @@ class TextFusion:
         marked = torch.zeros_like(logp, dtype=torch.bool)
         if self.inner is not None:
             logp, marked = self.inner(logp, alpha, image, seqs, outside)
-        text = self._text_logp(image, seqs)  # rows x V (computed for every row: the states follow the beams)
         # The text model speaks once outside knowledge has put a word in the beam (a slot filled with an object
         # the captioner did not say): it knows what is said around a giraffe, the captioner does not. Before
         # that, or where the captioner names what the detector sees (its own world: Flickr8k's people and
-        # dogs), the captioner's words stand as they are.
-        weight = self.weight * outside.any(dim=1, keepdim=True).float() if outside.size(1) else 0.0  # rows x 1
-        fused = torch.log_softmax(logp + weight * text, dim=1)  # rows x V
+        # dogs), the captioner's words stand as they are (and the text model is not run).
+        speaks = outside.any(dim=1) if outside.size(1) else logp.new_zeros(logp.size(0), dtype=torch.bool)  # rows
+        text = torch.zeros_like(logp)  # rows x V
+        rows = speaks.nonzero().squeeze(1).tolist()
+        if rows:
+            text[speaks] = self.weight * self._text_logp(image, seqs, rows)
+        fused = torch.log_softmax(logp + text, dim=1)  # rows x V
         fused = torch.where(torch.isfinite(logp), fused, logp)  # a word the captioner or a hook forbids stays so
         return fused, marked | (fused - logp > math.log(OUTSIDE_RATIO))
