@@ -135,10 +135,11 @@ class Captioner:
             from detector import DetectorUnavailable
             from grounding import Grounder
 
+            text = load_language_model(self.checkpoint, self.word_map, self.device)  # a broken file: CamEyeError
             try:
                 self.grounder = Grounder(self.word_map, image_size=self.config.image_size,
                                          backbone=self.config.backbone, precision=self.encoder.precision,
-                                         language_model=load_language_model(self.checkpoint, self.device))  # fmt: skip
+                                         language_model=text)  # fmt: skip
             except DetectorUnavailable as exc:
                 self.no_detector = str(exc)
                 print(f"note: {exc}; captions use the decoder's own words (as --ground off)", file=sys.stderr)

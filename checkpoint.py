@@ -10,14 +10,22 @@ an untrusted file is refused in one line (:class:`utils.CamEyeError`), never hal
     word_map                word -> id (utils.validate_word_map)
     encoder, decoder        state dicts; ``encoder_partial``: the encoder holds only the tensors that differ
                             from the backbone's pretrained weights (exported models, to stay small)
-    language_model          optional: {"config", "weights", "object_names"} of language.ObjectLanguageModel
-                            (train_text.py)
     training only           train_config, optimizers, scheduler, scaler, epoch, progress, history, best_score,
                             select_on, epochs_since_improvement, rng (train.py resumes from these)
+
+A model file may have a companion beside it, ``<name>.text.pt`` (:func:`text_model_path`; train_text.py writes
+it): the language model taught by caption text (language.py), kept apart so that each file stays small:
+
+    format, version         "cameye-text-model", TEXT_MODEL_VERSION
+    word_map_sha256         the digest of the model file's word map (:func:`word_map_digest`): its word ids
+    config, weights         language.TextModelConfig as a dict, the state dict
+    object_names            category -> the name the text uses most (language.usual_names)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -156,23 +164,50 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     validate_word_map(ckpt["word_map"])
     if ckpt["config"].get("vocab_size") != len(ckpt["word_map"]):
         raise CamEyeError(f"{path}: the model's vocabulary does not match its word map")
-    if "language_model" in ckpt:
-        _check_language_model(ckpt, str(path))
     return ckpt
 
 
-def _check_language_model(ckpt: dict[str, Any], where: str) -> None:
-    """The optional ``language_model`` part (language.py): a valid config for the model's word map, with
-    finite weights, and not absurdly large."""
-    part = ckpt["language_model"]
-    if not isinstance(part, dict) or not isinstance(part.get("config"), dict) or not isinstance(
-            part.get("weights"), dict):  # fmt: skip
-        raise CamEyeError(f"{where}: checkpoint has an invalid 'language_model'")
-    cfg = part["config"]
-    if set(cfg) != set(_TEXT_MODEL_RULES):
+TEXT_MODEL_FORMAT = "cameye-text-model"
+TEXT_MODEL_VERSION = 1
+
+
+def text_model_path(checkpoint: str | Path) -> Path:
+    """Where a model file's language model lives: ``model.pt`` -> ``model.text.pt``."""
+    return Path(checkpoint).with_suffix(".text.pt")
+
+
+def word_map_digest(word_map: dict[str, int]) -> str:
+    """SHA-256 of a word map (its words and ids): a language model fits a captioner only with the same one."""
+    return hashlib.sha256(json.dumps(word_map, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def text_model_file(model: ObjectLanguageModel, word_map: dict[str, int], half: bool = True) -> dict[str, Any]:
+    """The companion file's content for ``model``, trained over ``word_map`` (float16 weights with ``half``)."""
+    dtype = torch.float16 if half else torch.float32
+    return {
+        "format": TEXT_MODEL_FORMAT,
+        "version": TEXT_MODEL_VERSION,
+        "word_map_sha256": word_map_digest(word_map),
+        "config": asdict(model.cfg),
+        "weights": {k: v.to(dtype) for k, v in model.state_dict().items()},
+        "object_names": model.object_names,
+    }
+
+
+def _check_text_model(part: Any, word_map: dict[str, int], where: str) -> None:
+    """A companion language model (see the module docstring): ours, for this word map, a valid config, not
+    absurdly large, finite weights, object names that are COCO synonyms. One-line CamEyeError otherwise."""
+    if not isinstance(part, dict) or part.get("format") != TEXT_MODEL_FORMAT:
+        raise CamEyeError(f"{where} is not a CamEye language model")
+    if part.get("version") != TEXT_MODEL_VERSION:
+        raise CamEyeError(f"{where}: language model format version {part.get('version')!r} is not one this reads")
+    if part.get("word_map_sha256") != word_map_digest(word_map):
+        raise CamEyeError(f"{where}: the language model was trained for another word map than its model file's")
+    cfg = part.get("config")
+    if not isinstance(cfg, dict) or set(cfg) != set(_TEXT_MODEL_RULES) or not isinstance(part.get("weights"), dict):
         raise CamEyeError(f"{where}: the language model's config has other fields than {sorted(_TEXT_MODEL_RULES)}")
     validate_model_config(cfg, f"{where} (language model)", _TEXT_MODEL_RULES)
-    if cfg["vocab_size"] != len(ckpt["word_map"]):
+    if cfg["vocab_size"] != len(word_map):
         raise CamEyeError(f"{where}: the language model's vocabulary does not match the word map")
     with torch.device("meta"):
         count = sum(p.numel() for p in ObjectLanguageModel(TextModelConfig(**cfg)).parameters())
@@ -186,13 +221,19 @@ def _check_language_model(ckpt: dict[str, Any], where: str) -> None:
         raise CamEyeError(f"{where}: the language model's object names are not COCO category synonyms")
 
 
-def load_language_model(path: str | Path, device: torch.device | str = "cpu") -> ObjectLanguageModel | None:
-    """The model file's language model (language.py) in eval mode on ``device``, or None when it has none
-    (models trained before issue 20). Raises :class:`CamEyeError` when it is there but unusable."""
-    ckpt = load_checkpoint_file(path)
-    if "language_model" not in ckpt:
+def load_language_model(checkpoint: str | Path, word_map: dict[str, int],
+                        device: torch.device | str = "cpu") -> ObjectLanguageModel | None:  # fmt: skip
+    """The language model beside the model file ``checkpoint`` (:func:`text_model_path`), checked against the
+    model's ``word_map``, in eval mode on ``device``; None when there is none (models trained before issue 20).
+    Raises :class:`CamEyeError` when it is there but unusable."""
+    path = text_model_path(checkpoint)
+    if not path.is_file():
         return None
-    part = ckpt["language_model"]
+    try:
+        part = _quiet_load(path)
+    except Exception as exc:  # pickle, zip and unsafe-global errors all mean "not ours"
+        raise CamEyeError(f"{path} is not a CamEye language model ({type(exc).__name__})") from None
+    _check_text_model(part, word_map, str(path))
     model = ObjectLanguageModel(TextModelConfig(**part["config"]), part.get("object_names"))
     try:
         model.load_state_dict({k: v.float() for k, v in part["weights"].items()})

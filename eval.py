@@ -446,7 +446,7 @@ def decode_split(
         try:
             grounder = Grounder(word_map, image_size=cfg.image_size, backbone=cfg.backbone,
                                 precision=encoder.precision,
-                                language_model=load_language_model(checkpoint, dev))  # fmt: skip
+                                language_model=load_language_model(checkpoint, word_map, dev))  # fmt: skip
             findings = {i: grounder.find([dataset.h5["images"][i]], detection_floor(decode))[0] for i in rows}
         except DetectorUnavailable as exc:  # as caption.py does; the note says the numbers are the decoder's own
             print(f"note: {exc}; scoring the decoder's own words (as --ground off)", file=sys.stderr)

@@ -10,9 +10,10 @@ language.py on the text, each caption told the COCO objects its image's captions
 opened: a COCO file's captions all count as text, while from a Flickr8k folder or Karpathy JSON only the
 training split's captions are read (their val and test photos are for evaluation).
 
-Writes ``OUT/model.pt``: the captioner's checkpoint with the grown word map and decoder and the language model
-(``language_model``), loadable by caption.py, eval.py and app.py like any model file; ``OUT/last.pt`` after each
-epoch (``--resume`` continues from it). Written atomically; Ctrl-C leaves the last finished epoch.
+Writes ``OUT/model.pt``, the captioner's checkpoint with the grown word map and decoder, and beside it
+``OUT/model.text.pt``, the language model (checkpoint.text_model_path): caption.py, eval.py and app.py load the
+pair like any model file (copy both). ``OUT/last.pt`` is written after each epoch (``--resume`` continues from
+it). Written atomically; Ctrl-C leaves the last finished epoch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from captions import ImageRecord, read_source
-from checkpoint import load_checkpoint_file
+from checkpoint import load_checkpoint_file, text_model_file, text_model_path
 from cli import HelpFormatter, add_options, float_between, int_between, opt, options_from_args
 from language import ObjectLanguageModel, TextModelConfig, caption_categories, training_presence, usual_names
 from utils import DEFAULT_CHECKPOINT, CamEyeError, cli_errors, local_path, save_torch, seed_everything
@@ -53,7 +54,9 @@ class TextTrainConfig:
     held_out: float = opt(0.02, "share of images whose captions measure perplexity (not trained on)",
                           type=float_between(0.0, 0.5))  # fmt: skip
     seed: int = opt(0, "random seed (captions' order, simulated detections, weights)", type=int)
-    half: bool = opt(True, "store model.pt's weights as float16 (smaller; cast back to float32 on load)")
+    half: bool = opt(
+        True, "store the weights of model.pt and model.text.pt as float16 (smaller; cast back to float32 on load)"
+    )
 
 
 INFERENCE_KEYS = ("format", "version", "config", "word_map", "decoder", "encoder", "encoder_partial", "epoch",
@@ -188,11 +191,9 @@ def train_text(sources: Sequence[Path], base_path: Path, out: Path, cfg: TextTra
                     "word_map": word_map, "text_config": asdict(cfg)}, last)  # fmt: skip
     dtype = torch.float16 if cfg.half else torch.float32
     grown["decoder"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in grown["decoder"].items()}
-    grown["language_model"] = {
-        "config": asdict(mcfg),
-        "weights": {k: v.to(dtype) for k, v in state["best_weights"].items()},
-        "object_names": usual_names(t for r in records for t in r.tokens),
-    }
+    model.load_state_dict(state["best_weights"])
+    model.object_names = usual_names(t for r in records for t in r.tokens)
+    save_torch(text_model_file(model, word_map, cfg.half), text_model_path(out / "model.pt"))
     grown["text_training"] = {"sources": [str(s) for s in sources], "config": asdict(cfg), "history": state["history"],
                               "vocabulary": summary}  # fmt: skip
     save_torch(grown, out / "model.pt")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from captioner import Captioner, caption_images
-from checkpoint import load_captioner, load_checkpoint_file, load_language_model
+from checkpoint import load_captioner, load_checkpoint_file, load_language_model, text_model_path
 from create_input_files import Options, create_input_files
 from decoding import DecodeConfig
 from eval import evaluate
@@ -25,8 +25,10 @@ BLEU4_FLOOR = 0.20
 
 def test_shipped_checkpoint_is_small_and_loads_with_weights_only():
     assert DEFAULT_CHECKPOINT.is_file(), f"the shipped model is missing: {DEFAULT_CHECKPOINT}"
-    # 22 MB of float16 captioner and 9 MB of float16 language model (issue 20); the budget leaves no room for more
-    assert DEFAULT_CHECKPOINT.stat().st_size <= 36 * 1024 * 1024
+    # float16 weights: the captioner (22 MB) with the 1,198 words grown in issue 20; its language model (9 MB) is
+    # the file beside it, so that neither passes the project's 25 MB for a committed file
+    assert DEFAULT_CHECKPOINT.stat().st_size <= 25 * 10**6
+    assert text_model_path(DEFAULT_CHECKPOINT).stat().st_size <= 10 * 10**6
     ckpt = torch.load(DEFAULT_CHECKPOINT, map_location="cpu", weights_only=True)
     assert ckpt["format"] == "cameye-checkpoint"
     assert ckpt["config"]["backbone"] == "efficientnet_lite0"
@@ -38,9 +40,8 @@ def test_shipped_model_can_name_everyday_objects():
     carries the language model taught by everyday captions."""
     from grounding import ObjectWords
 
-    words = ObjectWords(
-        load_checkpoint_file(DEFAULT_CHECKPOINT)["word_map"], load_language_model(DEFAULT_CHECKPOINT).object_names
-    )
+    word_map = load_checkpoint_file(DEFAULT_CHECKPOINT)["word_map"]
+    words = ObjectWords(word_map, load_language_model(DEFAULT_CHECKPOINT, word_map).object_names)
     assert words.unsayable() == ["hair drier"]
     assert {"giraffe", "zebra", "sink", "broccoli", "toaster"} <= set(words.word_map)
 

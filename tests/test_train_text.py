@@ -4,6 +4,7 @@ checkpoints (issue 20)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from _tiny_model import one_torch_thread, tiny_model
 import train
 import train_text
 from captioner import Captioner
-from checkpoint import load_captioner, load_checkpoint_file, load_language_model
+from checkpoint import load_captioner, load_checkpoint_file, load_language_model, text_model_path
 from create_input_files import Options, create_input_files
 from decoding import DecodeConfig
 from models import ModelConfig
@@ -59,7 +60,7 @@ def test_grown_model_says_the_new_words_and_keeps_the_old_ids(grown):
     assert all(word_map[w] == i for w, i in old.items())
     assert set(NEW_WORDS) <= set(word_map) and all(word_map[w] >= len(old) for w in NEW_WORDS)
     assert decoder.fc.out_features == decoder.embedding.num_embeddings == len(word_map) == cfg.vocab_size
-    lm = load_language_model(grown.model)
+    lm = load_language_model(grown.model, word_map)
     assert lm is not None and lm.cfg.vocab_size == len(word_map)
     history = load_checkpoint_file(grown.model)["text_training"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]  # the resumed run went on from epoch 1
@@ -93,16 +94,17 @@ def test_grown_vocabulary_round_trips_through_preparation_and_training(grown, tm
 
 
 def test_a_broken_language_model_is_refused_in_one_line(grown, tmp_path):
-    ckpt = load_checkpoint_file(grown.model)
+    part = torch.load(text_model_path(grown.model), weights_only=True)
     for name, change in (
         ("nan", lambda lm: lm["weights"].__setitem__("fc.bias", torch.full_like(lm["weights"]["fc.bias"], torch.nan))),
         ("vocab", lambda lm: lm["config"].__setitem__("vocab_size", lm["config"]["vocab_size"] + 1)),
         ("field", lambda lm: lm["config"].__setitem__("layers", 3)),
+        ("word map", lambda lm: lm.__setitem__("word_map_sha256", "0" * 64)),
     ):
-        broken = {**ckpt, "language_model": {"config": dict(ckpt["language_model"]["config"]),
-                                             "weights": dict(ckpt["language_model"]["weights"])}}  # fmt: skip
-        change(broken["language_model"])
-        save_torch(broken, tmp_path / f"{name}.pt")
+        broken = {**part, "config": dict(part["config"]), "weights": dict(part["weights"])}
+        change(broken)
+        shutil.copy(grown.model, tmp_path / f"{name}.pt")  # the model file, with its broken language model beside it
+        save_torch(broken, text_model_path(tmp_path / f"{name}.pt"))
         result = subprocess.run([sys.executable, str(REPO / "caption.py"), str(next(grown.tiny.images.glob("*.png"))),
                                  "--checkpoint", str(tmp_path / f"{name}.pt"), "--no-figures"],
                                 capture_output=True, text=True)  # fmt: skip
