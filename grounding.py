@@ -216,9 +216,8 @@ class SlotHook:
         said = self.category[seqs]  # rows x steps (-1: no object)
         said = said.masked_fill(said == self.person, -1)
         named = torch.zeros(seqs.size(0), len(LABELS) + 1, dtype=torch.bool, device=seqs.device)
-        named.scatter_(1, said.clamp(min=-1) + 1, True)  # column 0: "no object", dropped below
-        word_category = self.category + 1  # V, 0 for words naming nothing
-        return named[:, 1:].index_select(1, self.category.clamp(min=0)) & (word_category > 0)
+        named.scatter_(1, said + 1, True)  # rows x (1 + 80); column 0: "no object", dropped below
+        return named[:, 1:].index_select(1, self.category.clamp(min=0)) & (self.category >= 0)
 
     def __call__(
         self, logp: torch.Tensor, alpha: torch.Tensor, image: torch.Tensor, seqs: torch.Tensor, outside: torch.Tensor

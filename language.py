@@ -186,7 +186,7 @@ class TextFusion:
         model is asked only where it speaks, so a beam's first question reads its whole prefix)."""
         found: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         parents = [r for r in rows if seqs.size(1) and (int(image[r]), *seqs[r, :-1].tolist()) in self.states]
-        fresh = [r for r in rows if r not in set(parents)]
+        fresh = sorted(set(rows) - set(parents))
         for group, one_step in ((parents, True), (fresh, False)):
             if not group:
                 continue
@@ -220,6 +220,8 @@ class TextFusion:
         rows = speaks.nonzero().squeeze(1).tolist()
         if rows:
             text[speaks] = self.weight * self._text_logp(image, seqs, rows)
+        own = torch.log_softmax(logp, dim=1)  # rows x V: the captioner's (and slots') words, renormalised
         fused = torch.log_softmax(logp + text, dim=1)  # rows x V
         fused = torch.where(torch.isfinite(logp), fused, logp)  # a word the captioner or a hook forbids stays so
-        return fused, marked | (fused - logp > math.log(OUTSIDE_RATIO))
+        # (against ``own``, not ``logp``: renormalising after a hook removed mass raises every word alike)
+        return fused, marked | (fused - own > math.log(OUTSIDE_RATIO))

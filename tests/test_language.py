@@ -127,3 +127,15 @@ def test_usual_names_are_what_the_text_calls_one_such_object():
     assert names["dining table"] == "table"
     assert names["bicycle"] == "bike"
     assert "person" not in names  # "a man" is said most, but a detector cannot tell a man from a woman
+
+
+def test_renormalising_after_a_hook_marks_no_word_as_outside():
+    """A hook that removed probability (grounding's "named once") leaves the rest unnormalised; renormalising
+    raises every word alike, which is not the text model's doing: nothing is marked."""
+    model = small_model()
+    fusion = TextFusion(model, torch.zeros(1, N_CATEGORIES), 1.0, inner=lambda lp, *rest: (lp - 3.0, lp < -1e9))
+    logp = torch.log_softmax(torch.randn(1, 12), dim=1)
+    seqs, flags = torch.tensor([[4, 5]]), torch.zeros(1, 2, dtype=torch.bool)
+    fused, marked = fusion(logp, torch.full((1, 4), 0.25), torch.tensor([0]), seqs, flags)
+    torch.testing.assert_close(fused, logp)  # no outside word yet: the text model is silent
+    assert not marked.any()
