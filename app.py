@@ -87,7 +87,7 @@ EXAMPLE_PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "motorcycle_left
 PLAY_SECONDS = 0.9  # how long the play button shows each word
 OUTSIDE_SAID = "from outside knowledge"  # what a screen reader says after a marked word (it would read "*" as "star")
 GOOD_AT = {
-    "cameye-flickr8k.pt": "people and dogs outdoors (Flickr8k's photos: CIDEr 58.0 on its test photos) and, with "
+    "cameye-flickr8k.pt": "people and dogs outdoors (Flickr8k's photos: CIDEr 57.9 on its test photos) and, with "
     "the object detector and a language model taught by everyday captions, the main object of everyday photos "
     "(80 COCO photos: CIDEr 58.0, 12.5% of captions name an object that is not there).",
 }
